@@ -1,0 +1,33 @@
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+setup(
+    name="qkformer",
+    version="0.1.0",
+    description="QKFormer: hierarchical spiking transformer with Q-K attention (NeurIPS 2024), "
+                "reference PyTorch implementation",
+    long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    license="MIT",
+    python_requires=">=3.10",
+    packages=find_packages(include=["qkformer", "qkformer.*"]),
+    package_data={"qkformer": ["cuda/*.cu", "analysis/*.json"]},
+    install_requires=[
+        "torch>=2.4",
+        "torchvision",
+        "timm>=1.0",
+        "spikingjelly>=0.0.0.0.12,<0.0.0.1",
+        "numpy",
+        "pyyaml",
+        "tensorboard",
+        "tqdm",
+        "safetensors",
+        "matplotlib",
+        "scikit-learn",  # the bundled 8x8 digits set of the demo
+    ],
+    extras_require={
+        "cuda": ["cupy-cuda12x"],
+        "test": ["pytest>=7"],
+    },
+)
