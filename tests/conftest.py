@@ -1,0 +1,45 @@
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+REFERENCE = Path(os.environ.get("QKFORMER_REFERENCE", REPO.parent / "shared" / "reference"))
+
+# Released variant -> manifest file name in shared/reference/manifests.
+MANIFESTS = {
+    "qkformer_10_384": "imagenet_10_384",
+    "qkformer_10_512": "imagenet_10_512",
+    "qkformer_10_768": "imagenet_10_768",
+    "qkformer_cifar10": "cifar10",
+    "qkformer_cifar100": "cifar100",
+    "qkformer_cifar10_dvs": "cifar10_dvs",
+    "qkformer_dvs128_gesture": "dvs128_gesture",
+}
+
+# The tiny golden configurations of SPEC §9, as overrides of a released variant.
+GOLDEN = {
+    "imagenet_family_tiny": ("qkformer_10_384", dict(T=2, embed_dims=64, num_heads=2,
+                                                     depths=(1, 2, 2), num_classes=10, img_size=32)),
+    "cifar_family_tiny": ("qkformer_cifar10", dict(T=2, embed_dims=64, depths=(1, 1, 2),
+                                                   num_classes=10, img_size=16)),
+    "dvs_family_tiny_mlp1": ("qkformer_cifar10_dvs", dict(embed_dims=64, mlp_ratio=1.0,
+                                                          num_classes=10, img_size=32)),
+    "dvs_family_tiny_mlp4": ("qkformer_cifar10_dvs", dict(embed_dims=64, mlp_ratio=4.0,
+                                                          num_classes=10, img_size=32)),
+}
+
+
+@pytest.fixture(scope="session")
+def reference() -> Path:
+    if not REFERENCE.is_dir():
+        if os.environ.get("CI"):
+            pytest.fail(f"reference data missing at {REFERENCE} (set QKFORMER_REFERENCE)")
+        pytest.skip(f"reference data not found at {REFERENCE} (set QKFORMER_REFERENCE)")
+    return REFERENCE
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
