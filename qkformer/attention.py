@@ -1,0 +1,135 @@
+"""Spiking attention: Q-K token attention, Q-K channel attention and Spikformer's SSA (SPEC §2.2-2.5).
+
+All three take and return ``[T, B, C, H, W]``. The 1x1 projections are ``Conv1d`` on the
+``T*B``-flattened ``[T*B, C, N]`` view, as in the original (the released weights are 3-D).
+Heads own contiguous channel groups: head i owns channels ``i*d .. i*d + d - 1``.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .functional import per_frame
+from .neuron import MultiStepLIF
+
+__all__ = ["QKTokenAttention", "QKChannelAttention", "SpikingSelfAttention", "ATTENTION_TYPES"]
+
+
+def _conv_bn(owner: nn.Module, name: str, x: torch.Tensor) -> torch.Tensor:
+    """``<name>_bn(<name>_conv(x))`` on ``[T, B, C, N]``."""
+    return per_frame(x, getattr(owner, f"{name}_conv"), getattr(owner, f"{name}_bn"))
+
+
+def _spiking_proj(owner: nn.Module, name: str, x: torch.Tensor) -> torch.Tensor:
+    return getattr(owner, f"{name}_lif")(_conv_bn(owner, name, x))
+
+
+def _add_branch(owner: nn.Module, name: str, dim: int, bias: bool, v_threshold: float = 1.0):
+    owner.add_module(f"{name}_conv", nn.Conv1d(dim, dim, kernel_size=1, bias=bias))
+    owner.add_module(f"{name}_bn", nn.BatchNorm1d(dim))
+    owner.add_module(f"{name}_lif", MultiStepLIF(v_threshold=v_threshold))
+
+
+class _QKAttention(nn.Module):
+    """Shared body of QKTA and QKCA: spiking Q and K, a binary mask from Q, mask K, project.
+
+    Cost is O(N*C) in time and memory: there is no N x N or d x d product, only a sum and a mask.
+    Subclasses choose the axis Q is summed over (``sum_dim`` of the ``[T, B, h, d, N]`` view).
+    """
+
+    sum_dim: int
+
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
+        self.dim, self.num_heads = dim, num_heads
+        _add_branch(self, "q", dim, bias=False)
+        _add_branch(self, "k", dim, bias=False)
+        # The mask neuron sees integer counts; at V_th = 0.5 it fires iff the count is >= 1
+        # (SPEC §1.4), but keeps the LIF surrogate gradient.
+        self.attn_lif = MultiStepLIF(v_threshold=0.5)
+        _add_branch(self, "proj", dim, bias=True)
+
+    def attention_mask(self, q: torch.Tensor) -> torch.Tensor:
+        """Binary attention vector from spiking Q ``[T, B, h, d, N]``."""
+        return self.attn_lif(q.sum(dim=self.sum_dim, keepdim=True))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        T, B, C, H, W = x.shape
+        x = x.flatten(3)
+        heads = (T, B, self.num_heads, C // self.num_heads, H * W)
+        q = _spiking_proj(self, "q", x).reshape(heads)
+        k = _spiking_proj(self, "k", x).reshape(heads)
+        x = (self.attention_mask(q) * k).reshape(T, B, C, H * W)
+        return _spiking_proj(self, "proj", x).reshape(T, B, C, H, W)
+
+
+class QKTokenAttention(_QKAttention):
+    """QKTA: per head, sum Q over its d channels -> token vector A in {0,1}^N; output A ⊙ K."""
+
+    sum_dim = 3
+
+
+class QKChannelAttention(_QKAttention):
+    """QKCA (paper eq. for the channel form; absent from the original code).
+
+    Our reading of the paper: per head, sum Q over the N tokens -> channel vector A in {0,1}^d,
+    through the same V_th = 0.5 LIF as QKTA; output A ⊙ K masks K's channels. Any Q spike in a
+    channel therefore opens that channel of K for every token. Parameters and names are those of
+    QKTA, so the two are interchangeable in a state_dict.
+    """
+
+    sum_dim = 4
+
+
+class SpikingSelfAttention(nn.Module):
+    """Spikformer SSA: x = (Q · (Kᵀ · V)) · 0.125 per head, LIF(V_th 0.5), projection.
+
+    ``legacy_proj_lif=True`` reproduces the original's batch-coupling bug (SPEC §2.5, Q1):
+    ``proj_lif`` sees ``[T*B, C*N]`` and treats the t-major T*B axis as time, so the membrane
+    runs on from one sample into the next. The released checkpoints' accuracies were measured
+    with it. ``False`` gives the intended per-sample LIF over T. The two agree when B = 1.
+    """
+
+    scale = 0.125  # constant for every head width (SPEC Q3)
+
+    def __init__(self, dim: int, num_heads: int, legacy_proj_lif: bool = True):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
+        self.dim, self.num_heads = dim, num_heads
+        self.legacy_proj_lif = legacy_proj_lif
+        _add_branch(self, "q", dim, bias=False)
+        _add_branch(self, "k", dim, bias=False)
+        _add_branch(self, "v", dim, bias=False)
+        self.attn_lif = MultiStepLIF(v_threshold=0.5)
+        _add_branch(self, "proj", dim, bias=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        T, B, C, H, W = x.shape
+        N, h = H * W, self.num_heads
+        x = x.flatten(3)
+
+        def to_heads(t):  # [T, B, C, N] -> [T, B, h, N, d]
+            return t.transpose(2, 3).reshape(T, B, N, h, C // h).permute(0, 1, 3, 2, 4)
+
+        q = to_heads(_spiking_proj(self, "q", x))
+        k = to_heads(_spiking_proj(self, "k", x))
+        v = to_heads(_spiking_proj(self, "v", x))
+        x = (q @ (k.transpose(-2, -1) @ v)) * self.scale  # d x d first: linear in N
+        x = self.attn_lif(x.transpose(3, 4).reshape(T, B, C, N))
+        x = _conv_bn(self, "proj", x)
+        if self.legacy_proj_lif:
+            x = self.proj_lif(x.reshape(T * B, C * N))
+        else:
+            x = self.proj_lif(x)
+        # (H, W), not the original's (W, H) relabel (SPEC Q2): identical for square maps.
+        return x.reshape(T, B, C, H, W)
+
+
+ATTENTION_TYPES = {
+    "qkta": QKTokenAttention,
+    "qkca": QKChannelAttention,
+    "ssa": SpikingSelfAttention,
+}

@@ -1,0 +1,124 @@
+"""Building blocks around the attention: spiking MLP, transformer block, SPEDS patch embedding.
+
+Everything works on ``[T, B, C, H, W]``. Convolutions and BatchNorm see the ``T*B``-flattened
+view; neurons see ``[T, ...]``. Attribute names are passed in, so one class serves every
+family's naming (``fc1_``/``mlp1_``, ``attn``/``ssa``, ``proj3_``/``proj_``) and each variant's
+``state_dict`` carries exactly the original keys.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+from torch import nn
+
+from .attention import ATTENTION_TYPES, SpikingSelfAttention
+from .functional import per_frame
+from .neuron import MultiStepLIF
+
+__all__ = ["SpikingMLP", "SpikingBlock", "ConvUnit", "SPEDS", "attention_attr_name"]
+
+
+class SpikingMLP(nn.Module):
+    """Two 1x1 conv -> BN -> LIF layers (SPEC §2.1); ``prefix`` is 'fc' (ImageNet) or 'mlp'."""
+
+    def __init__(self, dim: int, hidden_dim: int, prefix: str = "fc"):
+        super().__init__()
+        self.prefix = prefix
+        for i, (cin, cout) in enumerate(((dim, hidden_dim), (hidden_dim, dim)), start=1):
+            self.add_module(f"{prefix}{i}_conv", nn.Conv2d(cin, cout, kernel_size=1, bias=True))
+            self.add_module(f"{prefix}{i}_bn", nn.BatchNorm2d(cout))
+            self.add_module(f"{prefix}{i}_lif", MultiStepLIF())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for i in (1, 2):
+            conv, bn, lif = (getattr(self, f"{self.prefix}{i}_{s}") for s in ("conv", "bn", "lif"))
+            x = lif(per_frame(x, conv, bn))
+        return x
+
+
+def attention_attr_name(attn_type: str, ssa_name: str) -> str:
+    """Attribute the attention registers under: QKTA is ``tssa`` everywhere (original name);
+    SSA is ``attn`` (ImageNet) or ``ssa`` (CIFAR/DVS); QKCA, new here, is ``qkca``."""
+    return {"qkta": "tssa", "qkca": "qkca", "ssa": ssa_name}[attn_type]
+
+
+class SpikingBlock(nn.Module):
+    """x = x + attention(x); x = x + mlp(x). No norm, no LIF on the shortcut (SPEC §2.4), so the
+    residual stream is a sum of spike tensors (integer valued)."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, attn_type: str = "qkta",
+                 ssa_name: str = "attn", mlp_prefix: str = "fc", legacy_ssa: bool = True):
+        super().__init__()
+        if attn_type not in ATTENTION_TYPES:
+            raise ValueError(f"unknown attention {attn_type!r}; expected one of {list(ATTENTION_TYPES)}")
+        self.attn_name = attention_attr_name(attn_type, ssa_name)
+        cls = ATTENTION_TYPES[attn_type]
+        attn = (cls(dim, num_heads, legacy_proj_lif=legacy_ssa) if cls is SpikingSelfAttention
+                else cls(dim, num_heads))
+        self.add_module(self.attn_name, attn)
+        self.mlp = SpikingMLP(dim, int(dim * mlp_ratio), prefix=mlp_prefix)
+
+    @property
+    def attention(self) -> nn.Module:
+        return getattr(self, self.attn_name)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attention(x)
+        return x + self.mlp(x)
+
+
+@dataclass(frozen=True)
+class ConvUnit:
+    """One conv3x3 -> BN -> [MaxPool 3/2/1] -> LIF step of a SPEDS main path.
+
+    ``name`` prefixes the conv/bn/lif attributes; ``pool`` names the max-pool (None: no pool).
+    ``out_div`` sets the output width as ``out_width // out_div``.
+    """
+
+    name: str
+    out_div: int = 1
+    pool: Optional[str] = None
+
+
+class SPEDS(nn.Module):
+    """Spiking patch embedding with deformed shortcut (SPEC §3.2-3.4).
+
+    Main path: a chain of :class:`ConvUnit`. Shortcut: 1x1 conv (stride ``shortcut_stride``) ->
+    BN -> LIF from the spikes of unit ``shortcut_from`` (or from the raw input when -1).
+    Output = main + shortcut, values in {0, 1, 2}.
+    """
+
+    def __init__(self, in_chans: int, out_chans: int, units: Sequence[ConvUnit],
+                 shortcut_from: int = -1, shortcut_stride: int = 2):
+        super().__init__()
+        self.units = tuple(units)
+        self.shortcut_from = shortcut_from
+        widths = [in_chans] + [out_chans // u.out_div for u in self.units]
+        for u, cin, cout in zip(self.units, widths[:-1], widths[1:]):
+            self.add_module(f"{u.name}_conv", nn.Conv2d(cin, cout, 3, 1, 1, bias=False))
+            self.add_module(f"{u.name}_bn", nn.BatchNorm2d(cout))
+            if u.pool:
+                self.add_module(u.pool, nn.MaxPool2d(kernel_size=3, stride=2, padding=1))
+            self.add_module(f"{u.name}_lif", MultiStepLIF())
+        res_in = widths[shortcut_from + 1]
+        self.proj_res_conv = nn.Conv2d(res_in, out_chans, 1, shortcut_stride, 0, bias=False)
+        self.proj_res_bn = nn.BatchNorm2d(out_chans)
+        self.proj_res_lif = MultiStepLIF()
+        # The shortcut must skip exactly the pools that lie after its source.
+        pools_after = sum(1 for u in self.units[shortcut_from + 1:] if u.pool)
+        if shortcut_stride != 2 ** pools_after:
+            raise ValueError(f"SPEDS shortcut stride {shortcut_stride} does not match the "
+                             f"{pools_after} max-pools after unit {shortcut_from}")
+        self.downsample = 2 ** sum(1 for u in self.units if u.pool)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shortcut_in = x
+        for i, u in enumerate(self.units):
+            conv, bn = getattr(self, f"{u.name}_conv"), getattr(self, f"{u.name}_bn")
+            frame_ops = (conv, bn, getattr(self, u.pool)) if u.pool else (conv, bn)
+            x = getattr(self, f"{u.name}_lif")(per_frame(x, *frame_ops))
+            if i == self.shortcut_from:
+                shortcut_in = x
+        return x + self.proj_res_lif(per_frame(shortcut_in, self.proj_res_conv, self.proj_res_bn))
