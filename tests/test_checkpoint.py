@@ -1,0 +1,155 @@
+"""Checkpoint reading: every layout and prefix, safetensors, refusal of unsafe pickles, errors."""
+import argparse
+import os
+import pickle
+
+import pytest
+import timm
+import torch
+
+from qkformer.checkpoint import (CheckpointMismatchError, UnsafeCheckpointError, atomic_save,
+                                 load_checkpoint, main, match_variant, read_checkpoint,
+                                 save_safetensors)
+
+TINY = dict(embed_dims=32, depths=(1, 1, 1), num_heads=2, num_classes=5, T=1, img_size=16)
+
+
+def _pair(name="qkformer_cifar10", **kw):
+    src = timm.create_model(name, **{**TINY, **kw})
+    for p in src.parameters():
+        p.data.normal_()
+    dst = timm.create_model(name, **{**TINY, **kw})
+    return src, dst
+
+
+def _same(a, b):
+    return all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+LAYOUTS = {
+    "mae": lambda sd: {"model": sd, "optimizer": {"state": {}, "param_groups": []}, "epoch": 3,
+                       "scaler": {"scale": 65536.0}, "args": argparse.Namespace(model="x", lr=1e-3)},
+    "timm": lambda sd: {"epoch": 1, "arch": "vitsnn", "state_dict": sd, "version": 2,
+                        "args": argparse.Namespace(model="vitsnn"), "metric": 91.0},
+    "bare": lambda sd: sd,
+    "ddp": lambda sd: {"model": {f"module.{k}": v for k, v in sd.items()}},
+    "compiled": lambda sd: {f"_orig_mod.{k}": v for k, v in sd.items()},
+    "ddp_compiled": lambda sd: {f"module._orig_mod.{k}": v for k, v in sd.items()},
+}
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_layouts_and_prefixes(tmp_path, layout):
+    src, dst = _pair()
+    path = tmp_path / "ckpt.pth"
+    torch.save(LAYOUTS[layout](src.state_dict()), path)
+    ckpt = load_checkpoint(dst, path, strict=True)
+    assert _same(src, dst)
+    if layout == "mae":
+        assert ckpt["args"].lr == 1e-3 and ckpt["epoch"] == 3
+
+
+def test_timm_ema_layout(tmp_path):
+    src, dst = _pair()
+    other, _ = _pair()
+    torch.save({"state_dict": other.state_dict(), "state_dict_ema": src.state_dict()}, tmp_path / "c.pth")
+    load_checkpoint(dst, tmp_path / "c.pth", use_ema=True)
+    assert _same(src, dst)
+    load_checkpoint(dst, tmp_path / "c.pth")
+    assert _same(other, dst)
+
+
+def test_safetensors_round_trip_and_cli(tmp_path):
+    src, dst = _pair()
+    torch.save({"model": src.state_dict(), "args": argparse.Namespace(a=1)}, tmp_path / "c.pth")
+    main(["export", str(tmp_path / "c.pth"), str(tmp_path / "c.safetensors")])
+    load_checkpoint(dst, tmp_path / "c.safetensors")
+    assert _same(src, dst)
+    save_safetensors(src, tmp_path / "m.safetensors")
+    assert read_checkpoint(tmp_path / "m.safetensors").keys() == src.state_dict().keys()
+
+
+class _Exploit:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_malicious_pickle_is_refused_not_executed(tmp_path):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.pth"
+    torch.save({"model": {}, "payload": _Exploit(marker)}, path)
+    with pytest.raises(UnsafeCheckpointError, match="arbitrary code"):
+        read_checkpoint(path)
+    assert not marker.exists()
+    # the same with a raw pickle file
+    path.write_bytes(pickle.dumps(_Exploit(marker)))
+    with pytest.raises((UnsafeCheckpointError, ValueError)):
+        read_checkpoint(path)
+    assert not marker.exists()
+
+
+def test_wrong_variant_names_keys_and_the_fitting_variant(tmp_path):
+    with torch.device("meta"):
+        cifar10 = timm.create_model("qkformer_cifar10")
+    sd = {k: torch.zeros(v.shape, dtype=v.dtype) for k, v in cifar10.state_dict().items()}
+    torch.save({"model": sd}, tmp_path / "c10.pth")
+    target = timm.create_model("qkformer_cifar100")
+    with pytest.raises(CheckpointMismatchError) as e:
+        load_checkpoint(target, tmp_path / "c10.pth")
+    msg = str(e.value)
+    assert "mis-shaped keys (2)" in msg and "head.weight checkpoint (10, 384) vs model (100, 384)" in msg
+    assert "qkformer_cifar10" in msg
+    dvs = timm.create_model("qkformer_dvs128_gesture")
+    with pytest.raises(CheckpointMismatchError) as e:
+        load_checkpoint(dvs, {"model": sd})
+    msg = str(e.value)
+    assert "missing keys" in msg and "unexpected keys" in msg and "patch_embed2.proj3_conv.weight" in msg
+    assert "fits the variant qkformer_cifar10" in msg
+    assert match_variant({**sd, "head.weight": torch.zeros(3, 384), "head.bias": torch.zeros(3)}) \
+        == "qkformer_cifar10 (num_classes=3)"
+
+
+def test_timm_pretrained_overlay(tmp_path):
+    src, _ = _pair()
+    torch.save({"model": src.state_dict(), "args": argparse.Namespace()}, tmp_path / "c.pth")
+    m = timm.create_model("qkformer_cifar10", pretrained=True, **TINY,
+                          pretrained_cfg_overlay=dict(file=str(tmp_path / "c.pth")))
+    assert _same(src, m)
+    with pytest.raises(ValueError, match="pretrained_cfg_overlay"):
+        timm.create_model("qkformer_cifar10", pretrained=True)
+
+
+def test_truncated_and_missing_files(tmp_path):
+    src, dst = _pair()
+    path = tmp_path / "c.pth"
+    torch.save({"model": src.state_dict()}, path)
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(ValueError, match="corrupt or truncated"):
+        load_checkpoint(dst, path)
+    st = tmp_path / "c.safetensors"
+    save_safetensors(src, st)
+    st.write_bytes(st.read_bytes()[:100])
+    with pytest.raises(ValueError, match="corrupt or truncated"):
+        read_checkpoint(st)
+    with pytest.raises(FileNotFoundError):
+        read_checkpoint(tmp_path / "nope.pth")
+    torch.save({"optimizer": {}, "epoch": 1}, path)
+    with pytest.raises(ValueError, match="no state_dict"):
+        load_checkpoint(dst, path)
+
+
+def test_atomic_save_keeps_old_file_on_failure(tmp_path):
+    path = tmp_path / "ckpt.pth"
+    atomic_save({"a": torch.ones(2)}, path)
+
+    class Boom:
+        def __reduce__(self):
+            raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError):
+        atomic_save({"a": Boom()}, path)
+    assert torch.equal(torch.load(path)["a"], torch.ones(2))
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pth"]  # no temp files left behind
