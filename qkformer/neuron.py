@@ -19,6 +19,8 @@ backward pass; spikes and the surrogate derivative are recomputed from it.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -27,59 +29,94 @@ __all__ = ["MultiStepLIF", "lif_multistep", "LIFTorchFunction", "resolve_backend
 BACKENDS = ("auto", "torch", "cupy")
 
 
-def _surrogate_grad(h: torch.Tensor, v_threshold: float, alpha: float) -> torch.Tensor:
-    # d/du Heaviside ~ alpha * sigmoid(alpha u) * (1 - sigmoid(alpha u)), as spikingjelly's Sigmoid
-    sg = ((h - v_threshold) * alpha).sigmoid()
-    return (1.0 - sg) * sg * alpha
+# Elements per block of the CPU loop: the few temporaries of a block stay in the L2 cache while
+# the T steps run over it, so each element crosses the memory bus about once per pass instead of
+# once per elementwise op. On CUDA one block covers the whole tensor.
+CPU_BLOCK = 1 << 17
 
 
-def lif_forward_torch(x: torch.Tensor, tau: float, v_threshold: float):
-    """Forward over the leading time axis. Returns (spikes, h_seq, v_seq).
+def _blocks(n: int, device: torch.device):
+    step = n if device.type != "cpu" else CPU_BLOCK
+    for a in range(0, n, max(step, 1)):
+        yield a, min(a + step, n)
 
-    The loop body mirrors the CUDA kernel: one read of X_t, one charge, one compare, one reset.
+
+def lif_forward_torch(x: torch.Tensor, tau: float, v_threshold: float, save_h: bool = True):
+    """Forward over the leading time axis. Returns ``(spikes, h_seq)``; ``h_seq`` is the charged
+    potential before reset (None unless ``save_h``). The membrane after reset is
+    ``h_seq * (1 - spikes)``.
+
+    Each block runs the same per-neuron loop as the CUDA kernel (qkformer/cuda/lif_kernel.cu):
+    charge, compare, reset, for t = 0 .. T-1.
     """
-    spikes = torch.empty_like(x)
-    h_seq = torch.empty_like(x)
-    v_seq = torch.empty_like(x)
-    v = torch.zeros_like(x[0])
-    for t in range(x.shape[0]):
-        # (x - v) / tau, not (x - v) * (1/tau): bit-identical to spikingjelly's torch backend for
-        # any tau (they coincide for tau = 2, the value every QKFormer neuron uses).
-        h = v + (x[t] - v) / tau
-        h_seq[t] = h
-        fired = h >= v_threshold
-        spikes[t] = fired
-        v = h.masked_fill(fired, 0.0)
-        v_seq[t] = v
-    return spikes, h_seq, v_seq
+    T = x.shape[0]
+    x2 = x.reshape(T, -1)
+    n = x2.shape[1]
+    spikes = torch.empty_like(x2)
+    h_seq = torch.empty_like(x2) if save_h else None
+    step = min(n, CPU_BLOCK) if x.device.type == "cpu" else n
+    v_buf = x2.new_empty(step)
+    h_buf = None if save_h else x2.new_empty(step)
+    # v + (x - v) * (1/tau) equals v + (x - v) / tau bit for bit when 1/tau is a power of two
+    # (tau = 2 everywhere in QKFormer); otherwise divide, as spikingjelly's torch backend does.
+    exact_inverse = math.log2(tau).is_integer()
+    for a, b in _blocks(n, x.device):
+        v = v_buf[: b - a]
+        for t in range(T):
+            h = h_seq[t, a:b] if save_h else h_buf[: b - a]
+            if t == 0:  # V_0 = 0
+                torch.div(x2[t, a:b], tau, out=h)
+            else:
+                torch.sub(x2[t, a:b], v, out=h)
+                if exact_inverse:
+                    torch.add(v, h, alpha=1.0 / tau, out=h)
+                else:
+                    h.div_(tau).add_(v)
+            s = spikes[t, a:b]
+            torch.ge(h, v_threshold, out=s)
+            torch.addcmul(h, h, s, value=-1.0, out=v)  # hard reset: V = H - H*S
+    return spikes.view_as(x), h_seq
 
 
 def lif_backward_torch(grad_spikes: torch.Tensor, h_seq: torch.Tensor, tau: float,
                        v_threshold: float, alpha: float, detach_reset: bool) -> torch.Tensor:
-    """BPTT through the recursion, running t = T-1 .. 0.
+    """BPTT through the recursion, running t = T-1 .. 0, block by block like the forward.
 
     g_H(t) = g_S(t) sg'(t) + g_H(t+1) (1 - 1/tau) dV_t/dH_t,   g_X(t) = g_H(t) / tau
-    with dV/dH = 1 - S (detach_reset) or 1 - S - H sg' (reset differentiated through S).
+    with sg' = alpha sig (1 - sig), sig = sigmoid(alpha (H - V_th)) (spikingjelly's Sigmoid),
+    and dV/dH = 1 - S (detach_reset) or 1 - S - H sg' (reset differentiated through S).
     """
-    sg = _surrogate_grad(h_seq, v_threshold, alpha)
-    keep = (h_seq < v_threshold).to(h_seq.dtype)  # 1 - S
-    dv_dh = keep if detach_reset else keep - h_seq * sg
-    grad_s_term = grad_spikes * sg  # the non-recurrent part, for all t at once
-    decay = 1.0 - 1.0 / tau
+    T = h_seq.shape[0]
+    g_s = grad_spikes.reshape(T, -1)
+    n = h_seq.shape[1]
     grad_x = torch.empty_like(h_seq)
-    carry = None  # g_H(t+1) * (1 - 1/tau)
-    for t in range(h_seq.shape[0] - 1, -1, -1):
-        g_h = grad_s_term[t] if carry is None else grad_s_term[t] + carry * dv_dh[t]
-        grad_x[t] = g_h / tau
-        carry = g_h * decay
+    step = min(n, CPU_BLOCK) if h_seq.device.type == "cpu" else n
+    carry_buf, sg_buf, gh_buf = (h_seq.new_empty(step) for _ in range(3))
+    decay = 1.0 - 1.0 / tau
+    for a, b in _blocks(n, h_seq.device):
+        carry, sg, g_h = carry_buf[: b - a], sg_buf[: b - a], gh_buf[: b - a]
+        for t in range(T - 1, -1, -1):
+            h = h_seq[t, a:b]
+            torch.sub(h, v_threshold, out=sg)
+            sg.mul_(alpha).sigmoid_()
+            torch.addcmul(sg, sg, sg, value=-1.0, out=sg)  # sig (1 - sig)
+            sg.mul_(alpha)
+            torch.mul(g_s[t, a:b], sg, out=g_h)
+            if t < T - 1:  # carry = g_H(t+1) (1 - 1/tau), times dV_t/dH_t
+                if not detach_reset:
+                    g_h.addcmul_(carry, h * sg, value=-1.0)
+                carry.masked_fill_(h >= v_threshold, 0.0)
+                g_h.add_(carry)
+            torch.div(g_h, tau, out=grad_x[t, a:b])
+            torch.mul(g_h, decay, out=carry)
     return grad_x
 
 
 class LIFTorchFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, tau, v_threshold, alpha, detach_reset):
-        spikes, h_seq, _ = lif_forward_torch(x, tau, v_threshold)
-        if x.requires_grad:
+        spikes, h_seq = lif_forward_torch(x, tau, v_threshold, save_h=x.requires_grad)
+        if h_seq is not None:
             ctx.save_for_backward(h_seq)
         ctx.params = (tau, v_threshold, alpha, detach_reset)
         return spikes
@@ -88,9 +125,8 @@ class LIFTorchFunction(torch.autograd.Function):
     def backward(ctx, grad_spikes):
         (h_seq,) = ctx.saved_tensors
         tau, v_threshold, alpha, detach_reset = ctx.params
-        grad_x = lif_backward_torch(grad_spikes.contiguous(), h_seq, tau, v_threshold, alpha,
-                                    detach_reset)
-        return grad_x, None, None, None, None
+        grad_x = lif_backward_torch(grad_spikes, h_seq, tau, v_threshold, alpha, detach_reset)
+        return grad_x.view_as(grad_spikes), None, None, None, None
 
 
 def resolve_backend(backend: str, x: torch.Tensor) -> str:
