@@ -1,0 +1,8 @@
+"""Train QKFormer on CIFAR-10 (SPEC §6.2). Recipe: configs/cifar10.yml; flags override it.
+
+    python cifar10/train.py --data-dir DATA [--epochs N ...]
+"""
+from qkformer.train import main
+
+if __name__ == "__main__":
+    main(default_config="cifar10", description=__doc__.splitlines()[0])

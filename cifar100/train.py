@@ -1,0 +1,8 @@
+"""Train QKFormer on CIFAR-100 (SPEC §6.2). Recipe: configs/cifar100.yml; flags override it.
+
+    python cifar100/train.py --data-dir DATA [--epochs N ...]
+"""
+from qkformer.train import main
+
+if __name__ == "__main__":
+    main(default_config="cifar100", description=__doc__.splitlines()[0])

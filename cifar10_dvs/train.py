@@ -1,0 +1,8 @@
+"""Train QKFormer on CIFAR10-DVS (SPEC §6.3). Recipe: configs/cifar10_dvs.yml; flags override it.
+
+    python cifar10_dvs/train.py --data-dir DATA [--epochs N ...]
+"""
+from qkformer.train import main
+
+if __name__ == "__main__":
+    main(default_config="cifar10_dvs", description=__doc__.splitlines()[0])

@@ -1,0 +1,8 @@
+"""Train QKFormer on DVS128 Gesture (SPEC §6.4). Recipe: configs/dvs128_gesture.yml; flags override it.
+
+    python dvs128_gesture/train.py --data-dir DATA [--epochs N ...]
+"""
+from qkformer.train import main
+
+if __name__ == "__main__":
+    main(default_config="dvs128_gesture", description=__doc__.splitlines()[0])

@@ -1,0 +1,193 @@
+"""Training and evaluation loops shared by every entry point, and checkpoint save/resume.
+
+Checkpoints use the released layout ``{'model', 'optimizer', 'epoch', 'scaler', 'args'}`` plus
+``scheduler``, ``rng`` (python/numpy/torch states) and ``best_acc1``, written atomically, so
+every tool in the package reads every checkpoint and ``--resume`` continues exactly.
+"""
+from __future__ import annotations
+
+import math
+import os
+import random
+import signal
+import sys
+import time
+from contextlib import nullcontext
+from typing import Callable, Dict, Optional
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from .checkpoint import atomic_save, load_checkpoint
+from .distributed import all_reduce_sum, is_main
+
+__all__ = ["NonFiniteLossError", "autocast_for", "train_one_epoch", "evaluate", "save_checkpoint",
+           "resume_checkpoint", "rng_state", "set_rng_state"]
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+def autocast_for(device: torch.device, amp: bool):
+    """Mixed precision: fp16 on CUDA (as the original), bf16 on CPU (no fp16 GEMMs there)."""
+    if not amp:
+        return nullcontext()
+    return torch.autocast(device.type, dtype=torch.float16 if device.type == "cuda" else torch.bfloat16)
+
+
+def _fault(kind: str, step: int) -> bool:
+    """Fault injection for the tests (``QKFORMER_FAULT=kill@7`` or ``nan@3``): real failures at a
+    chosen global step, so recovery paths are exercised end to end."""
+    spec = os.environ.get("QKFORMER_FAULT", "")
+    return any(f == f"{kind}@{step}" for f in spec.split(","))
+
+
+def _progress(iterable, total: int, desc: str, enabled: bool):
+    return tqdm(iterable, total=total, desc=desc, dynamic_ncols=True, leave=False,
+                disable=not (enabled and is_main() and sys.stderr.isatty()))
+
+
+def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, loss_fn: Callable,
+                    device: torch.device, epoch: int, *, scheduler=None, scaler=None,
+                    amp: bool = False, accum_iter: int = 1, mixup_fn=None,
+                    max_iters: Optional[int] = None, clip_grad: Optional[float] = None,
+                    progress: bool = True) -> Dict[str, float]:
+    """One epoch. The lr is set per optimizer update (``scheduler.step_update``) for per-iteration
+    schedules; per-epoch schedules are stepped by the caller. With DDP, gradient all-reduce is
+    skipped (``no_sync``) on accumulation steps that do not update."""
+    model.train()
+    n_iters = len(loader) if max_iters is None else min(len(loader), max_iters)
+    updates_per_epoch = math.ceil(n_iters / accum_iter)
+    loss_sum, n_seen = torch.zeros((), dtype=torch.float64), 0
+    bar = _progress(loader, n_iters, f"epoch {epoch}", progress)
+    optimizer.zero_grad(set_to_none=True)
+    for it, (images, targets) in enumerate(bar):
+        if it >= n_iters:
+            break
+        step = epoch * n_iters + it
+        if _fault("kill", step):
+            os.kill(os.getpid(), signal.SIGKILL)
+        images = images.to(device, non_blocking=True)
+        targets = targets.to(device, non_blocking=True)
+        if mixup_fn is not None:
+            images, targets = mixup_fn(images, targets)
+        update = (it + 1) % accum_iter == 0 or it + 1 == n_iters
+        sync = model.no_sync() if (hasattr(model, "no_sync") and not update) else nullcontext()
+        with sync:
+            with autocast_for(device, amp):
+                loss = loss_fn(model(images), targets)
+            if _fault("nan", step):
+                loss = loss * float("nan")
+            loss_value = loss.item()
+            if not math.isfinite(loss_value):
+                raise NonFiniteLossError(f"loss is {loss_value} at epoch {epoch}, iteration {it}")
+            scaled = loss / accum_iter
+            (scaler.scale(scaled) if scaler is not None else scaled).backward()
+        if update:
+            if scaler is not None:
+                scaler.unscale_(optimizer)
+            if clip_grad:
+                nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
+            if scaler is not None:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if scheduler is not None:
+                scheduler.step_update(num_updates=epoch * updates_per_epoch + (it // accum_iter) + 1)
+        loss_sum += loss_value * images.shape[0]
+        n_seen += images.shape[0]
+        bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
+    total = all_reduce_sum([loss_sum.item(), n_seen], device)
+    return {"train_loss": (total[0] / max(total[1], 1)).item(),
+            "lr": optimizer.param_groups[0]["lr"], "train_images": int(total[1])}
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, device: torch.device, amp: bool = False,
+             progress: bool = True, max_iters: Optional[int] = None) -> Dict[str, float]:
+    """Top-1/top-5 accuracy and mean cross-entropy, summed exactly over ranks (each rank sees a
+    disjoint shard, see :class:`~qkformer.distributed.ShardSampler`)."""
+    model.eval()
+    correct1 = correct5 = loss_sum = 0.0
+    n = 0
+    start = time.perf_counter()
+    total = len(loader) if max_iters is None else min(len(loader), max_iters)
+    for it, (images, targets) in enumerate(_progress(loader, total, "eval", progress)):
+        if it >= total:
+            break
+        images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+        with autocast_for(device, amp):
+            logits = model(images)
+        logits = logits.float()
+        loss_sum += nn.functional.cross_entropy(logits, targets, reduction="sum").item()
+        top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        hits = top.eq(targets[:, None])
+        correct1 += hits[:, 0].sum().item()
+        correct5 += hits.any(dim=1).sum().item()
+        n += targets.shape[0]
+    elapsed = time.perf_counter() - start
+    c1, c5, ls, count = all_reduce_sum([correct1, correct5, loss_sum, n], device).tolist()
+    count = max(count, 1)
+    return {"acc1": 100.0 * c1 / count, "acc5": 100.0 * c5 / count, "loss": ls / count,
+            "images": int(count), "images_per_s": n / max(elapsed, 1e-9)}
+
+
+def rng_state() -> dict:
+    """RNG states as tensors and plain Python values, so the checkpoint loads with
+    ``weights_only=True`` (no numpy objects in the pickle)."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
+             "numpy": (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss)}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    name, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    model = model.module if hasattr(model, "module") else model
+    return getattr(model, "_orig_mod", model)
+
+
+def save_checkpoint(path, model, optimizer, epoch: int, args, scaler=None, scheduler=None,
+                    **extra) -> None:
+    """Rank 0 writes the released layout (plus resume state) atomically."""
+    if not is_main():
+        return
+    atomic_save({
+        "model": _unwrap(model).state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "epoch": epoch,
+        "scaler": scaler.state_dict() if scaler is not None else None,
+        "args": args,
+        "scheduler": scheduler.state_dict() if scheduler is not None else None,
+        "rng": rng_state(),
+        **extra,
+    }, path)
+
+
+def resume_checkpoint(path, model, optimizer=None, scaler=None, scheduler=None) -> dict:
+    """Restore everything :func:`save_checkpoint` wrote; returns the checkpoint dict."""
+    ckpt = load_checkpoint(_unwrap(model), path, strict=True)
+    if optimizer is not None and ckpt.get("optimizer"):
+        optimizer.load_state_dict(ckpt["optimizer"])
+    if scaler is not None and ckpt.get("scaler"):
+        scaler.load_state_dict(ckpt["scaler"])
+    if scheduler is not None and ckpt.get("scheduler"):
+        scheduler.load_state_dict(ckpt["scheduler"])
+    if ckpt.get("rng"):
+        set_rng_state(ckpt["rng"])
+    return ckpt

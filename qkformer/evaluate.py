@@ -1,0 +1,121 @@
+"""Evaluate a checkpoint on an ImageFolder ``val`` split (behind ``imagenet/test.py``).
+
+    python imagenet/test.py --checkpoint checkpoint-191.pth --model qkformer_10_768 \
+        --data-dir /data/imagenet --batch-size 24
+    torchrun --nproc_per_node=8 imagenet/test.py ...   # exact: every image counted once
+
+Reads released checkpoints (MAE layout with ``args``) and this package's own (``.pth`` or
+``.safetensors``). Only ``<data-dir>/val`` is needed. With the legacy SSA (default, as the
+released numbers were measured) predictions depend on the eval batch, which is printed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Optional, Sequence
+
+import torch
+from torch.utils.data import DataLoader
+
+from . import variants  # noqa: F401  (timm registration)
+from .checkpoint import extract_state_dict, load_checkpoint, match_variant, read_checkpoint
+from .distributed import ShardSampler, cleanup, init_distributed, is_main
+from .engine import evaluate
+
+__all__ = ["build_parser", "main"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Evaluate a QKFormer checkpoint",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    a = p.add_argument
+    a("--checkpoint", required=True, help=".pth/.pth.tar/.safetensors")
+    a("--data-dir", dest="data_dir", required=True, help="folder holding val/<class>/*")
+    a("--model", default=None, help="variant; default: from the checkpoint")
+    a("--T", type=int, default=None, help="time steps (default: checkpoint's, else 4)")
+    a("--input-size", dest="input_size", type=int, default=None)
+    a("--batch-size", dest="batch_size", type=int, default=32)
+    a("--transform", choices=("auto", "imagenet", "cifar"), default="auto",
+      help="eval preprocessing; auto: CIFAR-style for checkpoints trained on CIFAR data")
+    ssa = p.add_mutually_exclusive_group()
+    ssa.add_argument("--legacy-ssa", dest="legacy_ssa", action="store_true", default=True,
+                     help="original batch-coupled SSA proj_lif (matches released accuracies)")
+    ssa.add_argument("--fixed-ssa", dest="legacy_ssa", action="store_false",
+                     help="per-sample SSA proj_lif (batch-independent predictions)")
+    a("--amp", action=argparse.BooleanOptionalAction, default=True)
+    a("--device", default="auto")
+    a("--workers", type=int, default=4)
+    a("--max-iters", dest="max_iters", type=int, default=None)
+    a("--progress", action=argparse.BooleanOptionalAction, default=True)
+    return p
+
+
+def _model_from_checkpoint(args, ckpt, num_classes: int):
+    from .train import build_model, build_parser as train_parser
+
+    saved = ckpt.get("args") if isinstance(ckpt, dict) else None
+    saved = vars(saved) if isinstance(saved, argparse.Namespace) else {}
+    name = args.model or saved.get("model")
+    if name and name.lower() in variants.VARIANTS:
+        name = name.lower()  # the released args say e.g. 'QKFormer_10_768'
+    elif not args.model:
+        fit = match_variant(extract_state_dict(ckpt))
+        if fit is None:
+            raise ValueError("cannot tell which variant the checkpoint is for; pass --model")
+        name = fit.split(" ")[0]
+    margs = train_parser().parse_args([])
+    for k, v in saved.items():  # our own checkpoints carry their architecture overrides
+        if hasattr(margs, k):
+            setattr(margs, k, v)
+    margs.model = name
+    margs.T = args.T or saved.get("T") or saved.get("time_step") or 4
+    margs.input_size = args.input_size or saved.get("input_size") or variants.VARIANTS[name]["img_size"]
+    margs.legacy_ssa = args.legacy_ssa
+    return build_model(margs, num_classes), margs, saved
+
+
+def main(argv: Optional[Sequence[str]] = None) -> dict:
+    args = build_parser().parse_args(argv)
+    try:
+        return _run(args)
+    except (FileNotFoundError, ValueError) as e:
+        if argv is None:
+            sys.exit(f"error: {e}")
+        raise
+    finally:
+        cleanup()
+
+
+def _run(args) -> dict:
+    from .data.images import build_image_folder, cifar_transforms, imagenet_transforms
+
+    dist = init_distributed(args.device)
+    ckpt = read_checkpoint(args.checkpoint)
+    head = extract_state_dict(ckpt).get("head.bias")
+    num_classes = int(head.shape[0]) if head is not None else 1000
+    model, margs, saved = _model_from_checkpoint(args, ckpt, num_classes)
+    load_checkpoint(model, ckpt, strict=True)
+    style = args.transform
+    if style == "auto":
+        style = "cifar" if str(saved.get("dataset", "")).startswith("cifar") else "imagenet"
+    size = margs.input_size
+    tf = cifar_transforms(size, False) if style == "cifar" else imagenet_transforms(size, False)
+    val = build_image_folder(args.data_dir, "val", tf)
+    if len(val.classes) != num_classes:
+        raise ValueError(f"{args.data_dir}/val has {len(val.classes)} classes but the checkpoint's "
+                         f"head has {num_classes} outputs")
+    loader = DataLoader(val, batch_size=args.batch_size, num_workers=args.workers,
+                        sampler=ShardSampler(len(val), dist.rank, dist.world_size),
+                        pin_memory=dist.device.type == "cuda")
+    model.to(dist.device)
+    if is_main():
+        print(f"model {margs.model} (T={margs.T}, input {size}, {style} preprocessing, "
+              f"{'legacy' if args.legacy_ssa else 'fixed'} SSA); eval batch size "
+              f"{args.batch_size} per process x {dist.world_size}")
+    stats = evaluate(model, loader, dist.device, args.amp, args.progress, args.max_iters)
+    if is_main():
+        print(f"* Acc@1 {stats['acc1']:.3f} Acc@5 {stats['acc5']:.3f} loss {stats['loss']:.4f} "
+              f"on {stats['images']} images ({stats['images_per_s']:.1f} images/s per process)")
+        print(json.dumps(stats))
+    return stats

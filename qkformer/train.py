@@ -1,0 +1,306 @@
+"""Training driver behind every ``<dataset>/train.py``: recipe -> data, model, optimizer -> engine.
+
+    torchrun --nproc_per_node=8 imagenet/train.py --data-dir /data/imagenet --model qkformer_10_768
+    python cifar10/train.py --data-dir ./data/cifar10           # recipe: configs/cifar10.yml
+
+Recipes (SPEC §6) live in ``configs/*.yml``; every option can be overridden on the command line.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+import yaml
+from timm.data import Mixup
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.layers import trunc_normal_
+from timm.optim import create_optimizer_v2
+from timm.scheduler import create_scheduler_v2
+from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
+
+from . import variants  # noqa: F401  (timm registration)
+from .checkpoint import load_checkpoint
+from .config import ConfigError, parse_with_config
+from .distributed import ShardSampler, cleanup, init_distributed, is_main
+from .engine import NonFiniteLossError, evaluate, resume_checkpoint, save_checkpoint, train_one_epoch
+
+__all__ = ["build_parser", "main", "build_model", "build_datasets"]
+
+DATASETS = ("imagenet", "cifar10", "cifar100", "cifar10_dvs", "dvs128_gesture")
+
+
+def build_parser(description: str = "Train QKFormer") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    a = p.add_argument
+    # data
+    a("--dataset", choices=DATASETS, default="imagenet")
+    a("--data-dir", dest="data_dir", default=None, help="dataset root (see README for layouts)")
+    a("--download", action="store_true", help="let torchvision download CIFAR (needs internet)")
+    a("--input-size", dest="input_size", type=int, default=224)
+    a("--workers", type=int, default=4)
+    a("--aa", default="rand-m9-mstd0.5-inc1", help="timm RandAugment string ('' disables)")
+    a("--reprob", type=float, default=0.25, help="random erasing probability")
+    a("--remode", default="pixel")
+    a("--recount", type=int, default=1)
+    # model
+    a("--model", default="qkformer_10_384")
+    a("--T", type=int, default=4, help="time steps (static images)")
+    a("--num-classes", dest="num_classes", type=int, default=None, help="default: from the data")
+    a("--embed-dims", dest="embed_dims", type=int, nargs="+", default=None)
+    a("--depths", type=int, nargs="+", default=None)
+    a("--num-heads", dest="num_heads", type=int, nargs="+", default=None)
+    a("--mlp-ratio", dest="mlp_ratio", type=float, default=None)
+    a("--attn-types", dest="attn_types", nargs="+", default=None, choices=("qkta", "qkca", "ssa"))
+    a("--legacy-ssa", dest="legacy_ssa", action=argparse.BooleanOptionalAction, default=True,
+      help="reproduce the original SSA proj_lif batch coupling (SPEC §2.5)")
+    a("--finetune", default="", help="initialise from a checkpoint (head dropped if mis-shaped)")
+    a("--compile", action="store_true", help="torch.compile the model")
+    # optimisation
+    a("--epochs", type=int, default=200)
+    a("--cooldown-epochs", dest="cooldown_epochs", type=int, default=0)
+    a("--warmup-epochs", dest="warmup_epochs", type=int, default=5)
+    a("--batch-size", dest="batch_size", type=int, default=64, help="per process")
+    a("--val-batch-size", dest="val_batch_size", type=int, default=None)
+    a("--accum-iter", dest="accum_iter", type=int, default=1)
+    a("--lr", type=float, default=None, help="absolute lr; default blr * effective batch / 256")
+    a("--blr", type=float, default=6e-4)
+    a("--min-lr", dest="min_lr", type=float, default=1e-6)
+    a("--warmup-lr", dest="warmup_lr", type=float, default=0.0)
+    a("--sched-on", dest="sched_on", choices=("step", "epoch"), default="step",
+      help="per-iteration (ImageNet/MAE) or per-epoch (timm CIFAR/DVS) cosine schedule")
+    a("--weight-decay", dest="weight_decay", type=float, default=0.05)
+    a("--layer-decay", dest="layer_decay", type=float, default=None)
+    a("--opt", default="adamw")
+    a("--clip-grad", dest="clip_grad", type=float, default=None)
+    a("--smoothing", type=float, default=0.1)
+    a("--mixup", type=float, default=0.0)
+    a("--cutmix", type=float, default=0.0)
+    a("--mixup-prob", dest="mixup_prob", type=float, default=1.0)
+    a("--mixup-switch-prob", dest="mixup_switch_prob", type=float, default=0.5)
+    a("--mixup-off-epoch", dest="mixup_off_epoch", type=int, default=None)
+    a("--amp", action=argparse.BooleanOptionalAction, default=True,
+      help="mixed precision: fp16 on CUDA, bf16 on CPU")
+    a("--amp-eval", dest="amp_eval", action=argparse.BooleanOptionalAction, default=None,
+      help="mixed precision in evaluation (default: same as --amp)")
+    # run
+    a("--seed", type=int, default=0)
+    a("--device", default="auto")
+    a("--output-dir", dest="output_dir", default="output/run")
+    a("--resume", default="", help="checkpoint to resume from, or 'auto' (output dir's last)")
+    a("--eval-only", dest="eval_only", action="store_true")
+    a("--max-iters", dest="max_iters", type=int, default=None,
+      help="cap iterations per epoch (quick runs and tests)")
+    a("--progress", action=argparse.BooleanOptionalAction, default=True)
+    return p
+
+
+def build_model(args, num_classes: int):
+    import timm
+
+    overrides = {k: getattr(args, k) for k in ("embed_dims", "depths", "num_heads", "mlp_ratio",
+                                               "attn_types") if getattr(args, k, None) is not None}
+    for k in ("embed_dims", "depths", "num_heads", "attn_types"):
+        if k in overrides:
+            overrides[k] = tuple(overrides[k]) if len(overrides[k]) > 1 else overrides[k][0]
+    return timm.create_model(args.model, T=args.T, num_classes=num_classes,
+                             img_size=args.input_size, legacy_ssa=args.legacy_ssa, **overrides)
+
+
+def build_datasets(args):
+    from .data import images
+
+    if args.data_dir is None:
+        raise ConfigError(f"--data-dir is required for dataset {args.dataset}")
+    if args.dataset == "imagenet":
+        train = images.build_image_folder(args.data_dir, "train", images.imagenet_transforms(
+            args.input_size, True, args.aa or None, args.reprob, args.remode, args.recount))
+        val = images.build_image_folder(args.data_dir, "val",
+                                        images.imagenet_transforms(args.input_size, False),
+                                        classes=train.classes)
+    elif args.dataset in ("cifar10", "cifar100"):
+        train = images.build_cifar(args.dataset, args.data_dir, "train", images.cifar_transforms(
+            args.input_size, True, aa=args.aa or None, reprob=args.reprob, remode=args.remode),
+            download=args.download)
+        val = images.build_cifar(args.dataset, args.data_dir, "val",
+                                 images.cifar_transforms(args.input_size, False),
+                                 download=args.download, classes=getattr(train, "classes", None))
+    else:
+        from .data.dvs import DVSTrainTransform, build_dvs_datasets
+
+        train, val = build_dvs_datasets(args.dataset, args.data_dir, frames=args.T,
+                                        train_transform=DVSTrainTransform())
+    return train, val
+
+
+def _loaders(args, train, val, dist):
+    g = torch.Generator()
+    if dist.distributed:
+        sampler = DistributedSampler(train, dist.world_size, dist.rank, shuffle=True,
+                                     seed=args.seed, drop_last=True)
+    else:
+        sampler = RandomSampler(train, generator=g)
+    train_loader = DataLoader(train, batch_size=args.batch_size, sampler=sampler,
+                              num_workers=args.workers, drop_last=True, generator=g,
+                              pin_memory=dist.device.type == "cuda",
+                              persistent_workers=False)
+    val_loader = DataLoader(val, batch_size=args.val_batch_size or args.batch_size,
+                            sampler=ShardSampler(len(val), dist.rank, dist.world_size),
+                            num_workers=args.workers, pin_memory=dist.device.type == "cuda")
+    return train_loader, val_loader, g
+
+
+def _loss_and_mixup(args, num_classes: int):
+    if args.mixup > 0 or args.cutmix > 0:
+        mixup = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, prob=args.mixup_prob,
+                      switch_prob=args.mixup_switch_prob, mode="batch",
+                      label_smoothing=args.smoothing, num_classes=num_classes)
+        return SoftTargetCrossEntropy(), mixup
+    if args.smoothing > 0:
+        return LabelSmoothingCrossEntropy(args.smoothing), None
+    return torch.nn.CrossEntropyLoss(), None
+
+
+def _finetune(model, path):
+    ckpt_head = {k for k in load_checkpoint(model, path, strict=False).get("model", {})}
+    if "head.weight" not in ckpt_head:  # head dropped: fresh small init (SPEC Q12)
+        trunc_normal_(model.head.weight, std=2e-5)
+
+
+class _Logger:
+    def __init__(self, out: Path, enabled: bool):
+        self.enabled = enabled
+        self.jsonl = out / "log.jsonl"
+        self.tb = None
+        if enabled:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(out / "tb"))
+
+    def __call__(self, record: dict):
+        if not self.enabled:
+            return
+        with self.jsonl.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        for k, v in record.items():
+            if k != "epoch" and isinstance(v, (int, float)):
+                self.tb.add_scalar(k, v, record["epoch"])
+        self.tb.flush()
+
+
+def main(argv: Optional[Sequence[str]] = None, default_config: Optional[str] = None,
+         description: str = "Train QKFormer") -> dict:
+    try:
+        args = parse_with_config(build_parser(description), argv, default_config)
+        return _run(args)
+    except (ConfigError, FileNotFoundError, ValueError) as e:
+        if __name__ == "__main__" or argv is None:
+            sys.exit(f"error: {e}")
+        raise
+    finally:
+        cleanup()
+
+
+def _run(args) -> dict:
+    dist = init_distributed(args.device)
+    torch.manual_seed(args.seed + dist.rank)
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    train, val = build_datasets(args)
+    from .data.images import dataset_num_classes
+
+    num_classes = args.num_classes or dataset_num_classes(train)
+    if num_classes != dataset_num_classes(train):
+        raise ValueError(f"--num-classes {num_classes} but the training data has "
+                         f"{dataset_num_classes(train)} classes")
+    args.num_classes = num_classes
+    train_loader, val_loader, generator = _loaders(args, train, val, dist)
+    model = build_model(args, num_classes).to(dist.device)
+    if args.finetune:
+        _finetune(model, args.finetune)
+
+    eff_batch = args.batch_size * args.accum_iter * dist.world_size
+    if args.lr is None:
+        args.lr = args.blr * eff_batch / 256
+    n_iters = len(train_loader) if args.max_iters is None else min(len(train_loader), args.max_iters)
+    if n_iters == 0:
+        raise ValueError(f"training set of {len(train)} images is smaller than one batch of "
+                         f"{args.batch_size}")
+    optimizer = create_optimizer_v2(model, args.opt, lr=args.lr, weight_decay=args.weight_decay,
+                                    layer_decay=args.layer_decay)
+    prefix = args.sched_on == "step"
+    scheduler, num_epochs = create_scheduler_v2(
+        optimizer, "cosine", num_epochs=args.epochs - (args.warmup_epochs if prefix else 0),
+        cooldown_epochs=args.cooldown_epochs, min_lr=args.min_lr, warmup_lr=args.warmup_lr,
+        warmup_epochs=args.warmup_epochs, warmup_prefix=prefix, step_on_epochs=not prefix,
+        updates_per_epoch=-(-n_iters // args.accum_iter))
+    scaler = torch.amp.GradScaler("cuda") if args.amp and dist.device.type == "cuda" else None
+    loss_fn, mixup_fn = _loss_and_mixup(args, num_classes)
+    amp_eval = args.amp if args.amp_eval is None else args.amp_eval
+
+    start_epoch, best = 0, 0.0
+    resume = str(out / "checkpoint-last.pth") if args.resume == "auto" else args.resume
+    if resume and Path(resume).is_file():
+        ckpt = resume_checkpoint(resume, model, optimizer, scaler, scheduler)
+        start_epoch, best = ckpt["epoch"] + 1, ckpt.get("best_acc1", 0.0)
+        print(f"resumed from {resume} at epoch {start_epoch}")
+    elif args.resume and args.resume != "auto":
+        raise FileNotFoundError(f"--resume checkpoint not found: {args.resume}")
+
+    if is_main():
+        print(f"model {args.model}: {sum(p.numel() for p in model.parameters()):,} parameters, "
+              f"T={args.T}, legacy SSA={args.legacy_ssa}")
+        print(f"data: {len(train)} train / {len(val)} val images, {num_classes} classes")
+        print(f"effective batch {eff_batch} = {args.batch_size} per process x {args.accum_iter} "
+              f"accumulation x {dist.world_size} processes; lr {args.lr:.3g}; "
+              f"eval batch {args.val_batch_size or args.batch_size}; {num_epochs} epochs")
+        (out / "args.yaml").write_text(yaml.safe_dump(vars(args), sort_keys=True))
+    net = torch.compile(model) if args.compile else model
+    if dist.distributed:
+        net = torch.nn.parallel.DistributedDataParallel(
+            net, device_ids=[dist.device.index] if dist.device.type == "cuda" else None)
+    if args.eval_only:
+        stats = evaluate(net, val_loader, dist.device, amp_eval, args.progress)
+        if is_main():
+            print(json.dumps(stats))
+        return stats
+
+    log = _Logger(out, is_main())
+    last = out / "checkpoint-last.pth"
+    stats = {}
+    for epoch in range(start_epoch, num_epochs):
+        generator.manual_seed(args.seed * 100_003 + epoch)  # data order and worker seeds
+        if isinstance(train_loader.sampler, DistributedSampler):
+            train_loader.sampler.set_epoch(epoch)
+        if mixup_fn is not None and args.mixup_off_epoch is not None:
+            mixup_fn.mixup_enabled = epoch < args.mixup_off_epoch  # targets stay smoothed
+        t0 = time.perf_counter()
+        try:
+            tr = train_one_epoch(net, train_loader, optimizer, loss_fn, dist.device, epoch,
+                                 scheduler=scheduler, scaler=scaler, amp=args.amp,
+                                 accum_iter=args.accum_iter, mixup_fn=mixup_fn,
+                                 max_iters=n_iters, clip_grad=args.clip_grad,
+                                 progress=args.progress)
+        except NonFiniteLossError as e:
+            kept = f"; the last good checkpoint is kept at {last}" if last.exists() else ""
+            raise SystemExit(f"error: {e}: stopping{kept}") from None
+        scheduler.step(epoch + 1)
+        ev = evaluate(net, val_loader, dist.device, amp_eval, args.progress)
+        best = max(best, ev["acc1"])
+        stats = {"epoch": epoch, **tr, **{f"test_{k}": v for k, v in ev.items()},
+                 "best_acc1": best, "epoch_time_s": time.perf_counter() - t0}
+        log(stats)
+        if is_main():
+            print(f"epoch {epoch}: loss {tr['train_loss']:.4f} lr {tr['lr']:.3g} | "
+                  f"acc1 {ev['acc1']:.2f} acc5 {ev['acc5']:.2f} (best {best:.2f}) "
+                  f"{stats['epoch_time_s']:.1f}s")
+        save_checkpoint(last, net, optimizer, epoch, args, scaler, scheduler, best_acc1=best)
+        if ev["acc1"] >= best and is_main():
+            save_checkpoint(out / "checkpoint-best.pth", net, optimizer, epoch, args, scaler,
+                            scheduler, best_acc1=best)
+    return stats
