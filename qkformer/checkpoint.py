@@ -135,16 +135,17 @@ def match_variant(state_dict: Mapping[str, torch.Tensor]) -> Optional[str]:
     from .variants import VARIANTS
 
     shapes = _shapes(state_dict)
+    head_only = None
     for name in VARIANTS:
         ref = _variant_shapes(name)
         if ref.keys() != shapes.keys():
             continue
-        diff = [k for k in ref if ref[k] != shapes[k]]
+        diff = {k for k in ref if ref[k] != shapes[k]}
         if not diff:
-            return name
-        if set(diff) <= {"head.weight", "head.bias"} and "head.bias" in shapes:
-            return f"{name} (num_classes={shapes['head.bias'][0]})"
-    return None
+            return name  # an exact fit wins over a fit with another head size
+        if head_only is None and diff <= {"head.weight", "head.bias"} and "head.bias" in shapes:
+            head_only = f"{name} (num_classes={shapes['head.bias'][0]})"
+    return head_only
 
 
 def _mismatch_report(model_sd: Mapping, ckpt_sd: Mapping, limit: int = 10) -> str:

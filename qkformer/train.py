@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import sys
 import time
 from pathlib import Path
 from typing import Optional, Sequence
 
+import numpy as np
 import torch
 import yaml
 from timm.data import Mixup
@@ -47,6 +49,7 @@ def build_parser(description: str = "Train QKFormer") -> argparse.ArgumentParser
     a("--aa", default="rand-m9-mstd0.5-inc1", help="timm RandAugment string ('' disables)")
     a("--reprob", type=float, default=0.25, help="random erasing probability")
     a("--remode", default="pixel")
+    a("--hflip", type=float, default=0.5, help="horizontal flip probability (CIFAR-style data)")
     a("--recount", type=int, default=1)
     # model
     a("--model", default="qkformer_10_384")
@@ -125,7 +128,8 @@ def build_datasets(args):
                                         classes=train.classes)
     elif args.dataset in ("cifar10", "cifar100"):
         train = images.build_cifar(args.dataset, args.data_dir, "train", images.cifar_transforms(
-            args.input_size, True, aa=args.aa or None, reprob=args.reprob, remode=args.remode),
+            args.input_size, True, aa=args.aa or None, reprob=args.reprob, remode=args.remode,
+            hflip=args.hflip),
             download=args.download)
         val = images.build_cifar(args.dataset, args.data_dir, "val",
                                  images.cifar_transforms(args.input_size, False),
@@ -208,7 +212,10 @@ def main(argv: Optional[Sequence[str]] = None, default_config: Optional[str] = N
 
 def _run(args) -> dict:
     dist = init_distributed(args.device)
-    torch.manual_seed(args.seed + dist.rank)
+    seed = args.seed + dist.rank
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     train, val = build_datasets(args)

@@ -324,6 +324,10 @@ class DVSFrames(torch.utils.data.Dataset):
     def targets(self):
         return [self.base.targets[i] for i in self.indices]
 
+    @property
+    def classes(self):
+        return self.base.classes  # of the whole dataset, also for a split that misses a class
+
     def path(self, i):
         return self.base.samples[self.indices[i]][0]
 

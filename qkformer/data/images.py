@@ -54,7 +54,7 @@ def imagenet_transforms(input_size: int = 224, is_training: bool = False,
 def cifar_transforms(img_size: int = 32, is_training: bool = False,
                      mean: Sequence[float] = CIFAR_MEAN, std: Sequence[float] = CIFAR_STD,
                      aa: Optional[str] = "rand-m9-n1-mstd0.4-inc1", reprob: float = 0.25,
-                     remode: str = "const"):
+                     remode: str = "const", hflip: float = 0.5):
     """The CIFAR-10/100 transforms (SPEC §6.2).
 
     Train: RandomResizedCrop with scale (1, 1) and ratio (1, 1) (an identity on 32x32 inputs, kept
@@ -66,7 +66,7 @@ def cifar_transforms(img_size: int = 32, is_training: bool = False,
     mean, std = tuple(mean), tuple(std)
     if is_training:
         return create_transform(
-            img_size, is_training=True, scale=(1.0, 1.0), ratio=(1.0, 1.0), hflip=0.5, vflip=0.0,
+            img_size, is_training=True, scale=(1.0, 1.0), ratio=(1.0, 1.0), hflip=hflip, vflip=0.0,
             color_jitter=None, auto_augment=aa, interpolation="bicubic", re_prob=reprob,
             re_mode=remode, re_count=1, mean=mean, std=std)
     return create_transform(img_size, is_training=False, interpolation="bicubic", crop_pct=1.0,
