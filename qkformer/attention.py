@@ -12,16 +12,17 @@ from torch import nn
 from .functional import per_frame
 from .neuron import MultiStepLIF
 
-__all__ = ["QKTokenAttention", "QKChannelAttention", "SpikingSelfAttention", "ATTENTION_TYPES"]
+__all__ = ["QKAttentionBase", "QKTokenAttention", "QKChannelAttention", "SpikingSelfAttention",
+           "ATTENTION_TYPES", "conv_bn", "spiking_projection"]
 
 
-def _conv_bn(owner: nn.Module, name: str, x: torch.Tensor) -> torch.Tensor:
+def conv_bn(owner: nn.Module, name: str, x: torch.Tensor) -> torch.Tensor:
     """``<name>_bn(<name>_conv(x))`` on ``[T, B, C, N]``."""
     return per_frame(x, getattr(owner, f"{name}_conv"), getattr(owner, f"{name}_bn"))
 
 
-def _spiking_proj(owner: nn.Module, name: str, x: torch.Tensor) -> torch.Tensor:
-    return getattr(owner, f"{name}_lif")(_conv_bn(owner, name, x))
+def spiking_projection(owner: nn.Module, name: str, x: torch.Tensor) -> torch.Tensor:
+    return getattr(owner, f"{name}_lif")(conv_bn(owner, name, x))
 
 
 def _add_branch(owner: nn.Module, name: str, dim: int, bias: bool, v_threshold: float = 1.0):
@@ -30,7 +31,7 @@ def _add_branch(owner: nn.Module, name: str, dim: int, bias: bool, v_threshold: 
     owner.add_module(f"{name}_lif", MultiStepLIF(v_threshold=v_threshold))
 
 
-class _QKAttention(nn.Module):
+class QKAttentionBase(nn.Module):
     """Shared body of QKTA and QKCA: spiking Q and K, a binary mask from Q, mask K, project.
 
     Cost is O(N*C) in time and memory: there is no N x N or d x d product, only a sum and a mask.
@@ -59,19 +60,19 @@ class _QKAttention(nn.Module):
         T, B, C, H, W = x.shape
         x = x.flatten(3)
         heads = (T, B, self.num_heads, C // self.num_heads, H * W)
-        q = _spiking_proj(self, "q", x).reshape(heads)
-        k = _spiking_proj(self, "k", x).reshape(heads)
+        q = spiking_projection(self, "q", x).reshape(heads)
+        k = spiking_projection(self, "k", x).reshape(heads)
         x = (self.attention_mask(q) * k).reshape(T, B, C, H * W)
-        return _spiking_proj(self, "proj", x).reshape(T, B, C, H, W)
+        return spiking_projection(self, "proj", x).reshape(T, B, C, H, W)
 
 
-class QKTokenAttention(_QKAttention):
+class QKTokenAttention(QKAttentionBase):
     """QKTA: per head, sum Q over its d channels -> token vector A in {0,1}^N; output A ⊙ K."""
 
     sum_dim = 3
 
 
-class QKChannelAttention(_QKAttention):
+class QKChannelAttention(QKAttentionBase):
     """QKCA (paper eq. for the channel form; absent from the original code).
 
     Our reading of the paper: per head, sum Q over the N tokens -> channel vector A in {0,1}^d,
@@ -94,12 +95,16 @@ class SpikingSelfAttention(nn.Module):
 
     scale = 0.125  # constant for every head width (SPEC Q3)
 
-    def __init__(self, dim: int, num_heads: int, legacy_proj_lif: bool = True):
+    def __init__(self, dim: int, num_heads: int, legacy_proj_lif: bool = True,
+                 kv_first: bool = True):
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
         self.dim, self.num_heads = dim, num_heads
         self.legacy_proj_lif = legacy_proj_lif
+        # q·(kᵀ·v) (the original's order: a d x d intermediate, linear in N) or (q·kᵀ)·v (the
+        # N x N token-token matrix, equal in value; kept to measure the quadratic cost, Fig. 3b)
+        self.kv_first = kv_first
         _add_branch(self, "q", dim, bias=False)
         _add_branch(self, "k", dim, bias=False)
         _add_branch(self, "v", dim, bias=False)
@@ -114,12 +119,13 @@ class SpikingSelfAttention(nn.Module):
         def to_heads(t):  # [T, B, C, N] -> [T, B, h, N, d]
             return t.transpose(2, 3).reshape(T, B, N, h, C // h).permute(0, 1, 3, 2, 4)
 
-        q = to_heads(_spiking_proj(self, "q", x))
-        k = to_heads(_spiking_proj(self, "k", x))
-        v = to_heads(_spiking_proj(self, "v", x))
-        x = (q @ (k.transpose(-2, -1) @ v)) * self.scale  # d x d first: linear in N
+        q = to_heads(spiking_projection(self, "q", x))
+        k = to_heads(spiking_projection(self, "k", x))
+        v = to_heads(spiking_projection(self, "v", x))
+        kt = k.transpose(-2, -1)
+        x = (q @ (kt @ v) if self.kv_first else (q @ kt) @ v) * self.scale
         x = self.attn_lif(x.transpose(3, 4).reshape(T, B, C, N))
-        x = _conv_bn(self, "proj", x)
+        x = conv_bn(self, "proj", x)
         if self.legacy_proj_lif:
             x = self.proj_lif(x.reshape(T * B, C * N))
         else:

@@ -108,3 +108,12 @@ def test_qk_attention_memory_is_linear_in_tokens(cls):
 def test_ssa_input_checks():
     with pytest.raises(ValueError, match="divisible"):
         SpikingSelfAttention(10, 4)
+
+
+def test_ssa_product_orders_agree():
+    a = _randomise_bn(SpikingSelfAttention(16, 2))
+    b = SpikingSelfAttention(16, 2, kv_first=False).eval()
+    b.load_state_dict(a.state_dict())
+    x = _spikes(2, 2, 16, 4, 4, p=0.5)
+    with torch.no_grad():
+        assert torch.equal(a(x), b(x))  # integer-valued products: exact in both orders

@@ -1,0 +1,345 @@
+"""Analysis tools: firing rates, energy/SOPs, attention cost vs N, attention maps, time steps, curves."""
+import csv
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from torch import nn
+
+import qkformer  # noqa: F401  (timm registration)
+from qkformer.analysis import (attention_cost, attention_maps, curves, energy, firing, fit_slopes,
+                               timesteps)
+from qkformer.analysis._common import synthetic_batches
+from qkformer.attention import QKTokenAttention, SpikingSelfAttention
+from qkformer.data.synthetic_images import write_png_image_folder
+from qkformer.functional import encode_static, per_frame
+from qkformer.neuron import MultiStepLIF
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = dict(embed_dims=32, depths=(1, 1, 1), num_heads=2, num_classes=4, T=2, img_size=8)
+
+
+def _calibrate(model: nn.Module, x: torch.Tensor) -> nn.Module:
+    """Give BN the batch statistics of ``x`` and a bias of 1.5 so that about half the neurons fire
+    (an untrained model in eval mode is almost silent)."""
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    for bn in bns:
+        bn.momentum = None  # cumulative average: one batch sets the running statistics
+    model.train()
+    with torch.no_grad():
+        model(x)
+    for bn in bns:
+        nn.init.constant_(bn.bias, 1.5)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    model = timm.create_model("qkformer_cifar10", **TINY)
+    batches = synthetic_batches(model, batches=2, batch_size=3)
+    return _calibrate(model, batches[0]), batches
+
+
+class Toy(nn.Module):
+    """Encoding conv (analog input) -> LIF -> two convs, one on spikes and one on a spike *sum*.
+
+    With an all-ones image, the LIF input is 1.5 (channel 0) and 4.0 (channel 1) at every step.
+    Channel 0: H = 0.75, 1.125 (spike), 0.75 -> spikes 0,1,0; channel 1 fires every step. Over
+    T = 3 the firing rate is (1/3 + 1) / 2 = 2/3, and s + s has a mean count of 4/3.
+    """
+
+    def __init__(self, T=3):
+        super().__init__()
+        self.T = T
+        self.enc = nn.Conv2d(1, 2, 1, bias=False)
+        with torch.no_grad():
+            self.enc.weight.copy_(torch.tensor([1.5, 4.0]).view(2, 1, 1, 1))
+        self.lif = MultiStepLIF()
+        self.conv = nn.Conv2d(2, 4, 3, padding=1)
+        self.conv2 = nn.Conv2d(2, 3, 1)
+
+    def forward(self, x):
+        s = self.lif(per_frame(encode_static(x, self.T), self.enc))
+        return per_frame(s, self.conv).mean() + per_frame(s + s, self.conv2).mean()
+
+
+# ------------------------------------------------------------------------------------ firing
+def test_firing_rates_closed_form():
+    ones, zeros = torch.ones(2, 1, 4, 5), torch.zeros(2, 1, 4, 5)
+    (r,) = firing.firing_rates(Toy(), [ones])
+    assert (r.name, r.stage, r.threshold, r.neurons) == ("lif", 0, 1.0, 2 * 4 * 5)
+    assert r.rate == pytest.approx(2 / 3)
+    # Accumulated over batches (a silent batch of the same size halves the rate), and over a
+    # DataLoader-style (x, y) iterable.
+    (r,) = firing.firing_rates(Toy(), [(ones, None), (zeros, None)])
+    assert r.rate == pytest.approx(1 / 3)
+
+
+def test_firing_rates_every_neuron(tiny, tmp_path):
+    model, batches = tiny
+    rates = firing.firing_rates(model, batches)
+    lifs = {n: m for n, m in model.named_modules() if isinstance(m, MultiStepLIF)}
+    assert [r.name for r in rates] == list(lifs)
+    by_name = {r.name: r for r in rates}
+    assert by_name["stage1.0.tssa.attn_lif"].threshold == 0.5
+    assert by_name["stage1.0.tssa.attn_lif"].neurons == 2 * 8 * 8  # heads x tokens
+    assert by_name["stage3.0.ssa.proj_lif"].neurons == 32 * 2 * 2  # legacy [T*B, C*N] layout
+    assert {r.stage for r in rates} == {1, 2, 3}
+    assert all(0 <= r.rate <= 1 for r in rates) and 0.2 < sum(r.rate for r in rates) / len(rates) < 0.8
+    # Independent check of one layer: mean of its output over both batches.
+    outs = []
+    h = model.stage2[0].mlp.mlp1_lif.register_forward_hook(lambda m, a, o: outs.append(o))
+    with torch.no_grad():
+        for x in batches:
+            model(x)
+    h.remove()
+    assert by_name["stage2.0.mlp.mlp1_lif"].rate == pytest.approx(float(torch.cat(outs).mean()))
+    paths = firing.save_firing_rates(rates, tmp_path)
+    assert len(json.loads(paths["json"].read_text())) == len(rates)
+    rows = list(csv.DictReader(paths["csv"].open()))
+    assert rows[0].keys() == {"name", "stage", "threshold", "rate", "neurons"}
+    assert paths["png"].stat().st_size > 0
+
+
+# ------------------------------------------------------------------------------------ energy
+def test_energy_closed_form():
+    H, W, T = 4, 5, 3
+    rep = energy.measure_energy(Toy(T), [torch.ones(2, 1, H, W)])
+    layers = {l.name: l for l in rep.layers}
+    enc, conv, conv2 = layers["enc"], layers["conv"], layers["conv2"]
+    # FLOPs per image and time step, from the shapes.
+    assert (enc.flops, conv.flops, conv2.flops) == (2 * H * W, 4 * H * W * 2 * 9, 3 * H * W * 2)
+    assert (enc.op, conv.op, conv2.op) == ("MAC", "AC", "AC")
+    assert conv.spike_driven and not conv2.spike_driven  # s + s is a count (like SPEC Q9)
+    assert conv.input_rate == pytest.approx(2 / 3) and conv2.input_rate == pytest.approx(4 / 3)
+    sops = 2 / 3 * 1440 * T + 4 / 3 * 120 * T  # T enters exactly once
+    assert rep.mac_ops == 40  # the static image is encoded once
+    assert rep.sops == pytest.approx(sops)
+    assert rep.sops_non_binary == pytest.approx(4 / 3 * 120 * T)
+    assert rep.total_mj == pytest.approx((4.6 * 40 + 0.9 * sops) * 1e-9)  # pJ -> mJ
+    assert rep.summary()["non_binary_layers"] == ["conv2"]
+    # Constants are parameters; counting the encoding conv at every step is an option.
+    rep = energy.measure_energy(Toy(T), [torch.ones(2, 1, H, W)], e_mac_pj=1.0, e_ac_pj=2.0,
+                                encode_once=False)
+    assert rep.mac_ops == 40 * T
+    assert rep.total_mj == pytest.approx((1.0 * 40 * T + 2.0 * sops) * 1e-9)
+
+
+def test_energy_qkformer(tiny, tmp_path):
+    model, batches = tiny
+    spikes = {}
+
+    def grab(name):
+        def hook(m, a, out):
+            spikes[name] = spikes.get(name, 0.0) + float(out.sum())
+        return hook
+
+    watched = {"stage1.0.tssa.q_lif": model.stage1[0].tssa.q_lif,
+               "stage1.0.tssa.attn_lif": model.stage1[0].tssa.attn_lif,
+               "stage3.0.ssa.q_lif": model.stage3[0].ssa.q_lif,
+               "stage3.0.ssa.k_lif": model.stage3[0].ssa.k_lif}
+    handles = [m.register_forward_hook(grab(n)) for n, m in watched.items()]
+    try:
+        rep = energy.measure_energy(model, batches)
+    finally:
+        for h in handles:
+            h.remove()
+    images = sum(len(x) for x in batches)
+    layers = {l.name: l for l in rep.layers}
+    assert rep.images == images and rep.T == 2
+    assert [l.name for l in rep.layers if l.op == "MAC"] == ["patch_embed1.proj_conv"]
+    assert layers["patch_embed1.proj_conv"].steps == 1
+    assert layers["head"].steps == 1 and layers["stage1.0.mlp.mlp2_conv"].steps == 2
+    # Q9: convs reading the residual stream see counts; convs after a LIF see spikes.
+    for name in ("patch_embed2.proj3_conv", "patch_embed2.proj_res_conv", "stage2.0.tssa.q_conv",
+                 "stage3.0.ssa.v_conv", "stage3.0.mlp.mlp1_conv", "head"):
+        assert not layers[name].spike_driven, name
+    for name in ("patch_embed1.proj1_conv", "patch_embed1.proj_res_conv", "patch_embed2.proj4_conv",
+                 "stage1.0.tssa.proj_conv", "stage3.0.ssa.proj_conv", "stage2.0.mlp.mlp2_conv"):
+        assert layers[name].spike_driven, name
+    # Attention ops in closed form: one accumulate per q spike (sum), d per open gate (mask),
+    # d per k spike (k^T v) and d per q spike (q kv). Widths 8/16/32 with 2 heads: d = 4 and 16.
+    d1, d3 = 8 // 2, 32 // 2
+    assert layers["stage1.0.tssa.qk_sum"].ops == pytest.approx(spikes["stage1.0.tssa.q_lif"] / images)
+    assert layers["stage1.0.tssa.qk_mask"].ops == pytest.approx(
+        spikes["stage1.0.tssa.attn_lif"] * d1 / images)
+    assert layers["stage3.0.ssa.qkv_matmul"].ops == pytest.approx(
+        spikes["stage3.0.ssa.q_lif"] * d3 / images)
+    assert layers["stage3.0.ssa.kv_matmul"].ops == pytest.approx(
+        spikes["stage3.0.ssa.k_lif"] * d3 / images)
+    assert layers["stage3.0.ssa.kv_matmul"].flops == 4 * 32 * d3  # N * C * d, N = 2x2 tokens
+    # Totals are the sums of the table.
+    ac = sum(l.ops for l in rep.layers if l.op == "AC")
+    assert rep.total_mj == pytest.approx((4.6 * rep.mac_ops + 0.9 * ac) * 1e-9)
+    assert 0 < rep.energy_mj_non_binary < rep.total_mj
+    paths = energy.save_energy(rep, tmp_path)
+    saved = json.loads(paths["json"].read_text())
+    assert saved["summary"]["total_mj"] == pytest.approx(rep.total_mj)
+    assert len(list(csv.DictReader(paths["csv"].open()))) == len(rep.layers)
+    assert "G SOP" in rep.table()
+
+
+# ---------------------------------------------------------------------------- attention cost
+def _benchmark_module():
+    spec = importlib.util.spec_from_file_location("bench_attention_cost",
+                                                  REPO / "benchmarks" / "attention_cost.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_attention_cost_slopes(tmp_path):
+    bench = _benchmark_module()
+    # The N x N form agrees with the package's SSA (same weights): only the product order differs.
+    torch.manual_seed(0)
+    ssa = SpikingSelfAttention(8, 2)
+    qk_first = bench.SSAQKFirst(8, 2)
+    qk_first.load_state_dict(ssa.state_dict())
+    x = (torch.rand(2, 1, 8, 4, 4) < 0.5).float()
+    assert torch.equal(ssa.eval()(x), qk_first.eval()(x))
+
+    modules = {**attention_cost.DEFAULT_MODULES, "qk_first": bench.SSAQKFirst}
+    points = attention_cost.measure_attention_cost(modules, ns=(256, 512, 1024, 2048), dim=8,
+                                                   heads=2, T=2, repeats=0)  # memory only
+    assert {p.method for p in points} == {"saved_tensors+output"}
+    slopes = fit_slopes(points)
+    for name in ("QKTA", "QKCA", "SSA"):
+        assert slopes[name] == pytest.approx(1.0, abs=0.05), slopes
+    assert 1.8 < slopes["qk_first"] < 2.05, slopes
+    paths = attention_cost.save_attention_cost(points, tmp_path)
+    assert len(list(csv.DictReader(paths["csv"].open()))) == 16
+    assert paths["png"].stat().st_size > 0
+
+
+def test_attention_cost_skips_large_n():
+    points = attention_cost.measure_attention_cost({"QKTA": QKTokenAttention}, ns=(16, 64), dim=4,
+                                                   heads=2, T=1, repeats=1, max_n={"QKTA": 16})
+    assert [p.N for p in points] == [16]
+
+
+# ---------------------------------------------------------------------------- attention maps
+def test_attention_maps(tiny, tmp_path):
+    model, batches = tiny
+    x = batches[0][:2]
+    qs = {}
+    hooks = [model.get_submodule(f"stage{i}.0.tssa.q_lif").register_forward_hook(
+        lambda m, a, o, i=i: qs.__setitem__(i, o)) for i in (1, 2)]
+    maps = attention_maps.token_attention_maps(model, x)
+    for h in hooks:
+        h.remove()
+    assert list(maps) == ["stage1.0.tssa", "stage2.0.tssa"]
+    assert maps["stage1.0.tssa"].shape == (2, 8, 8) and maps["stage2.0.tssa"].shape == (2, 4, 4)
+    # At V_th = 0.5 the mask neuron fires iff a head's q count is >= 1 (SPEC §1.4).
+    for i, key in ((1, "stage1.0.tssa"), (2, "stage2.0.tssa")):
+        q = qs[i]  # [T, B, C, N]
+        T, B, C, N = q.shape
+        expect = (q.reshape(T, B, 2, C // 2, N).sum(3) >= 1).float().mean((0, 2))
+        assert torch.equal(maps[key].flatten(1), expect)
+    with pytest.raises(ValueError, match="no QKTokenAttention"):
+        attention_maps.token_attention_maps(model, x, stages=(3,))
+    path = attention_maps.render_attention_maps(attention_maps.display_image(x[0]),
+                                                {k: v[0] for k, v in maps.items()},
+                                                tmp_path / "maps.png")
+    assert path.stat().st_size > 0
+
+
+def test_attention_maps_cli_image(tmp_path, capsys):
+    root = write_png_image_folder(tmp_path / "imgs", classes=1, per_class_train=1, per_class_val=1,
+                                  size=(10, 12))
+    image = next((root / "val").rglob("*.png"))
+    out = tmp_path / "maps.png"
+    attention_maps.main(["--model", "qkformer_cifar10", "--model-kwargs", json.dumps(TINY),
+                         "--image", str(image), "--out", str(out)])
+    assert out.stat().st_size > 0 and "stage2.0.tssa" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------------- time steps
+def test_timesteps(tiny, tmp_path, capsys):
+    model, _ = tiny
+    root = write_png_image_folder(tmp_path / "data", classes=4, per_class_train=1, per_class_val=2,
+                                  size=(8, 8))
+    ckpt = tmp_path / "tiny.pth"
+    torch.save({"model": model.state_dict()}, ckpt)
+    out = tmp_path / "ts"
+    timesteps.main(["--model", "qkformer_cifar10", "--model-kwargs", json.dumps(TINY),
+                    "--checkpoint", str(ckpt), "--data-dir", str(root), "--batch-size", "5",
+                    "--ts", "1", "2", "3", "--out", str(out)])
+    results = json.loads((out / "timesteps.json").read_text())
+    assert [r["T"] for r in results] == [1, 2, 3]
+    assert all(r["images"] == 8 and 0 <= r["acc1"] <= r["acc5"] <= 100 for r in results)
+    assert all(r["energy_mj"] > 0 for r in results) and (out / "timesteps.png").stat().st_size > 0
+    assert "T=3" in capsys.readouterr().out
+    # The API restores model.T; event models are refused.
+    res = timesteps.evaluate_timesteps(model, [torch.randn(2, 3, 8, 8)], ts=(1, 4))
+    assert model.T == 2 and res[0].acc1 is None and res[1].T == 4
+    dvs = timm.create_model("qkformer_cifar10_dvs", embed_dims=32, num_classes=4, img_size=16)
+    with pytest.raises(ValueError, match="event"):
+        timesteps.evaluate_timesteps(dvs, [])
+
+
+# ----------------------------------------------------------------------------------- curves
+def test_reference_curves_package_data():
+    from importlib import resources
+
+    assert resources.files("qkformer.analysis").joinpath("reference_curves.json").is_file()
+    names = curves.reference_names()
+    assert {"imagenet_10_384", "imagenet_10_512", "imagenet_10_768", "cifar10", "cifar100",
+            "cifar10_dvs"} <= set(names)
+    assert curves.load_reference("cifar10")["best"] == {"epoch": 395, "acc1": 96.21}
+    assert curves.load_reference("CIFAR10-DVS")["best"]["acc1"] == 84.1
+    assert curves.load_reference("qkformer_10_768")["final"]["acc1"] == 84.266
+    assert curves.load_reference("imagenet_10_512")["train_loss"][-1] == [199, 2.114]
+    for name in names:  # milestones sorted, final = last milestone
+        ref = curves.load_reference(name)
+        epochs = [e for e, _ in ref["test_acc1"]]
+        assert epochs == sorted(epochs) and ref["test_acc1"][-1] == [ref["final"]["epoch"],
+                                                                    ref["final"]["acc1"]]
+    with pytest.raises(KeyError, match="known"):
+        curves.load_reference("mnist")
+
+
+def test_curves_cli(tmp_path, capsys):
+    log = tmp_path / "log.jsonl"
+    log.write_text("\n".join(json.dumps({"epoch": e, "test_acc1": 30.0 + e, "train_loss": 2 - e / 20})
+                             for e in range(21)) + "\n\n")
+    out = tmp_path / "curves.png"
+    curves.main(["--log", str(log), "--dataset", "cifar10", "--out", str(out)])
+    assert out.stat().st_size > 0
+    text = capsys.readouterr().out
+    assert "epoch   20  reference  80.670  run  50.000  delta -30.670" in text
+    rows = curves.compare_to_reference(curves.read_log(log), curves.load_reference("cifar10"))
+    assert [r["epoch"] for r in rows] == [0, 1, 10, 20]
+    log.write_text('{"epoch": 0, "test_acc1": 1}\nnot json\n')
+    with pytest.raises(ValueError, match="log.jsonl:2"):
+        curves.read_log(log)
+
+
+# ------------------------------------------------------------------------------------- CLIs
+def test_firing_and_energy_cli(tmp_path, capsys):
+    common = ["--model", "qkformer_cifar10", "--model-kwargs", json.dumps(TINY), "--synthetic",
+              "--batches", "1", "--batch-size", "2"]
+    firing.main(common + ["--out", str(tmp_path / "f")])
+    energy.main(common + ["--out", str(tmp_path / "e")])
+    for f in ("f/firing_rates.json", "f/firing_rates.csv", "f/firing_rates.png", "e/energy.json",
+              "e/energy.csv"):
+        assert (tmp_path / f).stat().st_size > 0, f
+    assert "mJ/image" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("tool", [firing, energy, attention_cost, attention_maps, timesteps, curves])
+def test_cli_help(tool, capsys):
+    with pytest.raises(SystemExit) as e:
+        tool.main(["--help"])
+    assert e.value.code == 0 and "usage: python -m qkformer.analysis." in capsys.readouterr().out
+
+
+def test_module_entry_point():
+    r = subprocess.run([sys.executable, "-m", "qkformer.analysis.curves", "--help"],
+                       capture_output=True, text=True, cwd=REPO)
+    assert r.returncode == 0 and "--dataset" in r.stdout
