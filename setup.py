@@ -9,7 +9,6 @@ setup(
                 "reference PyTorch implementation",
     long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
-    license="MIT",
     python_requires=">=3.10",
     packages=find_packages(include=["qkformer", "qkformer.*"]),
     package_data={"qkformer": ["cuda/*.cu", "analysis/*.json"]},

@@ -49,7 +49,7 @@ def _cfg(num_classes=1000, size=224, crop_pct=0.875, mean=IMAGENET_DEFAULT_MEAN,
     return dict(url="", num_classes=num_classes, input_size=(in_chans, size, size),
                 crop_pct=crop_pct, interpolation="bicubic", mean=mean, std=std,
                 first_conv="patch_embed1.proj_conv", classifier="head", notes=(_RELEASE_NOTE,),
-                license="mit", **kwargs)
+                **kwargs)
 
 
 default_cfgs = generate_default_cfgs({
