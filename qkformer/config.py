@@ -6,12 +6,13 @@ Keys must be option names (``batch_size``, ``lr``, ...): an unknown key is an er
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence, TypeVar
 
 import yaml
 
-__all__ = ["ConfigError", "parse_with_config"]
+__all__ = ["ConfigError", "parse_with_config", "run_cli"]
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -56,3 +57,22 @@ def parse_with_config(parser: argparse.ArgumentParser, argv: Optional[Sequence[s
                               f"option names of --help, e.g. {sorted(actions)[:8]}")
         parser.set_defaults(**{k: _coerce(actions[k], v) for k, v in data.items()})
     return parser.parse_args(rest)
+
+
+R = TypeVar("R")
+
+
+def run_cli(body: Callable[[], R], from_command_line: bool) -> R:
+    """Run a script body: user errors (bad config, missing data, wrong checkpoint) end a command
+    line run with a one-line message instead of a traceback; called from Python they propagate.
+    The process group, if any, is always torn down."""
+    from .distributed import cleanup
+
+    try:
+        return body()
+    except (ConfigError, FileNotFoundError, ValueError) as e:
+        if from_command_line:
+            sys.exit(f"error: {e}")
+        raise
+    finally:
+        cleanup()

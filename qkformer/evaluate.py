@@ -12,15 +12,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from typing import Optional, Sequence
 
-import torch
 from torch.utils.data import DataLoader
 
 from . import variants  # noqa: F401  (timm registration)
 from .checkpoint import extract_state_dict, load_checkpoint, match_variant, read_checkpoint
-from .distributed import ShardSampler, cleanup, init_distributed, is_main
+from .config import run_cli
+from .distributed import ShardSampler, init_distributed, is_main
 from .engine import evaluate
 
 __all__ = ["build_parser", "main"]
@@ -77,14 +76,7 @@ def _model_from_checkpoint(args, ckpt, num_classes: int):
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     args = build_parser().parse_args(argv)
-    try:
-        return _run(args)
-    except (FileNotFoundError, ValueError) as e:
-        if argv is None:
-            sys.exit(f"error: {e}")
-        raise
-    finally:
-        cleanup()
+    return run_cli(lambda: _run(args), from_command_line=argv is None)
 
 
 def _run(args) -> dict:

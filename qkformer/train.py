@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import sys
 import time
 from pathlib import Path
 from typing import Optional, Sequence
@@ -27,8 +26,8 @@ from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 
 from . import variants  # noqa: F401  (timm registration)
 from .checkpoint import load_checkpoint
-from .config import ConfigError, parse_with_config
-from .distributed import ShardSampler, cleanup, init_distributed, is_main
+from .config import ConfigError, parse_with_config, run_cli
+from .distributed import ShardSampler, init_distributed, is_main
 from .engine import NonFiniteLossError, evaluate, resume_checkpoint, save_checkpoint, train_one_epoch
 
 __all__ = ["build_parser", "main", "build_model", "build_datasets"]
@@ -199,15 +198,8 @@ class _Logger:
 
 def main(argv: Optional[Sequence[str]] = None, default_config: Optional[str] = None,
          description: str = "Train QKFormer") -> dict:
-    try:
-        args = parse_with_config(build_parser(description), argv, default_config)
-        return _run(args)
-    except (ConfigError, FileNotFoundError, ValueError) as e:
-        if __name__ == "__main__" or argv is None:
-            sys.exit(f"error: {e}")
-        raise
-    finally:
-        cleanup()
+    return run_cli(lambda: _run(parse_with_config(build_parser(description), argv, default_config)),
+                   from_command_line=argv is None)
 
 
 def _run(args) -> dict:

@@ -146,3 +146,15 @@ def write_csv(path, rows: Sequence[Mapping], fields: Optional[Sequence[str]] = N
         w.writeheader()
         w.writerows(rows)
     return path
+
+
+def save_figure(fig, path) -> Path:
+    """Write a matplotlib figure as PNG (creating the folder) and release it."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

@@ -33,7 +33,7 @@ from torch import nn
 
 from qkformer.attention import QKChannelAttention, QKTokenAttention, SpikingSelfAttention
 
-from ._common import write_csv
+from ._common import save_figure, write_csv
 
 __all__ = ["DEFAULT_NS", "DEFAULT_MODULES", "CostPoint", "measure_module",
            "measure_attention_cost", "fit_slopes", "print_slopes", "plot_attention_cost",
@@ -177,12 +177,7 @@ def plot_attention_cost(points: List[CostPoint], path) -> Path:
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
     axes[0].set_title(f"memory ({points[0].method})" if points else "memory", fontsize=9)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def save_attention_cost(points: List[CostPoint], out_dir) -> Dict[str, Path]:

@@ -17,6 +17,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Dict, List
 
+from ._common import save_figure
+
 __all__ = ["REFERENCE_FILE", "reference_names", "load_reference", "read_log", "compare_to_reference",
            "plot_curves"]
 
@@ -104,12 +106,7 @@ def plot_curves(records: List[dict], reference: dict, path, label: str = "this r
         ax.legend(fontsize=8)
     for a in axes[0]:
         a.grid(alpha=0.3)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def main(argv=None):

@@ -22,7 +22,7 @@ from torch import nn
 from qkformer.neuron import MultiStepLIF
 
 from ._common import (add_data_args, add_model_args, batches_from_args, is_event_model, iter_inputs,
-                      max_batches, layer_stage, model_from_args, write_csv, write_json)
+                      max_batches, layer_stage, model_from_args, save_figure, write_csv, write_json)
 
 __all__ = ["LayerRate", "FiringRateMeter", "firing_rates", "plot_firing_rates", "save_firing_rates"]
 
@@ -118,12 +118,7 @@ def plot_firing_rates(rates: List[LayerRate], path) -> Path:
         ax.set_xlim(0, max(1e-3, max(r.rate for r in rates)) * 1.1)
         ax.set_title(f"stage {s}" if s else "other", fontsize=9)
     axes[-1, 0].set_xlabel("firing rate (orange: V_th != 1, the attention neurons)")
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def save_firing_rates(rates: List[LayerRate], out_dir) -> Dict[str, Path]:

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from ._common import (add_data_args, add_model_args, batches_from_args, is_event_model, iter_inputs,
-                      max_batches, model_from_args, write_json)
+                      max_batches, model_from_args, save_figure, write_json)
 from .energy import E_AC_PJ, E_MAC_PJ, EnergyMeter
 
 __all__ = ["TimestepResult", "evaluate_timesteps", "plot_timesteps", "save_timesteps"]
@@ -89,12 +89,7 @@ def plot_timesteps(results: List[TimestepResult], path) -> Path:
     for a in (a1, a2):
         a.set_xticks(ts)
         a.grid(alpha=0.3)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def save_timesteps(results: List[TimestepResult], out_dir) -> Dict[str, Path]:
