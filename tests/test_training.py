@@ -234,3 +234,26 @@ def _initial():
     from ddp_worker import make_model
 
     return {k: v.detach().clone() for k, v in make_model().named_parameters()}
+
+
+@pytest.mark.slow
+def test_torchrun_imagenet_scripts(pngs, tmp_path):
+    """imagenet/train.py and imagenet/test.py themselves under torchrun (2 processes, gloo)."""
+    out = tmp_path / "ddp"
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+              "--master_port=29534"]
+    r = subprocess.run([*launch, str(REPO / "imagenet" / "train.py"), "--data-dir", str(pngs),
+                        "--output-dir", str(out), "--input-size", "32", "--batch-size", "2",
+                        "--accum-iter", "1", "--epochs", "1", "--warmup-epochs", "0", "--max-iters", "2",
+                        *TINY],
+                       cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "effective batch 4 = 2 per process x 1 accumulation x 2 processes" in r.stdout
+    log = json.loads((out / "log.jsonl").read_text())
+    assert log["train_images"] == 8 and log["test_images"] == 9  # 9 val images, none twice
+    r = subprocess.run([*launch, str(REPO / "imagenet" / "test.py"), "--checkpoint",
+                        str(out / "checkpoint-last.pth"), "--data-dir", str(pngs), "--batch-size",
+                        "2", "--workers", "0", "--no-progress"],
+                       cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "eval batch size 2 per process x 2" in r.stdout and "on 9 images" in r.stdout
