@@ -20,6 +20,9 @@ backward pass; spikes and the surrogate derivative are recomputed from it.
 from __future__ import annotations
 
 import math
+import os
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -29,21 +32,57 @@ __all__ = ["MultiStepLIF", "lif_multistep", "LIFTorchFunction", "resolve_backend
 BACKENDS = ("auto", "torch", "cupy")
 
 
-# Elements per block of the CPU loop: the few temporaries of a block stay in the L2 cache while
+# The CPU loop walks the neurons in blocks: a block's few temporaries stay in the L2 cache while
 # the T steps run over it, so each element crosses the memory bus about once per pass instead of
-# once per elementwise op. On CUDA one block covers the whole tensor.
-CPU_BLOCK = 1 << 17
+# once per elementwise op. Blocks are below ATen's grain size (32768), so every op runs inline on
+# its calling thread, and blocks are shared out to one Python thread per intra-op thread (ATen
+# releases the GIL). This avoids an OpenMP fork/join per small op, which collapses when another
+# process (a DataLoader worker, say) holds a core. On CUDA one block covers the whole tensor.
+CPU_BLOCK = 1 << 15
+_pool: Optional[ThreadPoolExecutor] = None
 
 
-def _blocks(n: int, device: torch.device):
-    step = n if device.type != "cpu" else CPU_BLOCK
-    for a in range(0, n, max(step, 1)):
-        yield a, min(a + step, n)
+def _forget_pool() -> None:  # a forked child has none of the parent's threads
+    global _pool
+    _pool = None
+
+
+os.register_at_fork(after_in_child=_forget_pool)
+
+
+def _for_blocks(n: int, device: torch.device, body: Callable[[int, int, int], None]) -> None:
+    """Call ``body(a, b, worker)`` over the blocks [a, b) of ``range(n)``."""
+    global _pool
+    if device.type != "cpu":
+        body(0, n, 0)
+        return
+    blocks = [(a, min(a + CPU_BLOCK, n)) for a in range(0, n, CPU_BLOCK)]
+    workers = min(torch.get_num_threads(), len(blocks))
+    if workers <= 1:
+        for a, b in blocks:
+            body(a, b, 0)
+        return
+    if _pool is None or _pool._max_workers < workers:
+        _pool = ThreadPoolExecutor(workers, thread_name_prefix="qkformer-lif")
+
+    def run(w: int) -> None:
+        with torch.no_grad():  # grad mode is thread-local; out= ops must not record
+            for a, b in blocks[w::workers]:
+                body(a, b, w)
+
+    for f in [_pool.submit(run, w) for w in range(workers)]:
+        f.result()
+
+
+def _scratch(like: torch.Tensor, n: int, count: int, workers: int):
+    """``count`` buffers of one block per worker, allocated once per call."""
+    size = min(n, CPU_BLOCK) if like.device.type == "cpu" else n
+    return [[like.new_empty(size) for _ in range(count)] for _ in range(workers)]
 
 
 def lif_forward_torch(x: torch.Tensor, tau: float, v_threshold: float, save_h: bool = True):
-    """Forward over the leading time axis. Returns ``(spikes, h_seq)``; ``h_seq`` is the charged
-    potential before reset (None unless ``save_h``). The membrane after reset is
+    """Forward over the leading time axis. Returns ``(spikes, h_seq)``; ``h_seq`` ([T, N]) is the
+    charged potential before reset (None unless ``save_h``). The membrane after reset is
     ``h_seq * (1 - spikes)``.
 
     Each block runs the same per-neuron loop as the CUDA kernel (qkformer/cuda/lif_kernel.cu):
@@ -54,16 +93,15 @@ def lif_forward_torch(x: torch.Tensor, tau: float, v_threshold: float, save_h: b
     n = x2.shape[1]
     spikes = torch.empty_like(x2)
     h_seq = torch.empty_like(x2) if save_h else None
-    step = min(n, CPU_BLOCK) if x.device.type == "cpu" else n
-    v_buf = x2.new_empty(step)
-    h_buf = None if save_h else x2.new_empty(step)
+    scratch = _scratch(x2, n, 2, torch.get_num_threads())
     # v + (x - v) * (1/tau) equals v + (x - v) / tau bit for bit when 1/tau is a power of two
     # (tau = 2 everywhere in QKFormer); otherwise divide, as spikingjelly's torch backend does.
     exact_inverse = math.log2(tau).is_integer()
-    for a, b in _blocks(n, x.device):
-        v = v_buf[: b - a]
+
+    def block(a: int, b: int, w: int) -> None:
+        v, h_tmp = (buf[: b - a] for buf in scratch[w])
         for t in range(T):
-            h = h_seq[t, a:b] if save_h else h_buf[: b - a]
+            h = h_seq[t, a:b] if save_h else h_tmp
             if t == 0:  # V_0 = 0
                 torch.div(x2[t, a:b], tau, out=h)
             else:
@@ -75,6 +113,8 @@ def lif_forward_torch(x: torch.Tensor, tau: float, v_threshold: float, save_h: b
             s = spikes[t, a:b]
             torch.ge(h, v_threshold, out=s)
             torch.addcmul(h, h, s, value=-1.0, out=v)  # hard reset: V = H - H*S
+
+    _for_blocks(n, x.device, block)
     return spikes.view_as(x), h_seq
 
 
@@ -90,11 +130,11 @@ def lif_backward_torch(grad_spikes: torch.Tensor, h_seq: torch.Tensor, tau: floa
     g_s = grad_spikes.reshape(T, -1)
     n = h_seq.shape[1]
     grad_x = torch.empty_like(h_seq)
-    step = min(n, CPU_BLOCK) if h_seq.device.type == "cpu" else n
-    carry_buf, sg_buf, gh_buf = (h_seq.new_empty(step) for _ in range(3))
+    scratch = _scratch(h_seq, n, 3, torch.get_num_threads())
     decay = 1.0 - 1.0 / tau
-    for a, b in _blocks(n, h_seq.device):
-        carry, sg, g_h = carry_buf[: b - a], sg_buf[: b - a], gh_buf[: b - a]
+
+    def block(a: int, b: int, w: int) -> None:
+        carry, sg, g_h = (buf[: b - a] for buf in scratch[w])
         for t in range(T - 1, -1, -1):
             h = h_seq[t, a:b]
             torch.sub(h, v_threshold, out=sg)
@@ -109,6 +149,8 @@ def lif_backward_torch(grad_spikes: torch.Tensor, h_seq: torch.Tensor, tau: floa
                 g_h.add_(carry)
             torch.div(g_h, tau, out=grad_x[t, a:b])
             torch.mul(g_h, decay, out=carry)
+
+    _for_blocks(n, h_seq.device, block)
     return grad_x
 
 

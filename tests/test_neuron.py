@@ -117,3 +117,19 @@ def test_bad_arguments():
         lif_multistep(torch.randn(5))
     with pytest.raises(RuntimeError, match="CUDA tensor"):
         lif_multistep(torch.randn(2, 3), backend="cupy")
+
+
+def test_worker_threads_survive_fork(tmp_path):
+    import os
+
+    x = torch.randn(4, 200_000) + 0.7
+    expected = lif_multistep(x)  # starts the block pool in this process
+    pid = os.fork()
+    if pid == 0:  # the child has none of the pool's threads: it must make its own, not hang
+        try:
+            torch.save(lif_multistep(x), tmp_path / "child.pt")
+        finally:
+            os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    assert status == 0
+    assert torch.equal(torch.load(tmp_path / "child.pt"), expected)
