@@ -22,7 +22,8 @@ Peak memory is ``ru_maxrss`` minus the RSS before the first step (eval runs firs
 figure is the peak of the whole process; a train step holds more than an eval forward).
 
 The GEMM limit: this process counts the GEMM FLOPs (convolutions, matmuls, their backward) of one
-step with ``torch.utils.flop_counter.FlopCounterMode`` and times a large ``torch.mm`` per dtype;
+step with ``torch.utils.flop_counter.FlopCounterMode`` and times a large ``torch.mm`` and the same
+product as a 1x1 convolution per dtype, before and after the configurations (the best counts);
 each configuration's fraction is (FLOPs / step time) / peak of the dtype its GEMMs run in.
 
 A configuration whose step would take longer than ``--max-step-seconds`` at the estimated speed
@@ -60,6 +61,9 @@ if str(REPO) not in sys.path:
 CPU_CONFIGS = ("baseline", "fp32", "amp", "folded", "folded-compile", "compile")
 CUDA_CONFIGS = ("baseline", "fp32", "amp", "amp-bf16", "folded", "folded-compile", "compile")
 QUICK_CONFIGS = ("baseline", "fp32", "amp", "folded")  # compiling takes minutes on a cold cache
+# glibc malloc kept from returning freed memory to the OS (and from serving big tensors by mmap),
+# so a step's activations reuse pages instead of faulting fresh zeroed pages in every step.
+MALLOC_TUNABLES = "glibc.malloc.mmap_threshold=4294967296:glibc.malloc.trim_threshold=68719476736"
 TRAIN_PHASE = {"baseline", "fp32", "amp", "amp-bf16", "compile"}
 
 FULL_MODEL = dict(name="qkformer_cifar10", kwargs={}, img=32)
@@ -143,29 +147,38 @@ def _sync(device: str):
         torch.cuda.synchronize()
 
 
+def _best_rate(fn, flops: float, device: str, reps: int) -> float:
+    fn()
+    _sync(device)
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return flops / best / 1e9
+
+
 def gemm_peak(dtype: torch.dtype, device: str, max_n: int = 4096, min_time: float = 0.2) -> float:
-    """GFLOP/s of a large square ``torch.mm`` (n doubled until one product takes ``min_time``)."""
+    """GFLOP/s of a large GEMM: the faster of a square ``torch.mm`` (n doubled until one product
+    takes ``min_time``) and the same product as a 1x1 convolution (oneDNN on CPU, which has its
+    own bf16 path)."""
     n = 256
     while True:
         a = torch.randn(n, n, device=device).to(dtype)
         b = torch.randn(n, n, device=device).to(dtype)
-        torch.mm(a, b)
-        _sync(device)
-        t0 = time.perf_counter()
-        torch.mm(a, b)
-        _sync(device)
-        once = time.perf_counter() - t0
+        once = 2 * n ** 3 / _best_rate(lambda: torch.mm(a, b), 2 * n ** 3, device, 1) / 1e9
         if once >= min_time or n >= max_n:
             break
         n *= 2
     reps = max(2, min(10, int(1.0 / max(once, 1e-6))))
-    best = float("inf")
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        torch.mm(a, b)
-        _sync(device)
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n ** 3 / best / 1e9
+    rate = _best_rate(lambda: torch.mm(a, b), 2 * n ** 3, device, reps)
+    # [n/64 images, n channels, 8x8] x [n, n, 1, 1]: the same n^3 multiply-adds
+    img = torch.randn(max(n // 64, 1), n, 8, 8, device=device).to(dtype)
+    w = torch.randn(n, n, 1, 1, device=device).to(dtype)
+    conv_flops = 2 * img.shape[0] * 64 * n * n
+    rate_conv = _best_rate(lambda: torch.nn.functional.conv2d(img, w), conv_flops, device, reps)
+    return max(rate, rate_conv)
 
 
 def count_gemm_flops(args) -> dict:
@@ -309,8 +322,11 @@ def _spawn(args, config: str, batch: int, steps: int) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", config,
            "--batch", str(batch), "--steps", str(steps), "--threads", str(args.threads),
            "--device", args.device] + (["--quick"] if args.quick else [])
+    env = dict(os.environ)
+    if args.tune_malloc:
+        env["GLIBC_TUNABLES"] = MALLOC_TUNABLES
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env)
     wall = time.perf_counter() - t0
     result = None
     for line in proc.stdout.splitlines():
@@ -339,6 +355,12 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="tiny model, batch 2: a smoke test")
     p.add_argument("--max-step-seconds", type=float, default=45.0,
                    help="run a configuration at a smaller batch when its estimated step is longer")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="run every configuration (except compiled or scaled ones) this many times, "
+                        "alternating, and keep the fastest median: steadier on a shared machine")
+    p.add_argument("--tune-malloc", action="store_true",
+                   help="run every configuration (baseline included) with GLIBC_TUNABLES that keep "
+                        "freed memory in the heap: no page faults on fresh activations each step")
     p.add_argument("--json", default=None, help="also write the results here")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -363,7 +385,8 @@ def main(argv=None) -> int:
 
     model_name = "tiny cifar (quick)" if args.quick else "qkformer_cifar10 (HST-4-384, T=4)"
     print(f"{model_name}, batch {args.batch}, {args.threads} threads, device {args.device}, "
-          f"torch {torch.__version__}, 1 warm-up + {args.steps} measured steps", flush=True)
+          f"torch {torch.__version__}, 1 warm-up + {args.steps} measured steps, {args.rounds} "
+          f"round(s){', GLIBC_TUNABLES=' + MALLOC_TUNABLES if args.tune_malloc else ''}", flush=True)
     if args.device == "cpu":
         try:
             print(f"load average before: {os.getloadavg()[0]:.2f} (1 min), "
@@ -382,13 +405,14 @@ def main(argv=None) -> int:
         dtypes["fp16"] = torch.float16
     min_time = 0.02 if args.quick else 0.2
     peaks = {k: gemm_peak(dt, args.device, min_time=min_time) for k, dt in dtypes.items()}
-    print("GEMM peak (large torch.mm): " + ", ".join(f"{k} {v:.1f} GFLOP/s" for k, v in peaks.items()),
+    print("GEMM peak (large torch.mm or 1x1 conv): " + ", ".join(f"{k} {v:.1f} GFLOP/s" for k, v in peaks.items()),
           flush=True)
     flops = count_gemm_flops(args)
+    peaks_first = dict(peaks)
     print(f"GEMM FLOPs per step: train {flops['train'] / 1e9:.1f} GFLOP (forward + backward), "
           f"eval {flops['eval'] / 1e9:.1f} GFLOP", flush=True)
 
-    results = {}
+    plan = {}
     for config in configs:
         dt = amp_dtype(config, args.device)
         peak = peaks["fp32" if dt is None else ("bf16" if dt == torch.bfloat16 else "fp16")]
@@ -399,15 +423,48 @@ def main(argv=None) -> int:
             steps = 1
             print(f"  {config}: estimated {est:.0f} s per step at {peak:.1f} GFLOP/s; measuring "
                   f"at batch {batch}, 1 step, scaled to batch {args.batch}", flush=True)
-        print(f"  running {config} ...", flush=True)
-        r = _spawn(args, config, batch, steps)
-        if "error" not in r and batch != args.batch:
-            scale = args.batch / batch
-            for k in ("eval_s", "train_s"):
-                if k in r:
-                    r[k] *= scale
-            r["scaled_from_batch"] = batch
-        r["gemm_dtype"] = "fp32" if dt is None else ("bf16" if dt == torch.bfloat16 else "fp16")
+        plan[config] = (batch, steps, dt)
+
+    runs = {config: [] for config in configs}
+    for round_ in range(args.rounds):
+        for config, (batch, steps, dt) in plan.items():
+            if round_ and ("compile" in config or batch != args.batch):
+                continue  # one round: compile time dominates / too slow to repeat
+            print(f"  running {config}" + (f" (round {round_ + 1})" if args.rounds > 1 else "")
+                  + " ...", flush=True)
+            r = _spawn(args, config, batch, steps)
+            if "error" not in r and batch != args.batch:
+                scale = args.batch / batch
+                for k in ("eval_s", "train_s"):
+                    if k in r:
+                        r[k] *= scale
+                r["scaled_from_batch"] = batch
+            r["gemm_dtype"] = "fp32" if dt is None else ("bf16" if dt == torch.bfloat16 else "fp16")
+            runs[config].append(r)
+
+    # the peaks again, now that the configurations ran: keep the higher of the two measurements
+    for k, dt in dtypes.items():
+        peaks[k] = max(peaks[k], gemm_peak(dt, args.device, min_time=min_time))
+    if peaks != peaks_first:
+        print("GEMM peak, best of before and after: "
+              + ", ".join(f"{k} {v:.1f} GFLOP/s" for k, v in peaks.items()), flush=True)
+
+    # several rounds: the fastest median per phase (the least disturbed by other load), the
+    # largest memory peak
+    results = {}
+    for config, rs in runs.items():
+        ok = [r for r in rs if "error" not in r]
+        if not ok:
+            results[config] = rs[0]
+            continue
+        r = dict(ok[0])
+        for k in ("eval_s", "train_s"):
+            if k in r:
+                r[k] = min(x[k] for x in ok)
+        for k in ("eval_peak_bytes", "train_peak_bytes"):
+            if k in r:
+                r[k] = max(x[k] for x in ok)
+        r["rounds"] = len(ok)
         results[config] = r
 
     # ---- table -------------------------------------------------------------------------------
@@ -436,7 +493,7 @@ def main(argv=None) -> int:
                        else "        -")
         row += [_fmt(r.get("train_first_s"), "9.2f", "        -"), _fmt(r.get("eval_first_s"), "8.2f")]
         print(" ".join(row))
-    print(f"(GFLOP/s = GEMM FLOPs / time; 'of peak' = that / the large-mm peak of the dtype the GEMMs "
+    print(f"(GFLOP/s = GEMM FLOPs / time; 'of peak' = that / the GEMM peak of the dtype the GEMMs "
           f"run in; '*' = measured at batch {', '.join(str(r['scaled_from_batch']) for r in results.values() if 'scaled_from_batch' in r) or '-'}"
           f" and scaled; memory = {'max_memory_allocated' if args.device == 'cuda' else 'peak RSS'} "
           f"above the process before its first step; '1st' = the warm-up step, compilation included)")

@@ -134,6 +134,22 @@ def lif_backward_torch(grad_spikes: torch.Tensor, h_seq: torch.Tensor, tau: floa
     decay = 1.0 - 1.0 / tau
 
     def block(a: int, b: int, w: int) -> None:
+        if detach_reset:
+            # The recursion written for g_X = g_H / tau directly: 7 tensor ops per step instead
+            # of 11, no carry buffer, and the same sums as spikingjelly's autograd graph:
+            # g_X(t) = (alpha/tau) g_S(t) sig (1 - sig) + (1 - 1/tau) (1 - S_t) g_X(t+1)
+            sig, live = scratch[w][0][: b - a], scratch[w][1][: b - a]
+            for t in range(T - 1, -1, -1):
+                h, g_x = h_seq[t, a:b], grad_x[t, a:b]
+                torch.sub(h, v_threshold, out=sig)
+                sig.mul_(alpha).sigmoid_()
+                # g_S sig (1 - sig) in one fused op
+                torch.ops.aten.sigmoid_backward.grad_input(g_s[t, a:b], sig, grad_input=g_x)
+                if t < T - 1:
+                    torch.lt(h, v_threshold, out=live)  # 1 - S_t
+                    g_x.addcmul_(live, grad_x[t + 1, a:b], value=decay * tau / alpha)
+                g_x.mul_(alpha / tau)
+            return
         carry, sg, g_h = (buf[: b - a] for buf in scratch[w])
         for t in range(T - 1, -1, -1):
             h = h_seq[t, a:b]
@@ -142,9 +158,8 @@ def lif_backward_torch(grad_spikes: torch.Tensor, h_seq: torch.Tensor, tau: floa
             torch.addcmul(sg, sg, sg, value=-1.0, out=sg)  # sig (1 - sig)
             sg.mul_(alpha)
             torch.mul(g_s[t, a:b], sg, out=g_h)
-            if t < T - 1:  # carry = g_H(t+1) (1 - 1/tau), times dV_t/dH_t
-                if not detach_reset:
-                    g_h.addcmul_(carry, h * sg, value=-1.0)
+            if t < T - 1:  # carry = g_H(t+1) (1 - 1/tau), times dV_t/dH_t = 1 - S - H sg'
+                g_h.addcmul_(carry, h * sg, value=-1.0)
                 carry.masked_fill_(h >= v_threshold, 0.0)
                 g_h.add_(carry)
             torch.div(g_h, tau, out=grad_x[t, a:b])
