@@ -350,7 +350,8 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=None,
                    help="measured steps per phase after 1 warm-up (3; 1 with --quick)")
     p.add_argument("--configs", nargs="+", default=None, help="subset of the configurations")
-    p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads in every process")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch.set_num_threads in every process (2; 1 with --quick)")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--quick", action="store_true", help="tiny model, batch 2: a smoke test")
     p.add_argument("--max-step-seconds", type=float, default=45.0,
@@ -358,6 +359,8 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=1,
                    help="run every configuration (except compiled or scaled ones) this many times, "
                         "alternating, and keep the fastest median: steadier on a shared machine")
+    p.add_argument("--jobs", type=int, default=None,
+                   help="configurations run at once (1; 2 with --quick, whose times mean nothing)")
     p.add_argument("--tune-malloc", action="store_true",
                    help="run every configuration (baseline included) with GLIBC_TUNABLES that keep "
                         "freed memory in the heap: no page faults on fresh activations each step")
@@ -366,6 +369,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     args.batch = args.batch or (2 if args.quick else 16)
     args.steps = args.steps or (1 if args.quick else 3)
+    args.jobs = args.jobs or (2 if args.quick else 1)
+    args.threads = args.threads or (1 if args.quick else 2)
 
     if args.device == "cuda" and not torch.cuda.is_available():
         print("no CUDA device: GPU train-step benchmark skipped")
@@ -426,21 +431,36 @@ def main(argv=None) -> int:
         plan[config] = (batch, steps, dt)
 
     runs = {config: [] for config in configs}
+    jobs = []
     for round_ in range(args.rounds):
         for config, (batch, steps, dt) in plan.items():
             if round_ and ("compile" in config or batch != args.batch):
                 continue  # one round: compile time dominates / too slow to repeat
-            print(f"  running {config}" + (f" (round {round_ + 1})" if args.rounds > 1 else "")
-                  + " ...", flush=True)
-            r = _spawn(args, config, batch, steps)
-            if "error" not in r and batch != args.batch:
-                scale = args.batch / batch
-                for k in ("eval_s", "train_s"):
-                    if k in r:
-                        r[k] *= scale
-                r["scaled_from_batch"] = batch
-            r["gemm_dtype"] = "fp32" if dt is None else ("bf16" if dt == torch.bfloat16 else "fp16")
-            runs[config].append(r)
+            jobs.append((round_, config, batch, steps, dt))
+
+    def job(spec):
+        round_, config, batch, steps, dt = spec
+        print(f"  running {config}" + (f" (round {round_ + 1})" if args.rounds > 1 else "")
+              + " ...", flush=True)
+        r = _spawn(args, config, batch, steps)
+        if "error" not in r and batch != args.batch:
+            scale = args.batch / batch
+            for k in ("eval_s", "train_s"):
+                if k in r:
+                    r[k] *= scale
+            r["scaled_from_batch"] = batch
+        r["gemm_dtype"] = "fp32" if dt is None else ("bf16" if dt == torch.bfloat16 else "fp16")
+        return config, r
+
+    if args.jobs > 1:  # smoke tests only: concurrent configurations disturb each other's timing
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(args.jobs) as pool:
+            done = list(pool.map(job, jobs))
+    else:
+        done = [job(spec) for spec in jobs]
+    for config, r in done:
+        runs[config].append(r)
 
     # the peaks again, now that the configurations ran: keep the higher of the two measurements
     for k, dt in dtypes.items():

@@ -123,13 +123,14 @@ def test_fold_keeps_bias_free_convs_working():
 def test_torch_compile_train_and_eval_match_eager():
     """torch.compile (inductor) of a tiny two-stage model (QKTA + SSA): a train step's loss and
     gradients, and the eval logits (plain and folded), match eager execution."""
+    torch._dynamo.reset()  # no guards or automatic-dynamic state left over from other tests
     torch.manual_seed(0)
     model = timm.create_model("qkformer_cifar10", embed_dims=16, depths=(1, 1), num_heads=2,
                               attn_types=("qkta", "ssa"), num_classes=4, T=2)
     ref = copy.deepcopy(model)
     x, y = torch.randn(2, 3, 16, 16), torch.tensor([0, 3])
 
-    compiled = torch.compile(model)
+    compiled = torch.compile(model, dynamic=False)
     loss = nn.functional.cross_entropy(compiled(x), y)
     loss.backward()
     ref_loss = nn.functional.cross_entropy(ref(x), y)
@@ -143,5 +144,5 @@ def test_torch_compile_train_and_eval_match_eager():
     with torch.no_grad():
         expected = ref(x)
         torch.testing.assert_close(compiled(x), expected, rtol=1e-5, atol=1e-6)
-        fast = prepare_for_inference(ref, compile=True)
+        fast = prepare_for_inference(ref, compile=True, dynamic=False)
         torch.testing.assert_close(fast(x), expected, rtol=1e-4, atol=1e-5)
