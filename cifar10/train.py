@@ -1,4 +1,4 @@
-"""Train QKFormer on CIFAR-10 (SPEC §6.2). Recipe: configs/cifar10.yml; flags override it.
+"""Train QKFormer on CIFAR-10 (docs/original.md §6.2). Recipe: configs/cifar10.yml; flags override it.
 
     python cifar10/train.py --data-dir DATA [--epochs N ...]
 """

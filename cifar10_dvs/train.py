@@ -1,4 +1,4 @@
-"""Train QKFormer on CIFAR10-DVS (SPEC §6.3). Recipe: configs/cifar10_dvs.yml; flags override it.
+"""Train QKFormer on CIFAR10-DVS (docs/original.md §6.3). Recipe: configs/cifar10_dvs.yml; flags override it.
 
     python cifar10_dvs/train.py --data-dir DATA [--epochs N ...]
 """

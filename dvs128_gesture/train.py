@@ -1,4 +1,4 @@
-"""Train QKFormer on DVS128 Gesture (SPEC §6.4). Recipe: configs/dvs128_gesture.yml; flags override it.
+"""Train QKFormer on DVS128 Gesture (docs/original.md §6.4). Recipe: configs/dvs128_gesture.yml; flags override it.
 
     python dvs128_gesture/train.py --data-dir DATA [--epochs N ...]
 """

@@ -1,4 +1,4 @@
-"""Spiking attention: Q-K token attention, Q-K channel attention and Spikformer's SSA (SPEC §2.2-2.5).
+"""Spiking attention: Q-K token attention, Q-K channel attention and Spikformer's SSA (docs/original.md §2.2-2.5).
 
 All three take and return ``[T, B, C, H, W]``. The 1x1 projections are ``Conv1d`` on the
 ``T*B``-flattened ``[T*B, C, N]`` view, as in the original (the released weights are 3-D).
@@ -48,7 +48,7 @@ class QKAttentionBase(nn.Module):
         _add_branch(self, "q", dim, bias=False)
         _add_branch(self, "k", dim, bias=False)
         # The mask neuron sees integer counts; at V_th = 0.5 it fires iff the count is >= 1
-        # (SPEC §1.4), but keeps the LIF surrogate gradient.
+        # (docs/original.md §1.4), but keeps the LIF surrogate gradient.
         self.attn_lif = MultiStepLIF(v_threshold=0.5)
         _add_branch(self, "proj", dim, bias=True)
 
@@ -87,13 +87,13 @@ class QKChannelAttention(QKAttentionBase):
 class SpikingSelfAttention(nn.Module):
     """Spikformer SSA: x = (Q · (Kᵀ · V)) · 0.125 per head, LIF(V_th 0.5), projection.
 
-    ``legacy_proj_lif=True`` reproduces the original's batch-coupling bug (SPEC §2.5, Q1):
+    ``legacy_proj_lif=True`` reproduces the original's batch-coupling bug (docs/original.md §2.5, Q1):
     ``proj_lif`` sees ``[T*B, C*N]`` and treats the t-major T*B axis as time, so the membrane
     runs on from one sample into the next. The released checkpoints' accuracies were measured
     with it. ``False`` gives the intended per-sample LIF over T. The two agree when B = 1.
     """
 
-    scale = 0.125  # constant for every head width (SPEC Q3)
+    scale = 0.125  # constant for every head width (docs/original.md Q3)
 
     def __init__(self, dim: int, num_heads: int, legacy_proj_lif: bool = True,
                  kv_first: bool = True):
@@ -130,7 +130,7 @@ class SpikingSelfAttention(nn.Module):
             x = self.proj_lif(x.reshape(T * B, C * N))
         else:
             x = self.proj_lif(x)
-        # (H, W), not the original's (W, H) relabel (SPEC Q2): identical for square maps.
+        # (H, W), not the original's (W, H) relabel (docs/original.md Q2): identical for square maps.
         return x.reshape(T, B, C, H, W)
 
 

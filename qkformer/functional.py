@@ -10,7 +10,7 @@ __all__ = ["per_frame", "encode_static"]
 def per_frame(x: torch.Tensor, *modules: nn.Module) -> torch.Tensor:
     """Apply frame-wise modules (conv, BN, pool) to ``[T, B, ...]`` via the ``[T*B, ...]`` view.
 
-    BatchNorm therefore pools its statistics over T, B and space, as in the original (SPEC Q10).
+    BatchNorm therefore pools its statistics over T, B and space, as in the original (docs/original.md Q10).
     """
     T, B = x.shape[:2]
     y = x.flatten(0, 1)

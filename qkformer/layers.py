@@ -21,7 +21,7 @@ __all__ = ["SpikingMLP", "SpikingBlock", "ConvUnit", "SPEDS", "attention_attr_na
 
 
 class SpikingMLP(nn.Module):
-    """Two 1x1 conv -> BN -> LIF layers (SPEC §2.1); ``prefix`` is 'fc' (ImageNet) or 'mlp'."""
+    """Two 1x1 conv -> BN -> LIF layers (docs/original.md §2.1); ``prefix`` is 'fc' (ImageNet) or 'mlp'."""
 
     def __init__(self, dim: int, hidden_dim: int, prefix: str = "fc"):
         super().__init__()
@@ -45,7 +45,7 @@ def attention_attr_name(attn_type: str, ssa_name: str) -> str:
 
 
 class SpikingBlock(nn.Module):
-    """x = x + attention(x); x = x + mlp(x). No norm, no LIF on the shortcut (SPEC §2.4), so the
+    """x = x + attention(x); x = x + mlp(x). No norm, no LIF on the shortcut (docs/original.md §2.4), so the
     residual stream is a sum of spike tensors (integer valued)."""
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, attn_type: str = "qkta",
@@ -83,7 +83,7 @@ class ConvUnit:
 
 
 class SPEDS(nn.Module):
-    """Spiking patch embedding with deformed shortcut (SPEC §3.2-3.4).
+    """Spiking patch embedding with deformed shortcut (docs/original.md §3.2-3.4).
 
     Main path: a chain of :class:`ConvUnit`. Shortcut: 1x1 conv (stride ``shortcut_stride``) ->
     BN -> LIF from the spikes of unit ``shortcut_from`` (or from the raw input when -1).

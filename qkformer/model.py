@@ -1,6 +1,6 @@
 """The hierarchical spiking transformer, assembled from a family layout and per-stage settings.
 
-The three families of the original code (ImageNet, CIFAR, DVS; SPEC §3) differ only in the data
+The three families of the original code (ImageNet, CIFAR, DVS; docs/original.md §3) differ only in the data
 of :class:`FamilyLayout`: SPEDS unit chains and names, MLP/attention attribute names, and the
 order modules are registered in (which is the state_dict order).
 
@@ -73,7 +73,7 @@ class HierarchicalSpikingTransformer(nn.Module):
     Args:
         family: 'imagenet', 'cifar' or 'dvs' (or a :class:`FamilyLayout`).
         T: time steps for static input (ignored for event input, whose T comes from the data).
-        legacy_ssa: reproduce the SSA ``proj_lif`` batch coupling (SPEC §2.5). Default True, as
+        legacy_ssa: reproduce the SSA ``proj_lif`` batch coupling (docs/original.md §2.5). Default True, as
             the released checkpoints were evaluated with it; False gives per-sample outputs.
         img_size: the training resolution, recorded for data configs; any size that is a
             multiple of :attr:`patch_factor` works at inference.
@@ -117,7 +117,7 @@ class HierarchicalSpikingTransformer(nn.Module):
 
     @staticmethod
     def _init_weights(m: nn.Module):
-        # Only Linear layers are re-initialised; convs and BN keep PyTorch defaults (SPEC §2.7).
+        # Only Linear layers are re-initialised; convs and BN keep PyTorch defaults (docs/original.md §2.7).
         if isinstance(m, nn.Linear):
             trunc_normal_(m.weight, std=0.02)
             if m.bias is not None:

@@ -1,4 +1,4 @@
-"""Multistep leaky integrate-and-fire neuron (SPEC §1).
+"""Multistep leaky integrate-and-fire neuron (docs/original.md §1).
 
 Semantics are those of spikingjelly 0.0.0.0.12/14 ``MultiStepLIFNode(tau=2, decay_input=True,
 v_reset=0, detach_reset=True)`` with the ``Sigmoid(alpha=4)`` surrogate:

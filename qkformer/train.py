@@ -3,7 +3,7 @@
     torchrun --nproc_per_node=8 imagenet/train.py --data-dir /data/imagenet --model qkformer_10_768
     python cifar10/train.py --data-dir ./data/cifar10           # recipe: configs/cifar10.yml
 
-Recipes (SPEC §6) live in ``configs/*.yml``; every option can be overridden on the command line.
+Recipes (docs/original.md §6) live in ``configs/*.yml``; every option can be overridden on the command line.
 """
 from __future__ import annotations
 
@@ -60,7 +60,7 @@ def build_parser(description: str = "Train QKFormer") -> argparse.ArgumentParser
     a("--mlp-ratio", dest="mlp_ratio", type=float, default=None)
     a("--attn-types", dest="attn_types", nargs="+", default=None, choices=("qkta", "qkca", "ssa"))
     a("--legacy-ssa", dest="legacy_ssa", action=argparse.BooleanOptionalAction, default=True,
-      help="reproduce the original SSA proj_lif batch coupling (SPEC §2.5)")
+      help="reproduce the original SSA proj_lif batch coupling (docs/original.md §2.5)")
     a("--finetune", default="", help="initialise from a checkpoint (head dropped if mis-shaped)")
     a("--compile", action="store_true", help="torch.compile the model")
     # optimisation
@@ -171,7 +171,7 @@ def _loss_and_mixup(args, num_classes: int):
 
 def _finetune(model, path):
     ckpt_head = {k for k in load_checkpoint(model, path, strict=False).get("model", {})}
-    if "head.weight" not in ckpt_head:  # head dropped: fresh small init (SPEC Q12)
+    if "head.weight" not in ckpt_head:  # head dropped: fresh small init (docs/original.md Q12)
         trunc_normal_(model.head.weight, std=2e-5)
 
 

@@ -19,7 +19,7 @@ __all__ = ["VARIANTS", "variant_names"]  # builders are reached through timm.cre
 
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 
-# Architecture of each released model (SPEC §3.1). Parameter counts are checked in the tests.
+# Architecture of each released model (docs/original.md §3.1). Parameter counts are checked in the tests.
 VARIANTS: Dict[str, Dict[str, Any]] = {
     "qkformer_10_384": dict(family="imagenet", embed_dims=(96, 192, 384), depths=(1, 2, 7),
                             num_heads=6, num_classes=1000, T=4, img_size=224),

@@ -116,7 +116,7 @@ def test_energy_closed_form():
     # FLOPs per image and time step, from the shapes.
     assert (enc.flops, conv.flops, conv2.flops) == (2 * H * W, 4 * H * W * 2 * 9, 3 * H * W * 2)
     assert (enc.op, conv.op, conv2.op) == ("MAC", "AC", "AC")
-    assert conv.spike_driven and not conv2.spike_driven  # s + s is a count (like SPEC Q9)
+    assert conv.spike_driven and not conv2.spike_driven  # s + s is a count (like docs/original.md Q9)
     assert conv.input_rate == pytest.approx(2 / 3) and conv2.input_rate == pytest.approx(4 / 3)
     sops = 2 / 3 * 1440 * T + 4 / 3 * 120 * T  # T enters exactly once
     assert rep.mac_ops == 40  # the static image is encoded once
@@ -235,7 +235,7 @@ def test_attention_maps(tiny, tmp_path):
         h.remove()
     assert list(maps) == ["stage1.0.tssa", "stage2.0.tssa"]
     assert maps["stage1.0.tssa"].shape == (2, 8, 8) and maps["stage2.0.tssa"].shape == (2, 4, 4)
-    # At V_th = 0.5 the mask neuron fires iff a head's q count is >= 1 (SPEC §1.4).
+    # At V_th = 0.5 the mask neuron fires iff a head's q count is >= 1 (docs/original.md §1.4).
     for i, key in ((1, "stage1.0.tssa"), (2, "stage2.0.tssa")):
         q = qs[i]  # [T, B, C, N]
         T, B, C, N = q.shape

@@ -28,7 +28,7 @@ def test_qkta_mask_is_or_over_head_channels():
         q = q.reshape(T, B, 4, 4, 16)
         mask = attn.attention_mask(q)
     assert mask.shape == (T, B, 4, 1, 16)
-    # SPEC §1.4: at V_th 0.5 on integer counts the LIF is exactly 1[count >= 1]
+    # docs/original.md §1.4: at V_th 0.5 on integer counts the LIF is exactly 1[count >= 1]
     assert torch.equal(mask, (q.sum(3, keepdim=True) >= 1).float())
     assert attn(x).shape == x.shape
 
@@ -81,7 +81,7 @@ def test_ssa_legacy_couples_the_batch_exactly_as_specified():
 
 def test_ssa_scale_and_product_order():
     attn = SpikingSelfAttention(8, 2)
-    assert attn.scale == 0.125  # constant for every head width (SPEC Q3)
+    assert attn.scale == 0.125  # constant for every head width (docs/original.md Q3)
 
 
 def _saved_bytes(module, x):

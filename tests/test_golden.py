@@ -1,4 +1,4 @@
-"""The golden vectors of SPEC §9, made with the original modules, reproduced exactly."""
+"""The golden vectors of docs/original.md §9, made with the original modules, reproduced exactly."""
 import pytest
 import timm
 import torch

@@ -1,4 +1,4 @@
-"""Static-image data layer: timm transforms (SPEC §6.1/§6.2), ImageFolder checks, CIFAR fallback,
+"""Static-image data layer: timm transforms (docs/original.md §6.1/§6.2), ImageFolder checks, CIFAR fallback,
 synthetic folders and the sklearn-digits demo dataset."""
 import json
 import os

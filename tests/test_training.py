@@ -157,7 +157,7 @@ def test_schedules_match_the_recipes():
     from timm.scheduler import create_scheduler_v2
 
     p = torch.nn.Parameter(torch.zeros(1))
-    # CIFAR (SPEC §6.2 log): per-epoch cosine, warmup 20 from 1e-5, 400 + 10 cooldown epochs
+    # CIFAR (docs/original.md §6.2 log): per-epoch cosine, warmup 20 from 1e-5, 400 + 10 cooldown epochs
     opt = torch.optim.AdamW([p], lr=1e-3)
     sched, total = create_scheduler_v2(opt, "cosine", num_epochs=400, cooldown_epochs=10,
                                        min_lr=1e-5, warmup_lr=1e-5, warmup_epochs=20)
@@ -165,7 +165,7 @@ def test_schedules_match_the_recipes():
     for epoch, lr in {1: 5.950e-5, 19: 9.505e-4, 20: 9.939e-4, 200: 5.050e-4, 400: 1.0e-5}.items():
         sched.step(epoch)
         assert opt.param_groups[0]["lr"] == pytest.approx(lr, rel=2e-3), epoch
-    # ImageNet (SPEC §6.1): per-iteration, linear warmup from 0 over 5 epochs, cosine to 1e-6
+    # ImageNet (docs/original.md §6.1): per-iteration, linear warmup from 0 over 5 epochs, cosine to 1e-6
     opt = torch.optim.AdamW([p], lr=1.35e-3)
     iters = 10
     sched, total = create_scheduler_v2(opt, "cosine", num_epochs=195, min_lr=1e-6, warmup_lr=0.0,
@@ -191,7 +191,7 @@ def test_dvs_scripts_on_synthetic_raw_events(tmp_path, dataset):
     from qkformer.data import synthetic_events
 
     root = tmp_path / "raw"
-    if dataset == "cifar10_dvs":  # 10 recordings per class: 9 train / 1 test (SPEC §6.3 split)
+    if dataset == "cifar10_dvs":  # 10 recordings per class: 9 train / 1 test (docs/original.md §6.3 split)
         synthetic_events.make_synthetic_cifar10_dvs(root, per_class=10, n_events=(300, 600))
     else:
         synthetic_events.make_synthetic_dvs128_gesture(root)

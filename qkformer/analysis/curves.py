@@ -1,4 +1,4 @@
-"""Learning curve of a run against the authors' reference milestones (SPEC §7).
+"""Learning curve of a run against the authors' reference milestones (docs/original.md §7).
 
 The run's log is JSON lines, one object per epoch with at least ``epoch`` and ``test_acc1``
 (optionally ``train_loss``); lines without ``test_acc1`` are ignored for the accuracy plot. The

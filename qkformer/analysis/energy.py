@@ -1,6 +1,6 @@
 """Synaptic operations (SOPs) and energy per image, measured on real inputs.
 
-Method (the convention of Spikformer/Spikingformer, SPEC §7.3)::
+Method (the convention of Spikformer/Spikingformer, docs/original.md §7.3)::
 
     E = E_MAC * FLOPs(encoding conv) + E_AC * sum_l SOP_l,   SOP_l = r_l * FLOPs_l * T_l
 
@@ -17,7 +17,7 @@ Method (the convention of Spikformer/Spikingformer, SPEC §7.3)::
   (default for static images) it is counted for one time step, because the image is identical at
   every step and its conv output can be reused; event input is counted at every step.
 
-SPEC Q9 caveat: the residual stream is a *sum* of spike tensors, and several convs read it
+docs/original.md Q9 caveat: the residual stream is a *sum* of spike tensors, and several convs read it
 directly (the SPEDS-2/3 main and shortcut convs, the q/k/v convs and first MLP conv of every
 block, the head). Their input is not binary, so r_l is a mean *count* and r_l * FLOPs_l counts
 one accumulate per unit of count (an input of 2 = two accumulates of the same weight). These
@@ -93,7 +93,7 @@ class EnergyReport:
 
     @property
     def sops_non_binary(self) -> float:
-        """SOPs of AC layers whose input is not binary (SPEC Q9): counts, not spikes."""
+        """SOPs of AC layers whose input is not binary (docs/original.md Q9): counts, not spikes."""
         return self._sum("ops", lambda l: l.op == "AC" and not l.spike_driven)
 
     @property

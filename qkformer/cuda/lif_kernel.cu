@@ -1,4 +1,4 @@
-// Fused multistep LIF neuron (SPEC §1): forward and BPTT backward over all T steps in one launch.
+// Fused multistep LIF neuron (docs/original.md §1): forward and BPTT backward over all T steps in one launch.
 //
 // One thread owns one neuron and walks its time axis, so the membrane never leaves a register and
 // each launch reads/writes every [T, N] tensor exactly once (x is [T, N] contiguous: step t of

@@ -1,4 +1,4 @@
-"""Neuromorphic data: CIFAR10-DVS and DVS128 Gesture (SPEC §6.3, §6.4) + DVS augmentation.
+"""Neuromorphic data: CIFAR10-DVS and DVS128 Gesture (docs/original.md §6.3, §6.4) + DVS augmentation.
 
 Raw parsing and frame integration are spikingjelly 0.0.0.0.14's own code
 (``CIFAR10DVS.load_origin_data``, ``DVS128Gesture.split_aedat_files_to_np``,
@@ -340,8 +340,8 @@ class DVSFrames(torch.utils.data.Dataset):
 
 
 def build_dvs_datasets(name, root, frames=16, split_by='number', train_transform=None, test_transform=None):
-    """(train_ds, test_ds) for 'cifar10_dvs' (per-class 90/10 split, SPEC §6.3) or
-    'dvs128_gesture' (official trials_to_train/test split, SPEC §6.4).
+    """(train_ds, test_ds) for 'cifar10_dvs' (per-class 90/10 split, docs/original.md §6.3) or
+    'dvs128_gesture' (official trials_to_train/test split, docs/original.md §6.4).
 
     Samples are float32 [frames, 2, 128, 128] event counts, labels are spikingjelly's
     DatasetFolder indices (sorted folder names: CIFAR10 class order for CIFAR10-DVS; for
@@ -367,7 +367,7 @@ def build_dvs_datasets(name, root, frames=16, split_by='number', train_transform
 
 # ----------------------------------------------------------------------------- augmentation
 class SNNAugmentWide(torch.nn.Module):
-    """SPEC §6.3: one op uniformly from {Identity, ShearX, TranslateX, TranslateY, Rotate,
+    """docs/original.md §6.3: one op uniformly from {Identity, ShearX, TranslateX, TranslateY, Rotate,
     Cutout}; magnitude uniformly one of 31 bins, sign flipped with probability 1/2.  The
     same geometric warp is applied to every frame/polarity of the [..., C, H, W] input.
     ShearX follows the torchvision autoaugment op of the original code's era: shear angle
@@ -413,7 +413,7 @@ class SNNAugmentWide(torch.nn.Module):
 
 class DVSTrainTransform(torch.nn.Module):
     """Per-sample train augmentation on a [T, 2, H, W] tensor: RandomHorizontalFlip(p) then
-    SNNAugmentWide, one draw shared by all frames (SPEC §6.3; Mixup happens on the batch)."""
+    SNNAugmentWide, one draw shared by all frames (docs/original.md §6.3; Mixup happens on the batch)."""
 
     def __init__(self, flip_p=0.5):
         super().__init__()

@@ -1,4 +1,4 @@
-"""Static-image data: transforms and datasets for the ImageNet and CIFAR recipes (SPEC §6.1, §6.2).
+"""Static-image data: transforms and datasets for the ImageNet and CIFAR recipes (docs/original.md §6.1, §6.2).
 
 Transforms come from timm's ``create_transform`` so the augmentation is the library's, not a
 re-implementation. Datasets are torchvision's ``ImageFolder`` / ``CIFAR10`` / ``CIFAR100`` with
@@ -33,7 +33,7 @@ _LAYOUT = ("expected an ImageFolder layout: {root}/train/<class>/*.png (or .jpg,
 def imagenet_transforms(input_size: int = 224, is_training: bool = False,
                         aa: Optional[str] = "rand-m9-mstd0.5-inc1", reprob: float = 0.25,
                         remode: str = "pixel", recount: int = 1):
-    """The MAE/DeiT fine-tuning transforms of the ImageNet script (SPEC §6.1).
+    """The MAE/DeiT fine-tuning transforms of the ImageNet script (docs/original.md §6.1).
 
     Train: RandomResizedCrop(scale 0.08-1, bicubic), hflip 0.5, RandAugment (fill = ImageNet mean),
     ToTensor, Normalize, RandomErasing. ``color_jitter=None`` as in the original (timm would drop it
@@ -55,7 +55,7 @@ def cifar_transforms(img_size: int = 32, is_training: bool = False,
                      mean: Sequence[float] = CIFAR_MEAN, std: Sequence[float] = CIFAR_STD,
                      aa: Optional[str] = "rand-m9-n1-mstd0.4-inc1", reprob: float = 0.25,
                      remode: str = "const", hflip: float = 0.5):
-    """The CIFAR-10/100 transforms (SPEC §6.2).
+    """The CIFAR-10/100 transforms (docs/original.md §6.2).
 
     Train: RandomResizedCrop with scale (1, 1) and ratio (1, 1) (an identity on 32x32 inputs, kept
     because it also squares and resizes non-CIFAR folders), hflip 0.5, RandAugment with 1 op,
