@@ -1,0 +1,497 @@
+// Fused CPU kernels of the fast path: BatchNorm statistics, BatchNorm + [max-pool] + multistep
+// LIF forward and backward, and the compact storage of spike / count tensors.
+//
+// Compiled on first use by qkformer/cpu/__init__.py (g++ -O3 -march=native, no fast-math:
+// -ffp-contract=off keeps every rounding where the source puts it) and called through ctypes
+// with raw pointers, one call per range of rows, from one Python thread per intra-op thread.
+// Every kernel works on rows [r0, r1) of its problem, so results never depend on how the rows
+// are shared out; reductions write one partial result per call and the caller sums them in a
+// fixed order.
+//
+// Layouts are token-major: a tensor is [steps, M, C] (C channels innermost), or for the pooled
+// units [steps, B, H, W, C]. `y_step` is the distance between time steps in y: M*C normally,
+// 0 when a static image's conv output is computed once and repeated over the steps.
+//
+// The per-neuron arithmetic is that of qkformer/neuron.py and qkformer/cuda/lif_kernel.cu:
+//   H = V + (Z - V) / tau;  S = H >= V_th;  V = H - H*S
+//   g_H = g_S sg + carry dV/dH;  g_Z = g_H / tau;  carry = g_H (1 - 1/tau)
+// with sg = alpha sig (1 - sig), sig = 1 / (1 + exp(-alpha (H - V_th))).
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+typedef int64_t i64;
+
+struct F32 {
+    typedef float S;  // storage
+    typedef float A;  // arithmetic
+    static inline A ld(S v) { return v; }
+    static inline S st(A v) { return v; }
+};
+struct F64 {
+    typedef double S;
+    typedef double A;
+    static inline A ld(S v) { return v; }
+    static inline S st(A v) { return v; }
+};
+struct BF16 {  // bfloat16 storage, float arithmetic (autocast); round to nearest even
+    typedef uint16_t S;
+    typedef float A;
+    static inline A ld(S b) {
+        uint32_t u = (uint32_t)b << 16;
+        float f;
+        std::memcpy(&f, &u, 4);
+        return f;
+    }
+    static inline S st(A f) {
+        uint32_t u;
+        std::memcpy(&u, &f, 4);
+        if ((u & 0x7fffffffu) > 0x7f800000u) return (S)0x7fc0;
+        u += 0x7fffu + ((u >> 16) & 1u);
+        return (S)(u >> 16);
+    }
+};
+
+// exp without libm calls, so the loops vectorise (libm's exp is scalar without fast-math).
+// Cody-Waite reduction x = k ln2 + r, |r| <= ln2/2, Taylor series of exp(r), times 2^k.
+// Error: about 1 ulp. NaN stays NaN; the clamp only moves results that over/underflow anyway.
+static inline float exp_a(float x) {
+    x = x > 88.0f ? 88.0f : x;
+    x = x < -87.0f ? -87.0f : x;
+    const float magic = 12582912.0f;  // 1.5 * 2^23: adding and subtracting it rounds to an integer
+    const float k = (x * 1.44269504088896341f + magic) - magic;
+    float r = x - k * 0.693145751953125f;
+    r = r - k * 1.428606765330187045e-06f;
+    float p = 1.0f / 5040.0f;
+    p = p * r + 1.0f / 720.0f;
+    p = p * r + 1.0f / 120.0f;
+    p = p * r + 1.0f / 24.0f;
+    p = p * r + 1.0f / 6.0f;
+    p = p * r + 0.5f;
+    p = p * r + 1.0f;
+    p = p * r + 1.0f;
+    const int32_t ki = (int32_t)(k == k ? k : 0.0f);
+    const uint32_t bits = (uint32_t)(ki + 127) << 23;
+    float two_k;
+    std::memcpy(&two_k, &bits, 4);
+    return p * two_k;
+}
+static inline double exp_a(double x) {
+    x = x > 709.0 ? 709.0 : x;
+    x = x < -708.0 ? -708.0 : x;
+    const double magic = 6755399441055744.0;  // 1.5 * 2^52
+    const double k = (x * 1.4426950408889634 + magic) - magic;
+    double r = x - k * 6.93147180369123816490e-01;
+    r = r - k * 1.90821492927058770002e-10;
+    double p = 1.0 / 6227020800.0;  // 1/13!
+    p = p * r + 1.0 / 479001600.0;
+    p = p * r + 1.0 / 39916800.0;
+    p = p * r + 1.0 / 3628800.0;
+    p = p * r + 1.0 / 362880.0;
+    p = p * r + 1.0 / 40320.0;
+    p = p * r + 1.0 / 5040.0;
+    p = p * r + 1.0 / 720.0;
+    p = p * r + 1.0 / 120.0;
+    p = p * r + 1.0 / 24.0;
+    p = p * r + 1.0 / 6.0;
+    p = p * r + 0.5;
+    p = p * r + 1.0;
+    p = p * r + 1.0;
+    const int64_t ki = (int64_t)(k == k ? k : 0.0);
+    const uint64_t bits = (uint64_t)(ki + 1023) << 52;
+    double two_k;
+    std::memcpy(&two_k, &bits, 8);
+    return p * two_k;
+}
+
+// ---------------------------------------------------------------------------------------------
+// BatchNorm statistics: per-channel sums over rows [r0, r1) of x [R, C], accumulated in double
+// into out[C] (the caller zeroes it). center == nullptr: sum of x; else sum of (x - center)^2.
+template <class F>
+static void colsum(const typename F::S* x, i64 C, i64 r0, i64 r1, const double* center,
+                   double* out) {
+    for (i64 r = r0; r < r1; ++r) {
+        const typename F::S* xr = x + r * C;
+        if (center) {
+#pragma omp simd
+            for (i64 c = 0; c < C; ++c) {
+                const double d = (double)F::ld(xr[c]) - center[c];
+                out[c] += d * d;
+            }
+        } else {
+#pragma omp simd
+            for (i64 c = 0; c < C; ++c) out[c] += (double)F::ld(xr[c]);
+        }
+    }
+}
+
+// Z = Y*scale + shift (scale == nullptr: Z = Y) into z[C].
+template <class F>
+static inline void affine_row(const typename F::S* yr, i64 C, const typename F::A* scale,
+                              const typename F::A* shift, typename F::A* z) {
+    if (scale) {
+#pragma omp simd
+        for (i64 c = 0; c < C; ++c) z[c] = F::ld(yr[c]) * scale[c] + shift[c];
+    } else {
+#pragma omp simd
+        for (i64 c = 0; c < C; ++c) z[c] = F::ld(yr[c]);
+    }
+}
+
+// One LIF step over C neurons: charge with z, fire into s, reset v; h (optional) keeps H.
+template <class F>
+static inline void lif_step(const typename F::A* z, typename F::A* v, typename F::S* s,
+                            typename F::A* h_out, i64 C, typename F::A tau, typename F::A v_th) {
+    typedef typename F::A A;
+#pragma omp simd
+    for (i64 c = 0; c < C; ++c) {
+        const A h = v[c] + (z[c] - v[c]) / tau;
+        const A fired = h >= v_th ? A(1) : A(0);
+        if (s) s[c] = F::st(fired);
+        if (h_out) h_out[c] = h;
+        v[c] = h - h * fired;
+    }
+}
+
+// BPTT of one step over C neurons; returns g_Z in gz and updates carry.
+template <class F>
+static inline void lif_step_back(const typename F::S* gs, const typename F::A* h,
+                                 typename F::A* carry, typename F::A* gz, i64 C,
+                                 typename F::A tau, typename F::A decay, typename F::A v_th,
+                                 typename F::A alpha, int detach_reset) {
+    typedef typename F::A A;
+#pragma omp simd
+    for (i64 c = 0; c < C; ++c) {
+        const A sig = A(1) / (A(1) + exp_a(-((h[c] - v_th) * alpha)));
+        const A sg = (A(1) - sig) * sig * alpha;
+        const A keep = h[c] < v_th ? A(1) : A(0);
+        const A dv_dh = detach_reset ? keep : keep - h[c] * sg;
+        const A g_h = F::ld(gs[c]) * sg + carry[c] * dv_dh;
+        gz[c] = g_h / tau;
+        carry[c] = g_h * decay;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// BN affine + LIF, forward, rows m in [m0, m1) of y [steps, M, C] -> spikes s [steps, M, C].
+template <class F>
+static void bn_lif_fwd(const typename F::S* y, typename F::S* s, i64 steps, i64 M, i64 C,
+                       i64 y_step, i64 m0, i64 m1, const typename F::A* scale,
+                       const typename F::A* shift, typename F::A tau, typename F::A v_th) {
+    typedef typename F::A A;
+    std::vector<A> v(C), z(C);
+    for (i64 m = m0; m < m1; ++m) {
+        for (i64 c = 0; c < C; ++c) v[c] = A(0);
+        for (i64 t = 0; t < steps; ++t) {
+            affine_row<F>(y + t * y_step + m * C, C, scale, shift, z.data());
+            lif_step<F>(z.data(), v.data(), s + (t * M + m) * C, nullptr, C, tau, v_th);
+        }
+    }
+}
+
+// Backward of bn_lif_fwd: H is recomputed from y; g_Z goes to gz ([steps, M, C], or [M, C]
+// summed over the steps when gz_step == 0). psum (nullable) accumulates sum(g_Z) into
+// psum[0:C] and sum(g_Z * y) into psum[C:2C].
+template <class F>
+static void bn_lif_bwd(const typename F::S* gs, const typename F::S* y, typename F::A* gz,
+                       i64 steps, i64 M, i64 C, i64 y_step, i64 gz_step, i64 m0, i64 m1,
+                       const typename F::A* scale, const typename F::A* shift, typename F::A tau,
+                       typename F::A v_th, typename F::A alpha, int detach_reset, double* psum) {
+    typedef typename F::A A;
+    const A decay = A(1) - A(1) / tau;
+    std::vector<A> v(C), z(C), hbuf(steps * C), carry(C), g(C);
+    for (i64 m = m0; m < m1; ++m) {
+        for (i64 c = 0; c < C; ++c) v[c] = A(0);
+        for (i64 t = 0; t < steps; ++t) {
+            affine_row<F>(y + t * y_step + m * C, C, scale, shift, z.data());
+            lif_step<F>(z.data(), v.data(), nullptr, hbuf.data() + t * C, C, tau, v_th);
+        }
+        for (i64 c = 0; c < C; ++c) carry[c] = A(0);
+        A* gz_row = gz + m * C;
+        if (gz_step == 0)
+            for (i64 c = 0; c < C; ++c) gz_row[c] = A(0);
+        for (i64 t = steps - 1; t >= 0; --t) {
+            lif_step_back<F>(gs + (t * M + m) * C, hbuf.data() + t * C, carry.data(), g.data(), C,
+                             tau, decay, v_th, alpha, detach_reset);
+            if (gz_step == 0) {
+#pragma omp simd
+                for (i64 c = 0; c < C; ++c) gz_row[c] += g[c];
+            } else {
+                A* out = gz + t * gz_step + m * C;
+#pragma omp simd
+                for (i64 c = 0; c < C; ++c) out[c] = g[c];
+            }
+            if (psum) {
+                const typename F::S* yr = y + t * y_step + m * C;
+#pragma omp simd
+                for (i64 c = 0; c < C; ++c) {
+                    psum[c] += (double)g[c];
+                    psum[C + c] += (double)g[c] * (double)F::ld(yr[c]);
+                }
+            }
+        }
+    }
+}
+
+// g_Y = a g_Z + b (y - mu) + d per channel, rows [r0, r1) of [R, C]; b == nullptr: a g_Z;
+// a == nullptr: g_Z (no BatchNorm: only the storage type changes).
+template <class F>
+static void bn_bwd_apply(const typename F::A* g, const typename F::S* y, typename F::S* out,
+                         i64 C, i64 r0, i64 r1, const typename F::A* a, const typename F::A* b,
+                         const typename F::A* mu, const typename F::A* d) {
+    for (i64 r = r0; r < r1; ++r) {
+        const typename F::A* gr = g + r * C;
+        typename F::S* o = out + r * C;
+        if (!a) {
+#pragma omp simd
+            for (i64 c = 0; c < C; ++c) o[c] = F::st(gr[c]);
+        } else if (!b) {
+#pragma omp simd
+            for (i64 c = 0; c < C; ++c) o[c] = F::st(a[c] * gr[c]);
+        } else {
+            const typename F::S* yr = y + r * C;
+#pragma omp simd
+            for (i64 c = 0; c < C; ++c)
+                o[c] = F::st(a[c] * gr[c] + b[c] * (F::ld(yr[c]) - mu[c]) + d[c]);
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// BN affine -> MaxPool2d(3, 2, 1) -> LIF, forward, images b in [b0, b1) of y [steps, B, H, W, C]
+// -> s [steps, B, Ho, Wo, C]. The max takes the first of equal values in window order and lets
+// NaN win, as torch's max_pool2d does (so the backward routes gradients to the same inputs).
+static inline void window(i64 o, i64 n, i64* a, i64* b) {
+    *a = 2 * o - 1 < 0 ? 0 : 2 * o - 1;
+    *b = 2 * o + 2 > n ? n : 2 * o + 2;
+}
+
+template <class F>
+static void pooled_row(const typename F::S* yt, i64 H, i64 W, i64 C, i64 b, i64 oh, i64 ow,
+                       const typename F::A* scale, const typename F::A* shift, typename F::A* mx,
+                       int32_t* arg, typename F::A* z) {
+    i64 h0, h1, w0, w1;
+    window(oh, H, &h0, &h1);
+    window(ow, W, &w0, &w1);
+    bool first = true;
+    for (i64 ih = h0; ih < h1; ++ih)
+        for (i64 iw = w0; iw < w1; ++iw) {
+            const int32_t pos = (int32_t)(ih * W + iw);
+            affine_row<F>(yt + ((b * H + ih) * W + iw) * C, C, scale, shift, z);
+            if (first) {
+                for (i64 c = 0; c < C; ++c) {
+                    mx[c] = z[c];
+                    if (arg) arg[c] = pos;
+                }
+                first = false;
+                continue;
+            }
+            if (arg) {
+#pragma omp simd
+                for (i64 c = 0; c < C; ++c) {
+                    const bool take = (z[c] > mx[c]) || (z[c] != z[c]);
+                    mx[c] = take ? z[c] : mx[c];
+                    arg[c] = take ? pos : arg[c];
+                }
+            } else {
+#pragma omp simd
+                for (i64 c = 0; c < C; ++c) {
+                    const bool take = (z[c] > mx[c]) || (z[c] != z[c]);
+                    mx[c] = take ? z[c] : mx[c];
+                }
+            }
+        }
+}
+
+template <class F>
+static void bn_pool_lif_fwd(const typename F::S* y, typename F::S* s, i64 steps, i64 B, i64 H,
+                            i64 W, i64 C, i64 Ho, i64 Wo, i64 y_step, i64 b0, i64 b1,
+                            const typename F::A* scale, const typename F::A* shift,
+                            typename F::A tau, typename F::A v_th) {
+    typedef typename F::A A;
+    std::vector<A> v(C), mx(C), z(C);
+    for (i64 b = b0; b < b1; ++b)
+        for (i64 oh = 0; oh < Ho; ++oh)
+            for (i64 ow = 0; ow < Wo; ++ow) {
+                for (i64 c = 0; c < C; ++c) v[c] = A(0);
+                for (i64 t = 0; t < steps; ++t) {
+                    pooled_row<F>(y + t * y_step, H, W, C, b, oh, ow, scale, shift, mx.data(),
+                                  nullptr, z.data());
+                    lif_step<F>(mx.data(), v.data(), s + (((t * B + b) * Ho + oh) * Wo + ow) * C,
+                                nullptr, C, tau, v_th);
+                }
+            }
+}
+
+// Backward: g_Z of the pre-pool map into gz ([steps, B, H, W, C], or [B, H, W, C] summed over
+// the steps when y_step == 0), zeroed here for the images of this call; psum as in bn_lif_bwd.
+template <class F>
+static void bn_pool_lif_bwd(const typename F::S* gs, const typename F::S* y, typename F::A* gz,
+                            i64 steps, i64 B, i64 H, i64 W, i64 C, i64 Ho, i64 Wo, i64 y_step,
+                            i64 b0, i64 b1, const typename F::A* scale,
+                            const typename F::A* shift, typename F::A tau, typename F::A v_th,
+                            typename F::A alpha, int detach_reset, double* psum) {
+    typedef typename F::A A;
+    const A decay = A(1) - A(1) / tau;
+    const i64 HWC = H * W * C;
+    const i64 gz_step = y_step == 0 ? 0 : B * HWC;
+    const i64 gz_steps = y_step == 0 ? 1 : steps;
+    std::vector<A> v(C), z(C), mx(steps * C), hbuf(steps * C), carry(C), g(C);
+    std::vector<int32_t> arg(steps * C);
+    for (i64 b = b0; b < b1; ++b) {
+        for (i64 t = 0; t < gz_steps; ++t) {
+            A* p = gz + t * gz_step + b * HWC;
+            for (i64 i = 0; i < HWC; ++i) p[i] = A(0);
+        }
+        for (i64 oh = 0; oh < Ho; ++oh)
+            for (i64 ow = 0; ow < Wo; ++ow) {
+                for (i64 c = 0; c < C; ++c) v[c] = A(0);
+                for (i64 t = 0; t < steps; ++t) {
+                    pooled_row<F>(y + t * y_step, H, W, C, b, oh, ow, scale, shift,
+                                  mx.data() + t * C, arg.data() + t * C, z.data());
+                    lif_step<F>(mx.data() + t * C, v.data(), nullptr, hbuf.data() + t * C, C,
+                                tau, v_th);
+                }
+                for (i64 c = 0; c < C; ++c) carry[c] = A(0);
+                for (i64 t = steps - 1; t >= 0; --t) {
+                    lif_step_back<F>(gs + (((t * B + b) * Ho + oh) * Wo + ow) * C,
+                                     hbuf.data() + t * C, carry.data(), g.data(), C, tau, decay,
+                                     v_th, alpha, detach_reset);
+                    A* base = gz + t * gz_step + b * HWC;
+                    const int32_t* a = arg.data() + t * C;
+                    for (i64 c = 0; c < C; ++c) base[(i64)a[c] * C + c] += g[c];
+                }
+            }
+        if (psum) {
+            for (i64 t = 0; t < gz_steps; ++t) {
+                const A* gp = gz + t * gz_step + b * HWC;
+                const typename F::S* yp = y + t * y_step + b * HWC;
+                for (i64 p = 0; p < H * W; ++p) {
+#pragma omp simd
+                    for (i64 c = 0; c < C; ++c) {
+                        psum[c] += (double)gp[p * C + c];
+                        psum[C + c] += (double)gp[p * C + c] * (double)F::ld(yp[p * C + c]);
+                    }
+                }
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Compact storage. to_u8: values that are integers in [0, 255] -> uint8; returns how many were
+// not (the caller then keeps the original). to_bits: 0/1 values -> 1 bit each, element i in
+// bit (i % 8) of byte i / 8; elements [n0, n1) with n0 % 8 == 0; returns how many were not 0/1.
+template <class F>
+static i64 to_u8(const typename F::S* x, uint8_t* out, i64 n0, i64 n1) {
+    typedef typename F::A A;
+    i64 bad = 0;
+#pragma omp simd reduction(+ : bad)
+    for (i64 i = n0; i < n1; ++i) {
+        const A v = F::ld(x[i]);
+        const bool in_range = (v >= A(0)) && (v <= A(255));
+        const A safe = in_range ? v : A(0);
+        const int32_t q = (int32_t)safe;
+        bad += (in_range && (A)q == v) ? 0 : 1;
+        out[i] = (uint8_t)q;
+    }
+    return bad;
+}
+
+template <class F>
+static void from_u8(const uint8_t* in, typename F::S* out, i64 n0, i64 n1) {
+#pragma omp simd
+    for (i64 i = n0; i < n1; ++i) out[i] = F::st((typename F::A)in[i]);
+}
+
+template <class F>
+static i64 to_bits(const typename F::S* x, uint8_t* out, i64 n, i64 n0, i64 n1) {
+    typedef typename F::A A;
+    i64 bad = 0;
+    const i64 j0 = n0 / 8, j1 = (n1 + 7) / 8;
+    for (i64 j = j0; j < j1; ++j) {
+        uint32_t byte = 0;
+        for (int k = 0; k < 8; ++k) {
+            const i64 i = j * 8 + k;
+            if (i >= n) break;
+            const A v = F::ld(x[i]);
+            bad += (v == A(0) || v == A(1)) ? 0 : 1;
+            byte |= (uint32_t)(v == A(1)) << k;
+        }
+        out[j] = (uint8_t)byte;
+    }
+    return bad;
+}
+
+template <class F>
+static void from_bits(const uint8_t* in, typename F::S* out, i64 n, i64 n0, i64 n1) {
+    typedef typename F::A A;
+    const i64 j0 = n0 / 8, j1 = (n1 + 7) / 8;
+    for (i64 j = j0; j < j1; ++j) {
+        const uint32_t byte = in[j];
+        if (j * 8 + 8 <= n) {
+            for (int k = 0; k < 8; ++k) out[j * 8 + k] = F::st((A)((byte >> k) & 1u));
+        } else {
+            for (int k = 0; j * 8 + k < n; ++k) out[j * 8 + k] = F::st((A)((byte >> k) & 1u));
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// C entry points, one set per storage type: fixed names that qkformer/cpu looks up with ctypes.
+#define QK_KERNELS(SUF, F)                                                                     \
+    extern "C" void qk_colsum_##SUF(const F::S* x, i64 C, i64 r0, i64 r1,                     \
+                                    const double* center, double* out) {                       \
+        colsum<F>(x, C, r0, r1, center, out);                                                  \
+    }                                                                                          \
+    extern "C" void qk_bn_lif_fwd_##SUF(const F::S* y, F::S* s, i64 steps, i64 M, i64 C,      \
+                                        i64 y_step, i64 m0, i64 m1, const F::A* scale,         \
+                                        const F::A* shift, F::A tau, F::A v_th) {              \
+        bn_lif_fwd<F>(y, s, steps, M, C, y_step, m0, m1, scale, shift, tau, v_th);            \
+    }                                                                                          \
+    extern "C" void qk_bn_lif_bwd_##SUF(const F::S* gs, const F::S* y, F::A* gz, i64 steps,   \
+                                        i64 M, i64 C, i64 y_step, i64 gz_step, i64 m0, i64 m1, \
+                                        const F::A* scale, const F::A* shift, F::A tau,        \
+                                        F::A v_th, F::A alpha, int detach_reset,               \
+                                        double* psum) {                                        \
+        bn_lif_bwd<F>(gs, y, gz, steps, M, C, y_step, gz_step, m0, m1, scale, shift, tau,     \
+                      v_th, alpha, detach_reset, psum);                                        \
+    }                                                                                          \
+    extern "C" void qk_bn_bwd_apply_##SUF(const F::A* g, const F::S* y, F::S* out, i64 C,     \
+                                          i64 r0, i64 r1, const F::A* a, const F::A* b,        \
+                                          const F::A* mu, const F::A* d) {                     \
+        bn_bwd_apply<F>(g, y, out, C, r0, r1, a, b, mu, d);                                    \
+    }                                                                                          \
+    extern "C" void qk_bn_pool_lif_fwd_##SUF(const F::S* y, F::S* s, i64 steps, i64 B, i64 H, \
+                                             i64 W, i64 C, i64 Ho, i64 Wo, i64 y_step, i64 b0, \
+                                             i64 b1, const F::A* scale, const F::A* shift,     \
+                                             F::A tau, F::A v_th) {                            \
+        bn_pool_lif_fwd<F>(y, s, steps, B, H, W, C, Ho, Wo, y_step, b0, b1, scale, shift, tau, \
+                           v_th);                                                              \
+    }                                                                                          \
+    extern "C" void qk_bn_pool_lif_bwd_##SUF(const F::S* gs, const F::S* y, F::A* gz,         \
+                                             i64 steps, i64 B, i64 H, i64 W, i64 C, i64 Ho,    \
+                                             i64 Wo, i64 y_step, i64 b0, i64 b1,               \
+                                             const F::A* scale, const F::A* shift, F::A tau,   \
+                                             F::A v_th, F::A alpha, int detach_reset,          \
+                                             double* psum) {                                   \
+        bn_pool_lif_bwd<F>(gs, y, gz, steps, B, H, W, C, Ho, Wo, y_step, b0, b1, scale, shift, \
+                           tau, v_th, alpha, detach_reset, psum);                              \
+    }                                                                                          \
+    extern "C" i64 qk_to_u8_##SUF(const F::S* x, uint8_t* out, i64 n0, i64 n1) {              \
+        return to_u8<F>(x, out, n0, n1);                                                       \
+    }                                                                                          \
+    extern "C" void qk_from_u8_##SUF(const uint8_t* in, F::S* out, i64 n0, i64 n1) {          \
+        from_u8<F>(in, out, n0, n1);                                                           \
+    }                                                                                          \
+    extern "C" i64 qk_to_bits_##SUF(const F::S* x, uint8_t* out, i64 n, i64 n0, i64 n1) {     \
+        return to_bits<F>(x, out, n, n0, n1);                                                  \
+    }                                                                                          \
+    extern "C" void qk_from_bits_##SUF(const uint8_t* in, F::S* out, i64 n, i64 n0, i64 n1) { \
+        from_bits<F>(in, out, n, n0, n1);                                                      \
+    }
+
+QK_KERNELS(f32, F32)
+QK_KERNELS(f64, F64)
+QK_KERNELS(bf16, BF16)
