@@ -1,0 +1,728 @@
+"""Fused spiking layers of the fast path, on token-major tensors (channels innermost).
+
+A *spiking unit* is the pattern every QKFormer layer is made of:
+convolution (1x1 as one GEMM over all tokens, or k x k) -> BatchNorm -> [MaxPool 3/2/1] -> LIF.
+:func:`spiking_unit` runs it as one autograd node: one pass over the GEMM output for BatchNorm
+and the neuron forward, one pass back, and it keeps for the backward pass only
+
+* its input, compactly (:func:`pack`): spikes as 1 bit, small integer counts (the residual
+  stream) as 1 byte, both checked, with the original kept where a check fails;
+* the GEMM output (float) and the batch statistics, from which BatchNorm, the pool's argmax and
+  the LIF charges are recomputed in the backward pass (cheaper than storing them).
+
+:func:`qk_attention` (QKTA/QKCA mask) and :func:`ssa_attention` (q (kᵀ v) -> LIF) are the
+attention cores, stored the same way. Each is a ``torch.library`` custom op with a fake kernel
+and an autograd formula, so ``torch.compile(fullgraph=True)`` sees single opaque nodes.
+
+On CPU the passes are the compiled kernels of :mod:`qkformer.cpu`; elsewhere (CUDA, or no C++
+compiler) the same algorithm runs in torch ops with the LIF of :mod:`qkformer.neuron`.
+The formulas equal the reference modules' (``nn.BatchNorm*`` in train and eval mode, the
+multistep LIF, ``max_pool2d``) up to floating-point rounding; the tests hold them to the
+reference path in float64.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import threading
+from typing import List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import cpu
+from .neuron import lif_backward_torch, lif_forward_torch
+
+__all__ = ["ANALOG", "SPIKES", "COUNTS", "pack", "unpack", "compact_storage",
+           "compact_storage_enabled", "batch_stats", "bn_lif_forward", "bn_lif_backward",
+           "spiking_unit", "qk_attention", "ssa_attention"]
+
+# What a unit's input holds, which decides how it is kept for backward.
+ANALOG, SPIKES, COUNTS = 0, 1, 2
+
+_state = threading.local()
+
+
+def compact_storage_enabled() -> bool:
+    return getattr(_state, "compact", True)
+
+
+@contextlib.contextmanager
+def compact_storage(enabled: bool):
+    """Turn compact storage of saved inputs on or off (on by default) within the block.
+    Off keeps every saved input as it is: the results are bit-identical, only memory differs."""
+    previous = compact_storage_enabled()
+    _state.compact = enabled
+    try:
+        yield
+    finally:
+        _state.compact = previous
+
+
+def _kernels(t: Tensor) -> bool:
+    return cpu.supports(t)
+
+
+def _arith(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _ptr(t: Optional[Tensor]) -> Optional[int]:
+    return None if t is None else t.data_ptr()
+
+
+# ---------------------------------------------------------------------------------------------
+# compact storage
+# ---------------------------------------------------------------------------------------------
+def pack(x: Tensor, kind: int):
+    """What to keep of ``x`` for backward: ``(format, data, shape, dtype)``. Spikes -> 1 bit per
+    element, counts -> 1 byte, analog (and anything that fails its check) -> ``x`` itself."""
+    if kind == ANALOG or not compact_storage_enabled() or x.numel() == 0:
+        return ("raw", x, None, None)
+    flat = x.contiguous().view(-1)
+    n = flat.numel()
+    if kind == SPIKES:
+        out = torch.empty((n + 7) // 8, dtype=torch.uint8, device=x.device)
+        if _kernels(flat):
+            f = cpu.kernel("to_bits", flat.dtype)
+            bad = sum(cpu.for_ranges(cpu.ranges(n, 8),
+                                     lambda i, a, b: f(flat.data_ptr(), out.data_ptr(), n, a, b)))
+        else:
+            ok = ((flat == 0) | (flat == 1)).all()
+            padded = torch.zeros(out.numel() * 8, dtype=torch.uint8, device=x.device)
+            padded[:n] = flat == 1
+            weights = 1 << torch.arange(8, dtype=torch.uint8, device=x.device)
+            out = (padded.view(-1, 8) * weights).sum(1, dtype=torch.uint8)
+            bad = int(not ok)
+        fmt = "bits"
+    else:
+        out = torch.empty(n, dtype=torch.uint8, device=x.device)
+        if _kernels(flat):
+            f = cpu.kernel("to_u8", flat.dtype)
+            bad = sum(cpu.for_ranges(cpu.ranges(n),
+                                     lambda i, a, b: f(flat.data_ptr(), out.data_ptr(), a, b)))
+        else:
+            ok = ((flat >= 0) & (flat <= 255) & (flat == flat.round())).all()
+            out = flat.clamp(0, 255).to(torch.uint8)
+            bad = int(not ok)
+        fmt = "u8"
+    if bad:  # not what the layer structure promised: keep the exact values
+        return ("raw", x, None, None)
+    return (fmt, out, x.shape, x.dtype)
+
+
+def unpack(packed) -> Tensor:
+    fmt, data, shape, dtype = packed
+    if fmt == "raw":
+        return data
+    n = math.prod(shape)
+    out = torch.empty(n, dtype=dtype, device=data.device)
+    if _kernels(out):
+        if fmt == "bits":
+            f = cpu.kernel("from_bits", dtype)
+            cpu.for_ranges(cpu.ranges(n, 8), lambda i, a, b: f(data.data_ptr(), out.data_ptr(), n, a, b))
+        else:
+            f = cpu.kernel("from_u8", dtype)
+            cpu.for_ranges(cpu.ranges(n), lambda i, a, b: f(data.data_ptr(), out.data_ptr(), a, b))
+    elif fmt == "bits":
+        bits = (data.unsqueeze(1) >> torch.arange(8, dtype=torch.uint8, device=data.device)) & 1
+        out.copy_(bits.view(-1)[:n])
+    else:
+        out.copy_(data)
+    return out.view(shape)
+
+
+# ---------------------------------------------------------------------------------------------
+# BatchNorm statistics and the fused BN -> [pool] -> LIF passes
+# ---------------------------------------------------------------------------------------------
+def batch_stats(y: Tensor) -> Tuple[Tensor, Tensor]:
+    """Per-channel mean and biased variance (float64) over all rows of ``y`` [..., C]."""
+    C = y.shape[-1]
+    y2 = y.reshape(-1, C)
+    R = y2.shape[0]
+    if _kernels(y2):
+        f = cpu.kernel("colsum", y2.dtype)
+        parts = cpu.ranges(R)
+        sums = torch.zeros(len(parts), C, dtype=torch.float64)
+        cpu.for_ranges(parts, lambda i, a, b: f(y2.data_ptr(), C, a, b, None, sums[i].data_ptr()))
+        mean = sums.sum(0) / R
+        sq = torch.zeros_like(sums)
+        cpu.for_ranges(parts, lambda i, a, b: f(y2.data_ptr(), C, a, b, mean.data_ptr(),
+                                                 sq[i].data_ptr()))
+        return mean, sq.sum(0) / R
+    var, mean = torch.var_mean(y2.to(_arith(y2.dtype)), dim=0, correction=0)
+    return mean.double(), var.double()
+
+
+def _pool_out(n: int) -> int:
+    return (n - 1) // 2 + 1  # MaxPool2d(kernel 3, stride 2, padding 1)
+
+
+def _geometry(y: Tensor, steps: int, pool: bool, bcast: bool):
+    """Sizes of the kernels' problem and the spike output shape."""
+    C = y.shape[-1]
+    if pool:
+        N, H, W = y.shape[0], y.shape[1], y.shape[2]
+        B = N if bcast else N // steps
+        out_shape = (steps * B, _pool_out(H), _pool_out(W), C)
+        return dict(C=C, B=B, H=H, W=W, Ho=out_shape[1], Wo=out_shape[2]), out_shape
+    if bcast:
+        M = y.numel() // C
+        return dict(C=C, M=M), (steps * y.shape[0], *y.shape[1:])
+    return dict(C=C, M=y.numel() // (steps * C)), tuple(y.shape)
+
+
+def _to_nchw(t: Tensor) -> Tensor:  # [N, H, W, C] -> the same memory as an NCHW channels-last tensor
+    return t.permute(0, 3, 1, 2)
+
+
+def _from_nchw(t: Tensor) -> Tensor:
+    return t.permute(0, 2, 3, 1)
+
+
+def _affine_torch(y: Tensor, scale: Optional[Tensor], shift: Optional[Tensor]) -> Tensor:
+    z = y.to(_arith(y.dtype))
+    return z if scale is None else torch.addcmul(shift, z, scale)
+
+
+def bn_lif_forward(y: Tensor, steps: int, scale: Optional[Tensor], shift: Optional[Tensor],
+                   tau: float, v_threshold: float, pool: bool = False, bcast: bool = False) -> Tensor:
+    """Spikes of LIF(pool?(y * scale + shift)) over ``steps`` time steps (the leading axis of
+    ``y``, or all of ``y`` repeated ``steps`` times when ``bcast``). ``scale``/``shift`` are per
+    channel (None: no BatchNorm). Output in ``y``'s dtype."""
+    g, out_shape = _geometry(y, steps, pool, bcast)
+    C = g["C"]
+    if _kernels(y):
+        y = y.contiguous()
+        s = torch.empty(out_shape, dtype=y.dtype)
+        if pool:
+            f = cpu.kernel("bn_pool_lif_fwd", y.dtype)
+            y_step = 0 if bcast else g["B"] * g["H"] * g["W"] * C
+            cpu.for_ranges(cpu.ranges(g["B"]), lambda i, a, b: f(
+                y.data_ptr(), s.data_ptr(), steps, g["B"], g["H"], g["W"], C, g["Ho"], g["Wo"],
+                y_step, a, b, _ptr(scale), _ptr(shift), tau, v_threshold))
+        else:
+            f = cpu.kernel("bn_lif_fwd", y.dtype)
+            M = g["M"]
+            cpu.for_ranges(cpu.ranges(M), lambda i, a, b: f(
+                y.data_ptr(), s.data_ptr(), steps, M, C, 0 if bcast else M * C, a, b,
+                _ptr(scale), _ptr(shift), tau, v_threshold))
+        return s
+    z = _affine_torch(y, scale, shift)
+    if pool:
+        z = _from_nchw(F.max_pool2d(_to_nchw(z), 3, 2, 1))
+    if bcast:
+        z = z.unsqueeze(0).expand(steps, *z.shape)
+    spikes, _ = lif_forward_torch(z.reshape(steps, -1), tau, v_threshold, save_h=False)
+    return spikes.to(y.dtype).reshape(out_shape)
+
+
+def bn_lif_backward(grad: Tensor, y: Tensor, steps: int, scale: Optional[Tensor],
+                    shift: Optional[Tensor], tau: float, v_threshold: float, alpha: float,
+                    detach_reset: bool, pool: bool = False, bcast: bool = False,
+                    sums: bool = False) -> Tuple[Tensor, Optional[Tensor]]:
+    """Gradient with respect to Z = y * scale + shift (shape of ``y``, arithmetic dtype; summed
+    over the steps when ``bcast``), and with ``sums`` the per-channel ``[sum(g_Z),
+    sum(g_Z * y)]`` (float64, [2, C]) that the BatchNorm backward needs."""
+    g, _ = _geometry(y, steps, pool, bcast)
+    C = g["C"]
+    if _kernels(y):
+        y = y.contiguous()
+        grad = grad.to(y.dtype).contiguous()
+        gz = torch.empty(y.shape, dtype=_arith(y.dtype))
+        if pool:
+            f = cpu.kernel("bn_pool_lif_bwd", y.dtype)
+            parts = cpu.ranges(g["B"])
+            y_step = 0 if bcast else g["B"] * g["H"] * g["W"] * C
+            psum = torch.zeros(len(parts), 2 * C, dtype=torch.float64) if sums else None
+            cpu.for_ranges(parts, lambda i, a, b: f(
+                grad.data_ptr(), y.data_ptr(), gz.data_ptr(), steps, g["B"], g["H"], g["W"], C,
+                g["Ho"], g["Wo"], y_step, a, b, _ptr(scale), _ptr(shift), tau, v_threshold,
+                alpha, int(detach_reset), None if psum is None else psum[i].data_ptr()))
+        else:
+            f = cpu.kernel("bn_lif_bwd", y.dtype)
+            M = g["M"]
+            parts = cpu.ranges(M)
+            psum = torch.zeros(len(parts), 2 * C, dtype=torch.float64) if sums else None
+            cpu.for_ranges(parts, lambda i, a, b: f(
+                grad.data_ptr(), y.data_ptr(), gz.data_ptr(), steps, M, C, 0 if bcast else M * C,
+                0 if bcast else M * C, a, b, _ptr(scale), _ptr(shift), tau, v_threshold, alpha,
+                int(detach_reset), None if psum is None else psum[i].data_ptr()))
+        return gz, (psum.sum(0).view(2, C) if sums else None)
+    z = _affine_torch(y, scale, shift)
+    indices = None
+    if pool:
+        pooled, indices = F.max_pool2d(_to_nchw(z), 3, 2, 1, return_indices=True)
+        zp = _from_nchw(pooled)
+    else:
+        zp = z
+    if bcast:
+        zp = zp.unsqueeze(0).expand(steps, *zp.shape)
+    _, h = lif_forward_torch(zp.reshape(steps, -1).contiguous(), tau, v_threshold, save_h=True)
+    gzp = lif_backward_torch(grad.reshape(steps, -1).to(h.dtype).contiguous(), h, tau,
+                             v_threshold, alpha, detach_reset)
+    gzp = gzp.reshape(zp.shape)
+    if bcast:
+        gzp = gzp.sum(0)
+    if pool:
+        gz = _from_nchw(torch.ops.aten.max_pool2d_with_indices_backward(
+            _to_nchw(gzp), _to_nchw(z), [3, 3], [2, 2], [1, 1], [1, 1], False, indices))
+    else:
+        gz = gzp
+    gz = gz.contiguous()
+    if not sums:
+        return gz, None
+    g2, y2 = gz.reshape(-1, C).double(), y.reshape(-1, C).double()
+    return gz, torch.stack([g2.sum(0), (g2 * y2).sum(0)])
+
+
+def _bn_input_grad(gz: Tensor, y: Tensor, a: Optional[Tensor], b: Optional[Tensor],
+                   mu: Optional[Tensor], d: Optional[Tensor]) -> Tensor:
+    """g_Y = a g_Z + b (y - mu) + d per channel (b None: a g_Z; a None: g_Z), in y's dtype."""
+    C = y.shape[-1]
+    if _kernels(y):
+        y = y.contiguous()
+        out = gz if gz.dtype == y.dtype else torch.empty(y.shape, dtype=y.dtype)
+        if a is None and out is gz:
+            return out
+        R = y.numel() // C
+        f = cpu.kernel("bn_bwd_apply", y.dtype)
+        cpu.for_ranges(cpu.ranges(R), lambda i, r0, r1: f(
+            gz.data_ptr(), y.data_ptr(), out.data_ptr(), C, r0, r1, _ptr(a), _ptr(b), _ptr(mu),
+            _ptr(d)))
+        return out
+    if a is None:
+        return gz.to(y.dtype)
+    out = gz * a
+    if b is not None:
+        out = out + b * (y.to(out.dtype) - mu) + d
+    return out.to(y.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# the spiking unit: GEMM/conv -> BN -> [pool] -> LIF
+# ---------------------------------------------------------------------------------------------
+def _gemm(x: Tensor, weight: Tensor, bias: Optional[Tensor], kernel_size: int, stride: int) -> Tensor:
+    """1x1 projection over tokens (``kernel_size`` 0: ``x`` [..., Cin]) or a convolution of
+    ``x`` [N, H, W, Cin] (padding k // 2); output token-major."""
+    if kernel_size == 0:
+        w2 = weight.reshape(weight.shape[0], -1)
+        x2 = x.reshape(-1, x.shape[-1])
+        y = torch.addmm(bias, x2, w2.t()) if bias is not None else x2 @ w2.t()
+        return y.view(*x.shape[:-1], w2.shape[0])
+    y = F.conv2d(_to_nchw(x), weight, bias, stride, kernel_size // 2)
+    return _from_nchw(y).contiguous()  # a no-op: the output is channels-last already
+
+
+def _gemm_backward(gy: Tensor, x: Tensor, weight: Tensor, has_bias: bool, kernel_size: int,
+                   stride: int, need: Tuple[bool, bool, bool]):
+    if kernel_size == 0:
+        w2 = weight.reshape(weight.shape[0], -1)
+        g2, x2 = gy.reshape(-1, gy.shape[-1]), x.reshape(-1, x.shape[-1])
+        gx = (g2 @ w2).view(x.shape) if need[0] else None
+        gw = (g2.t() @ x2).view(weight.shape) if need[1] else None
+        gb = g2.sum(0) if need[2] and has_bias else None
+        return gx, gw, gb
+    gx, gw, gb = torch.ops.aten.convolution_backward(
+        _to_nchw(gy), _to_nchw(x), weight, [weight.shape[0]] if has_bias else None,
+        [stride, stride], [kernel_size // 2] * 2, [1, 1], False, [0, 0], 1,
+        [need[0], need[1], need[2] and has_bias])
+    return (_from_nchw(gx) if gx is not None else None), gw, gb
+
+
+@torch.library.custom_op("qkformer::spiking_unit", mutates_args=())
+def _spiking_unit(x: Tensor, weight: Tensor, bias: Optional[Tensor], bn_weight: Optional[Tensor],
+                  bn_bias: Optional[Tensor], running_mean: Optional[Tensor],
+                  running_var: Optional[Tensor], kernel_size: int, stride: int, pool: bool,
+                  steps: int, bcast: bool, use_bn: bool, batch_stats_: bool,
+                  eps: float, tau: float, v_threshold: float, alpha: float,
+                  detach_reset: bool, x_kind: int,
+                  gemm_dtype: Optional[torch.dtype]) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    # Functional (autograd needs that): the batch statistics are returned, and the caller
+    # updates the running ones. alpha, detach_reset (the surrogate) and x_kind (how to keep x)
+    # are for the backward pass.
+    with torch.autocast(x.device.type, enabled=False):
+        if gemm_dtype is not None:
+            x, weight = x.to(gemm_dtype), weight.to(gemm_dtype)
+            bias = bias.to(gemm_dtype) if bias is not None else None
+        y = _gemm(x, weight, bias, kernel_size, stride)
+        C = y.shape[-1]
+        A = _arith(y.dtype)
+        if not use_bn:
+            mean = torch.zeros(0, dtype=torch.float64, device=y.device)
+            var = torch.zeros(0, dtype=torch.float64, device=y.device)
+            invstd = torch.zeros(0, dtype=torch.float64, device=y.device)
+            scale = shift = None
+        else:
+            if batch_stats_:
+                mean, var = batch_stats(y)
+            else:
+                mean, var = running_mean.double(), running_var.double()
+            invstd = (var + eps).rsqrt()
+            gamma = bn_weight.double() if bn_weight is not None else torch.ones_like(mean)
+            beta = bn_bias.double() if bn_bias is not None else torch.zeros_like(mean)
+            scale64 = gamma * invstd
+            scale, shift = scale64.to(A), (beta - mean * scale64).to(A)
+        spikes = bn_lif_forward(y, steps, scale, shift, tau, v_threshold, pool, bcast)
+    return spikes, y, mean.clone(), var.clone(), invstd
+
+
+@_spiking_unit.register_fake
+def _(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, kernel_size, stride, pool,
+      steps, bcast, use_bn, batch_stats_, eps, tau, v_threshold, alpha, detach_reset, x_kind,
+      gemm_dtype):
+    dtype = gemm_dtype or x.dtype
+    cout = weight.shape[0]
+    if kernel_size == 0:
+        y = x.new_empty((*x.shape[:-1], cout), dtype=dtype)
+    else:
+        N, H, W = x.shape[0], x.shape[1], x.shape[2]
+        pad = kernel_size // 2
+        Hy = (H + 2 * pad - kernel_size) // stride + 1
+        Wy = (W + 2 * pad - kernel_size) // stride + 1
+        y = x.new_empty((N, Hy, Wy, cout), dtype=dtype)
+    _, out_shape = _geometry(y, steps, pool, bcast)
+    stats = cout if use_bn else 0
+    return (y.new_empty(out_shape), y, *(x.new_empty(stats, dtype=torch.float64) for _ in range(3)))
+
+
+def _unit_setup(ctx, inputs, output):
+    (x, weight, bias, bn_weight, bn_bias, running_mean, running_var, kernel_size, stride, pool,
+     steps, bcast, use_bn, batch_stats_, eps, tau, v_threshold, alpha, detach_reset, x_kind,
+     gemm_dtype) = inputs
+    _, y, mean, var, invstd = output
+    # compiled graphs keep x as it is: the packing checks are data-dependent branches
+    ctx.x = (pack(x, x_kind) if not torch.compiler.is_compiling() else ("raw", x, None, None))
+    ctx.x_dtype = x.dtype
+    ctx.save_for_backward(weight, bn_weight, bn_bias, y, mean, invstd)
+    ctx.cfg = (kernel_size, stride, pool, steps, bcast, use_bn, batch_stats_, tau, v_threshold,
+               alpha, detach_reset, gemm_dtype, bias is not None)
+    ctx.n_inputs = len(inputs)
+    ctx.mark_non_differentiable(y, mean, var, invstd)
+
+
+_EMPTY = "empty"  # a gradient the backward op was not asked for comes back with 0 elements
+
+
+@torch.library.custom_op("qkformer::spiking_unit_backward", mutates_args=())
+def _spiking_unit_backward(grad: Tensor, x: Tensor, weight: Tensor, bn_weight: Optional[Tensor],
+                           bn_bias: Optional[Tensor], y: Tensor, mean: Tensor, invstd: Tensor,
+                           kernel_size: int, stride: int, pool: bool, steps: int, bcast: bool,
+                           use_bn: bool, batch_stats_: bool, tau: float, v_threshold: float,
+                           alpha: float, detach_reset: bool, gemm_dtype: Optional[torch.dtype],
+                           has_bias: bool, need: List[bool]) -> Tuple[Tensor, Tensor, Tensor,
+                                                                      Tensor, Tensor]:
+    """Gradients of :func:`_spiking_unit` for (x, weight, bias, bn_weight, bn_bias); those not
+    in ``need`` are empty."""
+    A = _arith(y.dtype)
+    with torch.autocast(y.device.type, enabled=False):
+        if use_bn:
+            gamma = bn_weight.double() if bn_weight is not None else torch.ones_like(invstd)
+            beta = bn_bias.double() if bn_bias is not None else torch.zeros_like(invstd)
+            scale64 = gamma * invstd
+            scale, shift = scale64.to(A), (beta - mean * scale64).to(A)
+        else:
+            scale = shift = None
+        gz, sums = bn_lif_backward(grad, y, steps, scale, shift, tau, v_threshold, alpha,
+                                   detach_reset, pool, bcast, sums=use_bn)
+        g_gamma = g_beta = None
+        if use_bn:
+            sum_gz, sum_gzy = sums[0].clone(), sums[1].clone()
+            gzxhat = invstd * (sum_gzy - mean * sum_gz)  # sum(g_Z * x_hat)
+            if need[3] and bn_weight is not None:
+                g_gamma = gzxhat.to(bn_weight.dtype)
+            if need[4] and bn_bias is not None:
+                g_beta = sum_gz.to(bn_bias.dtype)
+            if batch_stats_:  # the batch statistics depend on y too
+                n = y.numel() // y.shape[-1] * (steps if bcast else 1)
+                rep = steps if bcast else 1
+                b = (-scale64 * invstd * gzxhat / n * rep).to(A)
+                d = (-scale64 * sum_gz / n * rep).to(A)
+                gy = _bn_input_grad(gz, y, scale, b, mean.to(A), d)
+            else:
+                gy = _bn_input_grad(gz, y, scale, None, None, None)
+        else:
+            gy = _bn_input_grad(gz, y, None, None, None, None)
+        del gz
+        w = weight.to(gemm_dtype) if gemm_dtype is not None else weight
+        xg = x.to(gemm_dtype) if gemm_dtype is not None else x
+        gx, gw, gb = _gemm_backward(gy, xg, w, has_bias, kernel_size, stride,
+                                    (need[0], need[1], need[2]))
+    dtypes = (x.dtype, weight.dtype, weight.dtype, None, None)
+    # every output its own tensor (custom ops may not return aliases); unwanted ones empty
+    return tuple(y.new_empty(0) if g is None else g.to(dt or g.dtype).contiguous()
+                 for g, dt in zip((gx, gw, gb, g_gamma, g_beta), dtypes))
+
+
+@_spiking_unit_backward.register_fake
+def _(grad, x, weight, bn_weight, bn_bias, y, mean, invstd, kernel_size, stride, pool, steps,
+      bcast, use_bn, batch_stats_, tau, v_threshold, alpha, detach_reset, gemm_dtype, has_bias,
+      need):
+    def like(t, wanted):
+        return torch.empty_like(t) if wanted and t is not None else y.new_empty(0)
+
+    bias_like = weight.new_empty(weight.shape[0]) if has_bias else None
+    return (like(x, need[0]), like(weight, need[1]), like(bias_like, need[2]),
+            like(bn_weight, need[3] and use_bn), like(bn_bias, need[4] and use_bn))
+
+
+def _unit_backward(ctx, g_spikes, *_):
+    weight, bn_weight, bn_bias, y, mean, invstd = ctx.saved_tensors
+    (kernel_size, stride, pool, steps, bcast, use_bn, batch_stats_, tau, v_threshold, alpha,
+     detach_reset, gemm_dtype, has_bias) = ctx.cfg
+    need = [bool(n) for n in ctx.needs_input_grad[:5]]
+    x = unpack(ctx.x)
+    ctx.x = None
+    grads = _spiking_unit_backward(g_spikes.contiguous(), x, weight, bn_weight, bn_bias, y, mean,
+                                   invstd, kernel_size, stride, pool, steps, bcast, use_bn,
+                                   batch_stats_, tau, v_threshold, alpha, detach_reset,
+                                   gemm_dtype, has_bias, need)
+    grads = tuple(g if n else None for g, n in zip(grads, need))
+    return grads + (None,) * (ctx.n_inputs - 5)
+
+
+_spiking_unit.register_autograd(_unit_backward, setup_context=_unit_setup)
+
+
+def spiking_unit(x: Tensor, weight: Tensor, bias: Optional[Tensor], bn: Optional[torch.nn.Module],
+                 lif, *, kernel_size: int = 0, stride: int = 1, pool: bool = False,
+                 steps: int, bcast: bool = False, x_kind: int = ANALOG,
+                 update_stats: bool = True) -> Tensor:
+    """LIF(pool?(BN(conv(x)))) as one autograd node.
+
+    Args:
+        x: token-major input: ``[..., Cin]`` for a 1x1 projection (``kernel_size=0``), or
+            ``[N, H, W, Cin]`` for a ``kernel_size`` x ``kernel_size`` convolution (padding
+            ``kernel_size // 2``, ``stride``).
+        weight, bias: the convolution's parameters, in their own (state_dict) shape.
+        bn: an ``nn.BatchNorm1d/2d`` (or a list of them, applied to consecutive channel groups,
+            as for a stacked q/k/v projection), or None.
+        lif: the :class:`~qkformer.neuron.MultiStepLIF` whose parameters to use.
+        pool: MaxPool2d(3, 2, 1) between BatchNorm and LIF.
+        steps: the LIF time steps: the leading extent of the output (``T``; ``T*B`` for the
+            original's batch-coupled SSA ``proj_lif``).
+        bcast: ``x`` is one static image batch ``[B, H, W, Cin]`` that the original feeds at
+            every step: the convolution runs once and its output is repeated ``steps`` times.
+        x_kind: :data:`ANALOG`, :data:`SPIKES` or :data:`COUNTS`: how to keep ``x`` for backward.
+        update_stats: update BatchNorm running statistics in training mode (False while a
+            checkpointed block is recomputed, so they are updated exactly once).
+
+    Shape:
+        output spikes: the conv output's shape (pooled), ``[steps * N, ...]`` when ``bcast``.
+    """
+    bns = [m for m in (bn if isinstance(bn, (list, tuple)) else [bn])
+           if m is not None and not isinstance(m, torch.nn.Identity)]  # Identity: folded away
+    if bns and len(bns) != (len(bn) if isinstance(bn, (list, tuple)) else 1):
+        raise ValueError("spiking_unit: a stacked projection needs BatchNorm on every branch or none")
+    use_bn = bool(bns)
+    bn_w = bn_b = rm = rv = None
+    batch, momentum, eps = False, 0.0, 1e-5
+    if use_bn:
+        first = bns[0]
+        training = first.training
+        tracking = first.running_mean is not None
+        batch = training or not tracking
+        eps = first.eps
+        if training and tracking and update_stats:
+            for m in bns:
+                m.num_batches_tracked.add_(1)
+            momentum = (1.0 / float(first.num_batches_tracked) if first.momentum is None
+                        else first.momentum)
+        update = training and tracking and update_stats
+        cat = (lambda ts: ts[0]) if len(bns) == 1 else torch.cat
+        bn_w = cat([m.weight for m in bns]) if first.affine else None
+        bn_b = cat([m.bias for m in bns]) if first.affine else None
+        if tracking and not batch:
+            rm = cat([m.running_mean for m in bns])
+            rv = cat([m.running_var for m in bns])
+    else:
+        update = False
+    gemm_dtype = None
+    if torch.is_autocast_enabled(x.device.type):
+        gemm_dtype = torch.get_autocast_dtype(x.device.type)
+    spikes, y, mean, var, _ = _spiking_unit(
+        x, weight, bias, bn_w, bn_b, rm, rv, kernel_size,
+        stride, pool, steps, bcast, use_bn, batch, eps, lif.tau, lif.v_threshold, lif.alpha,
+        lif.detach_reset, x_kind, gemm_dtype)
+    if update:  # as nn.BatchNorm: running = (1 - m) running + m batch (unbiased variance)
+        n = y.numel() // y.shape[-1] * (steps if bcast else 1)
+        with torch.no_grad():
+            offset = 0
+            for m in bns:
+                k = m.num_features
+                m.running_mean.mul_(1 - momentum).add_(mean[offset:offset + k].to(m.running_mean.dtype),
+                                                       alpha=momentum)
+                m.running_var.mul_(1 - momentum).add_(
+                    (var[offset:offset + k] * (n / max(n - 1, 1))).to(m.running_var.dtype),
+                    alpha=momentum)
+                offset += k
+    return spikes
+
+
+# ---------------------------------------------------------------------------------------------
+# attention cores
+# ---------------------------------------------------------------------------------------------
+def _lif_only(x: Tensor, steps: int, tau: float, v_threshold: float) -> Tensor:
+    return bn_lif_forward(x.contiguous(), steps, None, None, tau, v_threshold)
+
+
+def _q_sums(q: Tensor, num_heads: int, channel: bool) -> Tensor:
+    """Q summed per head over its channels ([T, B, N, h]; QKTA) or per channel over the tokens
+    ([T, B, C]; QKCA). Sums of spikes: exact in any order."""
+    if channel:
+        return q.sum(2, dtype=_arith(q.dtype))
+    return q.unflatten(-1, (num_heads, -1)).sum(-1, dtype=_arith(q.dtype))
+
+
+def _mask(a: Tensor, k: Tensor, num_heads: int, channel: bool) -> Tensor:
+    if channel:
+        return a.unsqueeze(2) * k
+    return (a.unsqueeze(-1) * k.unflatten(-1, (num_heads, -1))).flatten(-2)
+
+
+@torch.library.custom_op("qkformer::qk_attention", mutates_args=())
+def _qk_attention(qk: Tensor, num_heads: int, channel: bool, tau: float, v_threshold: float,
+                  alpha: float, detach_reset: bool) -> Tuple[Tensor, Tensor]:
+    q, k = qk.chunk(2, dim=-1)
+    qs = _q_sums(q, num_heads, channel)
+    a = _lif_only(qs, qs.shape[0], tau, v_threshold).to(k.dtype)
+    return _mask(a, k, num_heads, channel).contiguous(), qs
+
+
+@_qk_attention.register_fake
+def _(qk, num_heads, channel, tau, v_threshold, alpha, detach_reset):
+    T, B, N, C2 = qk.shape
+    qs_shape = (T, B, C2 // 2) if channel else (T, B, N, num_heads)
+    return qk.new_empty((T, B, N, C2 // 2)), qk.new_empty(qs_shape, dtype=_arith(qk.dtype))
+
+
+def _qk_setup(ctx, inputs, output):
+    qk, num_heads, channel, tau, v_threshold, alpha, detach_reset = inputs
+    _, qs = output
+    k = qk.chunk(2, dim=-1)[1]
+    ctx.k = pack(k, SPIKES) if not torch.compiler.is_compiling() else ("raw", k, None, None)
+    ctx.save_for_backward(qs)
+    ctx.cfg = (num_heads, channel, tau, v_threshold, alpha, detach_reset)
+    ctx.mark_non_differentiable(qs)
+
+
+@torch.library.custom_op("qkformer::qk_attention_backward", mutates_args=())
+def _qk_attention_backward(g_out: Tensor, k: Tensor, qs: Tensor, num_heads: int, channel: bool,
+                           tau: float, v_threshold: float, alpha: float,
+                           detach_reset: bool) -> Tensor:
+    dtype = k.dtype
+    T = qs.shape[0]
+    a = _lif_only(qs, T, tau, v_threshold)
+    g_out = g_out.to(_arith(dtype))
+    kf = k.to(g_out.dtype)
+    if channel:
+        g_a = (g_out * kf).sum(2)
+    else:
+        g_a = (g_out * kf).unflatten(-1, (num_heads, -1)).sum(-1)
+    g_qs, _ = bn_lif_backward(g_a, qs, T, None, None, tau, v_threshold, alpha, detach_reset)
+    g_qs = g_qs.to(dtype)
+    if channel:
+        g_q = g_qs.unsqueeze(2).expand(k.shape)
+    else:
+        g_q = g_qs.unsqueeze(-1).expand(*g_qs.shape, k.shape[-1] // num_heads).flatten(-2)
+    g_k = _mask(a.to(g_out.dtype), g_out, num_heads, channel).to(dtype)
+    return torch.cat([g_q, g_k], dim=-1)
+
+
+@_qk_attention_backward.register_fake
+def _(g_out, k, qs, num_heads, channel, tau, v_threshold, alpha, detach_reset):
+    return k.new_empty((*k.shape[:-1], 2 * k.shape[-1]))
+
+
+def _qk_backward(ctx, g_out, _):
+    (qs,) = ctx.saved_tensors
+    num_heads, channel, tau, v_threshold, alpha, detach_reset = ctx.cfg
+    k = unpack(ctx.k)
+    ctx.k = None
+    return (_qk_attention_backward(g_out.contiguous(), k, qs, num_heads, channel, tau,
+                                   v_threshold, alpha, detach_reset),
+            None, None, None, None, None, None)
+
+
+_qk_attention.register_autograd(_qk_backward, setup_context=_qk_setup)
+
+
+def qk_attention(qk: Tensor, num_heads: int, channel: bool, lif) -> Tensor:
+    """Q-K attention core on stacked spiking ``[q | k]`` ``[T, B, N, 2C]``: per head, Q summed
+    over its channels (QKTA; ``channel=False``) or each channel summed over the tokens (QKCA),
+    through ``lif`` (V_th 0.5: fires iff the count is >= 1), masks K. Returns ``[T, B, N, C]``."""
+    out, _ = _qk_attention(qk, num_heads, channel, lif.tau, lif.v_threshold, lif.alpha,
+                           lif.detach_reset)
+    return out
+
+
+def _heads(t: Tensor, num_heads: int) -> Tensor:  # [T, B, N, C] -> [T, B, h, N, d]
+    return t.unflatten(-1, (num_heads, -1)).transpose(2, 3)
+
+
+def _ssa_scores(q: Tensor, k: Tensor, v: Tensor, num_heads: int, scale: float):
+    """(q (kᵀ v)) * scale per head, [T, B, N, C] (float; integer valued, so exact), and kᵀ v."""
+    A = _arith(q.dtype)
+    qh, kh, vh = (_heads(t.to(A), num_heads) for t in (q, k, v))
+    kv = kh.transpose(-2, -1) @ vh
+    x = (qh @ kv) * scale
+    return x.transpose(2, 3).flatten(-2).contiguous(), kv
+
+
+@torch.library.custom_op("qkformer::ssa_attention", mutates_args=())
+def _ssa_attention(qkv: Tensor, num_heads: int, scale: float, tau: float, v_threshold: float,
+                   alpha: float, detach_reset: bool) -> Tensor:
+    x, _ = _ssa_scores(*qkv.chunk(3, dim=-1), num_heads, scale)
+    return _lif_only(x, x.shape[0], tau, v_threshold).to(qkv.dtype)
+
+
+@_ssa_attention.register_fake
+def _(qkv, num_heads, scale, tau, v_threshold, alpha, detach_reset):
+    T, B, N, C3 = qkv.shape
+    return qkv.new_empty((T, B, N, C3 // 3))
+
+
+def _ssa_setup(ctx, inputs, output):
+    qkv, num_heads, scale, tau, v_threshold, alpha, detach_reset = inputs
+    ctx.qkv = pack(qkv, SPIKES) if not torch.compiler.is_compiling() else ("raw", qkv, None, None)
+    ctx.cfg = (num_heads, scale, tau, v_threshold, alpha, detach_reset)
+
+
+@torch.library.custom_op("qkformer::ssa_attention_backward", mutates_args=())
+def _ssa_attention_backward(g_s: Tensor, qkv: Tensor, num_heads: int, scale: float, tau: float,
+                            v_threshold: float, alpha: float, detach_reset: bool) -> Tensor:
+    q, k, v = qkv.chunk(3, dim=-1)
+    x, kv = _ssa_scores(q, k, v, num_heads, scale)  # recomputed: integer sums, so exactly
+    g_x, _ = bn_lif_backward(g_s, x, x.shape[0], None, None, tau, v_threshold, alpha, detach_reset)
+    A = g_x.dtype
+    gh = _heads(g_x * scale, num_heads)
+    qh, kh, vh = (_heads(t.to(A), num_heads) for t in (q, k, v))
+    g_q = gh @ kv.transpose(-2, -1)
+    g_kv = qh.transpose(-2, -1) @ gh
+    g_k = vh @ g_kv.transpose(-2, -1)
+    g_v = kh @ g_kv
+    grads = [g.transpose(2, 3).flatten(-2) for g in (g_q, g_k, g_v)]
+    return torch.cat(grads, dim=-1).to(qkv.dtype)
+
+
+@_ssa_attention_backward.register_fake
+def _(g_s, qkv, num_heads, scale, tau, v_threshold, alpha, detach_reset):
+    return torch.empty_like(qkv)
+
+
+def _ssa_backward(ctx, g_s):
+    qkv = unpack(ctx.qkv)
+    ctx.qkv = None
+    return (_ssa_attention_backward(g_s.contiguous(), qkv, *ctx.cfg),
+            None, None, None, None, None, None)
+
+
+_ssa_attention.register_autograd(_ssa_backward, setup_context=_ssa_setup)
+
+
+def ssa_attention(qkv: Tensor, num_heads: int, scale: float, lif) -> Tensor:
+    """Spikformer's SSA core on stacked spiking ``[q | k | v]`` ``[T, B, N, 3C]``:
+    ``lif((q (kᵀ v)) * scale)`` per head. Returns spikes ``[T, B, N, C]``."""
+    return _ssa_attention(qkv, num_heads, scale, lif.tau, lif.v_threshold, lif.alpha,
+                          lif.detach_reset)
