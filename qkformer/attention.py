@@ -3,17 +3,22 @@
 All three take and return ``[T, B, C, H, W]``. The 1x1 projections are ``Conv1d`` on the
 ``T*B``-flattened ``[T*B, C, N]`` view, as in the original (the released weights are 3-D).
 Heads own contiguous channel groups: head i owns channels ``i*d .. i*d + d - 1``.
+
+With ``token_major = True`` (set by the model's fast path) they take and return
+``[T, B, H, W, C]`` instead and run as fused units (:mod:`qkformer.fused`): the projections that
+read the same input are one GEMM with their weights stacked, each conv -> BN -> LIF is one node.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
+from . import fused
 from .functional import per_frame
 from .neuron import MultiStepLIF
 
 __all__ = ["QKAttentionBase", "QKTokenAttention", "QKChannelAttention", "SpikingSelfAttention",
-           "ATTENTION_TYPES", "conv_bn", "spiking_projection"]
+           "ATTENTION_TYPES", "conv_bn", "spiking_projection", "fused_projection"]
 
 
 def conv_bn(owner: nn.Module, name: str, x: torch.Tensor) -> torch.Tensor:
@@ -23,6 +28,29 @@ def conv_bn(owner: nn.Module, name: str, x: torch.Tensor) -> torch.Tensor:
 
 def spiking_projection(owner: nn.Module, name: str, x: torch.Tensor) -> torch.Tensor:
     return getattr(owner, f"{name}_lif")(conv_bn(owner, name, x))
+
+
+def _lif_params(lif: MultiStepLIF):
+    return (lif.tau, lif.v_threshold, lif.alpha, lif.detach_reset)
+
+
+def fused_projection(owner: nn.Module, names, x: torch.Tensor, x_kind: int, steps: int) -> torch.Tensor:
+    """The spiking projections ``<name>_conv/_bn/_lif`` of ``names`` on token-major ``x``
+    ``[..., C]``, concatenated along the channels. Branches with equal neurons read ``x`` in one
+    GEMM (their weights stacked), so ``x`` is also kept for backward only once."""
+    convs = [getattr(owner, f"{n}_conv") for n in names]
+    bns = [getattr(owner, f"{n}_bn") for n in names]
+    lifs = [getattr(owner, f"{n}_lif") for n in names]
+    biased = [c.bias is not None for c in convs]
+    if len(set(map(_lif_params, lifs))) > 1 or (any(biased) and not all(biased)):
+        return torch.cat([fused_projection(owner, [n], x, x_kind, steps) for n in names], -1)
+    if len(convs) == 1:
+        weight, bias, bn = convs[0].weight, convs[0].bias, bns[0]
+    else:
+        weight = torch.cat([c.weight for c in convs])
+        bias = torch.cat([c.bias for c in convs]) if biased[0] else None
+        bn = bns
+    return fused.spiking_unit(x, weight, bias, bn, lifs[0], steps=steps, x_kind=x_kind)
 
 
 def _add_branch(owner: nn.Module, name: str, dim: int, bias: bool, v_threshold: float = 1.0):
@@ -51,12 +79,15 @@ class QKAttentionBase(nn.Module):
         # (docs/original.md §1.4), but keeps the LIF surrogate gradient.
         self.attn_lif = MultiStepLIF(v_threshold=0.5)
         _add_branch(self, "proj", dim, bias=True)
+        self.token_major = False
 
     def attention_mask(self, q: torch.Tensor) -> torch.Tensor:
         """Binary attention vector from spiking Q ``[T, B, h, d, N]``."""
         return self.attn_lif(q.sum(dim=self.sum_dim, keepdim=True))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.token_major:
+            return self.forward_tokens(x)
         T, B, C, H, W = x.shape
         x = x.flatten(3)
         heads = (T, B, self.num_heads, C // self.num_heads, H * W)
@@ -64,6 +95,14 @@ class QKAttentionBase(nn.Module):
         k = spiking_projection(self, "k", x).reshape(heads)
         x = (self.attention_mask(q) * k).reshape(T, B, C, H * W)
         return spiking_projection(self, "proj", x).reshape(T, B, C, H, W)
+
+    def forward_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """``[T, B, H, W, C]`` -> ``[T, B, H, W, C]``, fused."""
+        T, B, H, W, C = x.shape
+        x = x.reshape(T, B, H * W, C)
+        qk = fused_projection(self, ("q", "k"), x, fused.COUNTS, T)
+        x = fused.qk_attention(qk, self.num_heads, self.sum_dim == 4, self.attn_lif)
+        return fused_projection(self, ("proj",), x, fused.SPIKES, T).reshape(T, B, H, W, C)
 
 
 class QKTokenAttention(QKAttentionBase):
@@ -110,8 +149,11 @@ class SpikingSelfAttention(nn.Module):
         _add_branch(self, "v", dim, bias=False)
         self.attn_lif = MultiStepLIF(v_threshold=0.5)
         _add_branch(self, "proj", dim, bias=True)
+        self.token_major = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.token_major:
+            return self.forward_tokens(x)
         T, B, C, H, W = x.shape
         N, h = H * W, self.num_heads
         x = x.flatten(3)
@@ -132,6 +174,16 @@ class SpikingSelfAttention(nn.Module):
             x = self.proj_lif(x)
         # (H, W), not the original's (W, H) relabel (docs/original.md Q2): identical for square maps.
         return x.reshape(T, B, C, H, W)
+
+    def forward_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """``[T, B, H, W, C]`` -> ``[T, B, H, W, C]``, fused. The score order is always
+        q·(kᵀ·v): integer sums, so equal to (q·kᵀ)·v exactly."""
+        T, B, H, W, C = x.shape
+        x = x.reshape(T, B, H * W, C)
+        qkv = fused_projection(self, ("q", "k", "v"), x, fused.COUNTS, T)
+        x = fused.ssa_attention(qkv, self.num_heads, self.scale, self.attn_lif)
+        steps = T * B if self.legacy_proj_lif else T  # legacy: the T*B axis is the LIF's time
+        return fused_projection(self, ("proj",), x, fused.SPIKES, steps).reshape(T, B, H, W, C)
 
 
 ATTENTION_TYPES = {

@@ -1,7 +1,8 @@
 """Building blocks around the attention: spiking MLP, transformer block, SPEDS patch embedding.
 
 Everything works on ``[T, B, C, H, W]``. Convolutions and BatchNorm see the ``T*B``-flattened
-view; neurons see ``[T, ...]``. Attribute names are passed in, so one class serves every
+view; neurons see ``[T, ...]``. With ``token_major = True`` (the model's fast path) the layers
+take and return ``[T, B, H, W, C]`` and run as fused units (:mod:`qkformer.fused`). Attribute names are passed in, so one class serves every
 family's naming (``fc1_``/``mlp1_``, ``attn``/``ssa``, ``proj3_``/``proj_``) and each variant's
 ``state_dict`` carries exactly the original keys.
 """
@@ -13,7 +14,8 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from .attention import ATTENTION_TYPES, SpikingSelfAttention
+from . import fused
+from .attention import ATTENTION_TYPES, SpikingSelfAttention, fused_projection
 from .functional import per_frame
 from .neuron import MultiStepLIF
 
@@ -30,8 +32,12 @@ class SpikingMLP(nn.Module):
             self.add_module(f"{prefix}{i}_conv", nn.Conv2d(cin, cout, kernel_size=1, bias=True))
             self.add_module(f"{prefix}{i}_bn", nn.BatchNorm2d(cout))
             self.add_module(f"{prefix}{i}_lif", MultiStepLIF())
+        self.token_major = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.token_major:  # [T, B, H, W, C]: both layers are GEMMs over the tokens
+            x = fused_projection(self, (f"{self.prefix}1",), x, fused.COUNTS, x.shape[0])
+            return fused_projection(self, (f"{self.prefix}2",), x, fused.SPIKES, x.shape[0])
         for i in (1, 2):
             conv, bn, lif = (getattr(self, f"{self.prefix}{i}_{s}") for s in ("conv", "bn", "lif"))
             x = lif(per_frame(x, conv, bn))
@@ -112,8 +118,15 @@ class SPEDS(nn.Module):
             raise ValueError(f"SPEDS shortcut stride {shortcut_stride} does not match the "
                              f"{pools_after} max-pools after unit {shortcut_from}")
         self.downsample = 2 ** sum(1 for u in self.units if u.pool)
+        self.token_major = False
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, steps: Optional[int] = None) -> torch.Tensor:
+        """``x``: ``[T, B, C, H, W]``; token-major: ``[T, B, H, W, C]``, or with ``steps`` a
+        static image batch ``[B, H, W, C]`` that is the input at each of ``steps`` time steps."""
+        if self.token_major:
+            return self.forward_tokens(x, steps)
+        if steps is not None:
+            raise ValueError("SPEDS: steps= is for token-major input only")
         shortcut_in = x
         for i, u in enumerate(self.units):
             conv, bn = getattr(self, f"{u.name}_conv"), getattr(self, f"{u.name}_bn")
@@ -122,3 +135,27 @@ class SPEDS(nn.Module):
             if i == self.shortcut_from:
                 shortcut_in = x
         return x + self.proj_res_lif(per_frame(shortcut_in, self.proj_res_conv, self.proj_res_bn))
+
+    def _unit(self, name: str, x: torch.Tensor, steps: int, bcast: bool, x_kind: int, **conv):
+        c = getattr(self, f"{name}_conv")
+        return fused.spiking_unit(x, c.weight, c.bias, getattr(self, f"{name}_bn"),
+                                  getattr(self, f"{name}_lif"), steps=steps, bcast=bcast,
+                                  x_kind=x_kind, **conv)
+
+    def forward_tokens(self, x: torch.Tensor, steps: Optional[int] = None) -> torch.Tensor:
+        # A static image (steps given) is convolved once: the first unit repeats its output.
+        bcast = steps is not None
+        T, B = (steps, x.shape[0]) if bcast else x.shape[:2]
+        frames = x if bcast else x.flatten(0, 1)  # [N, H, W, C]
+        kind = fused.ANALOG if bcast else fused.COUNTS  # pixels, or event / residual counts
+        source = (frames, bcast, kind)
+        for i, u in enumerate(self.units):
+            frames = self._unit(u.name, frames, T, bcast, kind, kernel_size=3, pool=bool(u.pool))
+            bcast, kind = False, fused.SPIKES
+            if i == self.shortcut_from:
+                source = (frames, False, fused.SPIKES)
+        stride = self.proj_res_conv.stride[0]
+        conv = dict(kernel_size=0) if stride == 1 else dict(kernel_size=1, stride=stride)
+        shortcut = self._unit("proj_res", *source[:1], T, source[1], source[2], **conv)
+        out = frames + shortcut
+        return out.reshape(T, B, *out.shape[1:])

@@ -7,15 +7,23 @@ order modules are registered in (which is the state_dict order).
 Data flow: image ``[B, C, H, W]`` -> repeated T times, or events ``[B, T, C, H, W]`` -> permuted;
 then ``[T, B, C, H, W]`` through SPEDS-1, stage 1, SPEDS-2, stage 2, ... ; mean over tokens, mean
 over T, linear head.
+
+Two paths compute the same function. The *reference path* is the original's computation, layer
+by layer. The *fast path* (default) keeps activations token-major, ``[T, B, H, W, C]``, so every
+1x1 projection is one GEMM over all tokens, fuses each conv -> BN -> [pool] -> LIF into one node
+that keeps its input as bits or bytes for backward (:mod:`qkformer.fused`), and convolves a
+static image once instead of T times. The tests hold the two equal in float64.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
-from typing import Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
 from timm.layers import trunc_normal_
+from timm.models._features import feature_take_indices
 
 from .functional import encode_static
 from .layers import SPEDS, ConvUnit, SpikingBlock
@@ -73,17 +81,24 @@ class HierarchicalSpikingTransformer(nn.Module):
     Args:
         family: 'imagenet', 'cifar' or 'dvs' (or a :class:`FamilyLayout`).
         T: time steps for static input (ignored for event input, whose T comes from the data).
-        legacy_ssa: reproduce the SSA ``proj_lif`` batch coupling (docs/original.md §2.5). Default True, as
-            the released checkpoints were evaluated with it; False gives per-sample outputs.
+        legacy_ssa: reproduce the SSA ``proj_lif`` batch coupling (docs/original.md §2.5).
+            Default True, as the released checkpoints were evaluated with it; False gives
+            per-sample outputs.
         img_size: the training resolution, recorded for data configs; any size that is a
             multiple of :attr:`patch_factor` works at inference.
+        fast_path: run the fused token-major fast path (default) or the reference path
+            (layer by layer as the original; module hooks see every neuron). Same state_dict.
+
+    Shape:
+        input: images ``[B, in_chans, H, W]``, or event frames ``[B, T, in_chans, H, W]``.
+        output: logits ``[B, num_classes]``.
     """
 
     def __init__(self, family="imagenet", embed_dims: Sequence[int] = (96, 192, 384),
                  depths: Sequence[int] = (1, 2, 7), num_heads=6, mlp_ratio: float = 4.0,
                  attn_types: Sequence[str] = ("qkta", "qkta", "ssa"), in_chans: int = 3,
                  num_classes: int = 1000, T: int = 4, img_size: int = 224,
-                 legacy_ssa: bool = True):
+                 legacy_ssa: bool = True, fast_path: bool = True):
         super().__init__()
         layout = FAMILIES[family] if isinstance(family, str) else family
         n = len(embed_dims)
@@ -93,6 +108,7 @@ class HierarchicalSpikingTransformer(nn.Module):
         self.layout, self.T, self.in_chans, self.img_size = layout, T, in_chans, img_size
         self.num_stages, self.embed_dims = n, tuple(embed_dims)
         self.num_classes, self.num_features = num_classes, embed_dims[-1]
+        self.head_hidden_size = self.num_features
 
         def embed(i):
             if i == 0:
@@ -113,7 +129,12 @@ class HierarchicalSpikingTransformer(nn.Module):
             self.add_module(f"{kind}{i + 1}", embed(i) if kind == "patch_embed" else stage(i))
         self.head = nn.Linear(embed_dims[-1], num_classes) if num_classes > 0 else nn.Identity()
         self.patch_factor = self.patch_embed1.downsample * 2 ** (n - 1)
+        self.feature_info = [dict(num_chs=embed_dims[i],
+                                  reduction=self.patch_embed1.downsample * 2 ** i,
+                                  module=f"stage{i + 1}") for i in range(n)]
+        self.grad_checkpointing = False
         self.apply(self._init_weights)
+        self.set_fast_path(fast_path)
 
     @staticmethod
     def _init_weights(m: nn.Module):
@@ -123,7 +144,7 @@ class HierarchicalSpikingTransformer(nn.Module):
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
 
-    # -- helpers -------------------------------------------------------------------------------
+    # -- settings ------------------------------------------------------------------------------
     def embeds_and_stages(self):
         for i in range(1, self.num_stages + 1):
             yield getattr(self, f"patch_embed{i}"), getattr(self, f"stage{i}")
@@ -134,6 +155,48 @@ class HierarchicalSpikingTransformer(nn.Module):
             if hasattr(m, "legacy_proj_lif"):
                 m.legacy_proj_lif = legacy
 
+    def set_fast_path(self, enabled: bool = True) -> None:
+        """Fused token-major fast path (True) or the layer-by-layer reference path (False)."""
+        self.fast_path = bool(enabled)
+        for m in self.modules():
+            if hasattr(m, "token_major"):
+                m.token_major = self.fast_path
+
+    @contextlib.contextmanager
+    def reference_path(self):
+        """Run layer by layer (the reference path) inside the block, e.g. for tools whose forward
+        hooks must see every neuron and convolution; the previous path is restored after."""
+        previous = self.fast_path
+        self.set_fast_path(False)
+        try:
+            yield self
+        finally:
+            self.set_fast_path(previous)
+
+    # -- timm model contract -------------------------------------------------------------------
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict:
+        """Parameter groups. ``coarse``: one per stage (its SPEDS with its blocks). Otherwise the
+        groups of the original's ImageNet layer-wise lr decay (docs/original.md Q17): everything
+        before the last stage, then the last stage with the head, which is what timm's
+        ``param_groups_layer_decay`` (``--layer-decay``) then scales."""
+        if coarse:
+            return dict(stem=r"^patch_embed1\.", blocks=r"^(?:patch_embed|stage)(\d+)\.")
+        last = self.num_stages
+        return dict(stem=rf"^(?:patch_embed\d+|stage(?!{last}\.)\d+)\.",
+                    blocks=rf"^(?:stage{last}|head)\.")
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set:
+        # No position embeddings or tokens; timm already exempts every 1-D parameter (BN, biases),
+        # which is the original recipe.
+        return set()
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = bool(enable)
+
+    @torch.jit.ignore
     def get_classifier(self) -> nn.Module:
         return self.head
 
@@ -143,8 +206,8 @@ class HierarchicalSpikingTransformer(nn.Module):
         self.head.apply(self._init_weights)
 
     # -- forward -------------------------------------------------------------------------------
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """Validate the input and bring it to ``[T, B, C, H, W]``."""
+    def validate(self, x: torch.Tensor) -> torch.Tensor:
+        """Check rank, channels and size of a raw input; returns it unchanged."""
         if self.layout.events:
             if x.dim() != 5:
                 raise ValueError(f"expected event frames [B, T, {self.in_chans}, H, W], "
@@ -163,19 +226,94 @@ class HierarchicalSpikingTransformer(nn.Module):
             raise ValueError(f"input size {H}x{W} is not supported: height and width must be "
                              f"positive multiples of {f} for this architecture "
                              f"(e.g. {self.img_size}x{self.img_size})")
+        return x
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Validate the input and bring it to ``[T, B, C, H, W]`` (the reference layout)."""
+        x = self.validate(x)
         return x.transpose(0, 1) if self.layout.events else encode_static(x, self.T)
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """``[T, B, C, H, W]`` -> token-averaged last-stage spikes ``[T, B, C]``."""
-        for embed, stage in self.embeds_and_stages():
-            x = embed(x)
+    def _stem_input(self, x: torch.Tensor):
+        """Raw input -> (input of SPEDS-1, steps). The fast path passes a static image once
+        with ``steps=T``; events and the reference path pass all T frames."""
+        x = self.validate(x)
+        if not self.fast_path:
+            return self.encode(x), None
+        if self.layout.events:
+            return x.permute(1, 0, 3, 4, 2).contiguous(), None
+        return x.permute(0, 2, 3, 1).contiguous(), self.T
+
+    def _stage_outputs(self, x: torch.Tensor, steps: Optional[int]):
+        for i, (embed, stage) in enumerate(self.embeds_and_stages()):
+            x = embed(x, steps=steps) if i == 0 and steps is not None else embed(x)
             for block in stage:
                 x = block(x)
-        return x.flatten(3).mean(3)
+            yield x
+
+    def _spike_layout(self, x: torch.Tensor) -> torch.Tensor:
+        """A stage output as ``[T, B, C, H, W]`` (a view of the fast path's token-major tensor)."""
+        return x.permute(0, 1, 4, 2, 3) if self.fast_path else x
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Raw input -> the last stage's spikes ``[T, B, C, H, W]`` (unpooled)."""
+        x, steps = self._stem_input(x)
+        for x in self._stage_outputs(x, steps):
+            pass
+        return self._spike_layout(x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = x.mean(0)
+        """Spikes ``[T, B, C, H, W]`` -> mean over the tokens, then over T -> head.
+        ``pre_logits``: the pooled features ``[B, num_features]``."""
+        x = x.flatten(3).mean(3).mean(0)
         return x if pre_logits else self.head(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(self.encode(x)))
+        return self.forward_head(self.forward_features(x))
+
+    def forward_intermediates(self, x: torch.Tensor, indices: Optional[Union[int, List[int]]] = None,
+                              norm: bool = False, stop_early: bool = False,
+                              output_fmt: str = "TNCHW", intermediates_only: bool = False):
+        """Stage outputs for dense heads.
+
+        Args:
+            indices: stages to return (an int n: the last n; default all).
+            output_fmt: ``'TNCHW'`` (default): the spike maps ``[T, B, C_i, H_i, W_i]``, for
+                spiking heads; ``'NCHW'`` / ``'NHWC'``: firing rates (spikes averaged over T),
+                ``[B, C_i, H_i, W_i]`` / ``[B, H_i, W_i, C_i]``, for ordinary heads (this is what
+                ``timm.create_model(..., features_only=True)`` returns).
+            norm: ignored (the model has no final norm).
+            stop_early: stop after the last requested stage.
+            intermediates_only: return the list only.
+
+        Returns:
+            ``(last-stage spikes [T, B, C, H, W], [maps])``, or ``[maps]``.
+        """
+        fmt = getattr(output_fmt, "value", output_fmt)
+        if fmt not in ("TNCHW", "NCHW", "NHWC"):
+            raise ValueError(f"output_fmt {fmt!r}: expected 'TNCHW', 'NCHW' or 'NHWC'")
+        take, max_index = feature_take_indices(self.num_stages, indices)
+        x, steps = self._stem_input(x)
+        maps = []
+        for i, x in enumerate(self._stage_outputs(x, steps)):
+            if i in take:
+                spikes = self._spike_layout(x)
+                maps.append(spikes if fmt == "TNCHW" else
+                            spikes.mean(0) if fmt == "NCHW" else spikes.mean(0).permute(0, 2, 3, 1))
+            if stop_early and i >= max_index:
+                break
+        if intermediates_only:
+            return maps
+        return self._spike_layout(x), maps
+
+    def prune_intermediate_layers(self, indices: Union[int, List[int]] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> List[int]:
+        """Drop the stages after the last one in ``indices`` (and the head); returns the indices."""
+        take, max_index = feature_take_indices(self.num_stages, indices)
+        for i in range(max_index + 1, self.num_stages):
+            delattr(self, f"patch_embed{i + 1}")
+            delattr(self, f"stage{i + 1}")
+        self.num_stages = max_index + 1
+        self.feature_info = self.feature_info[:self.num_stages]
+        if prune_head:
+            self.reset_classifier(0)
+        return take

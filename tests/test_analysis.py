@@ -95,7 +95,7 @@ def test_firing_rates_every_neuron(tiny, tmp_path):
     # Independent check of one layer: mean of its output over both batches.
     outs = []
     h = model.stage2[0].mlp.mlp1_lif.register_forward_hook(lambda m, a, o: outs.append(o))
-    with torch.no_grad():
+    with torch.no_grad(), model.reference_path():  # module hooks see the neurons on this path
         for x in batches:
             model(x)
     h.remove()

@@ -35,10 +35,10 @@ def _randomise_bn(model: nn.Module, seed: int = 1) -> None:
                 m.bias.copy_(torch.randn(n, generator=g) * 0.5 + 0.5)
 
 
-def _tiny(family: str, dtype=torch.float64):
+def _tiny(family: str, dtype=torch.float64, fast_path: bool = False):
     name, kwargs, shape = TINY[family]
     torch.manual_seed(0)
-    model = timm.create_model(name, **kwargs).to(dtype)
+    model = timm.create_model(name, fast_path=fast_path, **kwargs).to(dtype)
     _randomise_bn(model)
     x = torch.rand(shape, dtype=dtype) * 2
     return model.eval(), x
@@ -83,6 +83,21 @@ def test_folded_matches_unfolded_float64(family):
     torch.testing.assert_close(out, ref, rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.parametrize("family", list(TINY))
+def test_folded_fast_path_matches_reference_float64(family):
+    # the fast path runs a folded model's units without BatchNorm (Identity in its place)
+    model, x = _tiny(family, fast_path=True)
+    reference = copy.deepcopy(model)
+    reference.set_fast_path(False)
+    folded = fold_batchnorm(model)
+    assert folded.fast_path
+    with torch.no_grad():
+        expected = reference(x)
+        assert reference.forward_head(reference.forward_features(x), pre_logits=True).max() > 0.05
+        torch.testing.assert_close(folded(x), expected, rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(model(x), expected, rtol=1e-9, atol=1e-12)
+
+
 def test_folding_is_close_in_float32():
     # In float32 a membrane input may land on the other side of a threshold after folding, so
     # only the pre-LIF values are compared (the float64 test above checks spikes).
@@ -95,8 +110,9 @@ def test_folding_is_close_in_float32():
                                    rtol=1e-5, atol=1e-5)
 
 
-def test_prepare_for_inference():
-    model, x = _tiny("dvs")
+@pytest.mark.parametrize("fast_path", [False, True])
+def test_prepare_for_inference(fast_path):
+    model, x = _tiny("dvs", fast_path=fast_path)
     model.train()
     fast = prepare_for_inference(model)
     assert model.training  # the original keeps its mode and its BN

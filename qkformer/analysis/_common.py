@@ -13,7 +13,7 @@ from torch import nn
 
 __all__ = ["build_model", "iter_inputs", "synthetic_batches", "image_folder_loader", "eval_transform",
            "layer_stage", "add_model_args", "add_data_args", "model_from_args", "batches_from_args",
-           "max_batches",
+           "max_batches", "reference_path",
            "write_json", "write_csv", "is_event_model"]
 
 _STAGE_RE = re.compile(r"^(?:patch_embed|stage)(\d+)\b")
@@ -24,6 +24,14 @@ def layer_stage(name: str) -> int:
     (the head, or modules of a model that is not a QKFormer)."""
     m = _STAGE_RE.match(name)
     return int(m.group(1)) if m else 0
+
+
+def reference_path(model: nn.Module):
+    """The analysis hooks watch modules one by one: run QKFormer layer by layer while they do
+    (a model without a fast path runs as it is)."""
+    import contextlib
+
+    return model.reference_path() if hasattr(model, "reference_path") else contextlib.nullcontext()
 
 
 def is_event_model(model: nn.Module) -> bool:

@@ -22,7 +22,8 @@ from torch import nn
 
 from qkformer.attention import QKTokenAttention
 
-from ._common import add_model_args, eval_transform, is_event_model, layer_stage, model_from_args
+from ._common import (add_model_args, eval_transform, is_event_model, layer_stage, model_from_args,
+                      reference_path)
 
 __all__ = ["token_attention_maps", "display_image", "render_attention_maps", "load_image"]
 
@@ -55,7 +56,8 @@ def token_attention_maps(model: nn.Module, x: torch.Tensor,
         raise ValueError(f"the model has no QKTokenAttention in stages {sorted(stages)}")
     model.eval()
     try:
-        model(x.to(next(model.parameters()).device))
+        with reference_path(model):
+            model(x.to(next(model.parameters()).device))
     finally:
         for h in handles:
             h.remove()

@@ -43,6 +43,7 @@ from torch import nn
 from qkformer.attention import SpikingSelfAttention, QKAttentionBase
 
 from ._common import (add_data_args, add_model_args, batches_from_args, is_event_model, iter_inputs,
+                      reference_path,
                       max_batches, layer_stage, model_from_args, write_csv, write_json)
 
 __all__ = ["E_MAC_PJ", "E_AC_PJ", "LayerEnergy", "EnergyReport", "EnergyMeter", "measure_energy",
@@ -214,6 +215,8 @@ class EnergyMeter:
         return hook
 
     def __enter__(self):
+        self._path = reference_path(self.model)
+        self._path.__enter__()
         h = self._handles
         h.append(self.model.register_forward_pre_hook(self._on_model_input))
         for name, m in self.model.named_modules():
@@ -230,6 +233,7 @@ class EnergyMeter:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        self._path.__exit__(*exc)
 
     # -- report ------------------------------------------------------------------------------
     def report(self) -> EnergyReport:

@@ -22,6 +22,7 @@ from torch import nn
 from qkformer.neuron import MultiStepLIF
 
 from ._common import (add_data_args, add_model_args, batches_from_args, is_event_model, iter_inputs,
+                      reference_path,
                       max_batches, layer_stage, model_from_args, save_figure, write_csv, write_json)
 
 __all__ = ["LayerRate", "FiringRateMeter", "firing_rates", "plot_firing_rates", "save_firing_rates"]
@@ -69,6 +70,8 @@ class FiringRateMeter:
         return hook
 
     def __enter__(self):
+        self._path = reference_path(self.model)
+        self._path.__enter__()
         self._handles.append(self.model.register_forward_pre_hook(self._on_input))
         for name, m in self.layers.items():
             self._handles.append(m.register_forward_hook(self._hook(name)))
@@ -78,6 +81,7 @@ class FiringRateMeter:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        self._path.__exit__(*exc)
 
     def rates(self) -> List[LayerRate]:
         return [LayerRate(n, layer_stage(n), m.v_threshold,
