@@ -10,24 +10,39 @@ Files are unpickled with ``weights_only=True``: only tensors, plain containers a
 allow-listed ``argparse.Namespace`` are rebuilt. A file that needs anything else (arbitrary code)
 is refused, never executed.
 
-CLI: ``python -m qkformer.checkpoint export IN.pth OUT.safetensors`` and
-``python -m qkformer.checkpoint inspect FILE``.
+This module is the generic layer: it knows no variant table. The variants a checkpoint may fit
+are the ``qkformer_*`` models registered with timm (``qkformer.variants`` registers them and
+builds on this module, never the other way round).
+
+CLI::
+
+    python -m qkformer.checkpoint export IN.pth OUT.safetensors
+    python -m qkformer.checkpoint inspect FILE
+    python -m qkformer.checkpoint export-hub IN.pth OUT_DIR --model NAME [--model-kwargs JSON]
+
+``export-hub`` writes a Hugging Face Hub folder (``model.safetensors``, timm's ``config.json``,
+``README.md``) that ``timm.create_model('local-dir:OUT_DIR', pretrained=True)`` loads, and that
+can be uploaded as is (``hf upload ORG/NAME OUT_DIR``) for ``hf-hub:ORG/NAME``.
 """
 from __future__ import annotations
 
 import argparse
+import functools
+import json
 import os
 import pickle
+import shutil
+import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, Iterable, Mapping, Optional, Tuple, Union
+from typing import Any, Collection, Dict, Iterable, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
 
 __all__ = ["SAFE_GLOBALS", "UnsafeCheckpointError", "CheckpointMismatchError", "read_checkpoint",
            "extract_state_dict", "checkpoint_filter_fn", "load_checkpoint", "match_variant",
-           "save_safetensors", "atomic_save"]
+           "save_safetensors", "atomic_save", "export_hub"]
 
 # Exactly what the released files need beyond tensors and builtins.
 SAFE_GLOBALS = [argparse.Namespace]
@@ -89,11 +104,15 @@ def _strip_prefixes(state_dict: Mapping[str, torch.Tensor]) -> StateDict:
     return out
 
 
-def extract_state_dict(ckpt: Any, use_ema: bool = False) -> StateDict:
-    """The model weights inside any supported layout, with wrapper prefixes removed."""
+def extract_state_dict(ckpt: Any, use_ema: Optional[bool] = False) -> StateDict:
+    """The model weights inside any supported layout, with wrapper prefixes removed.
+
+    ``use_ema``: True requires EMA weights, None takes them when present (timm's convention for
+    pretrained weights), False ignores them.
+    """
     if not isinstance(ckpt, Mapping):
         raise ValueError(f"checkpoint is a {type(ckpt).__name__}, not a dict")
-    keys = (_EMA_KEYS if use_ema else ()) + _STATE_DICT_KEYS
+    keys = (_EMA_KEYS if use_ema is not False else ()) + _STATE_DICT_KEYS
     for key in keys:
         inner = ckpt.get(key)
         if isinstance(inner, Mapping) and inner:
@@ -109,34 +128,90 @@ def extract_state_dict(ckpt: Any, use_ema: bool = False) -> StateDict:
     return _strip_prefixes(ckpt)
 
 
-def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: Optional[nn.Module] = None) -> StateDict:
-    """timm-style filter: any supported layout -> this package's keys (identical to the original)."""
-    return extract_state_dict(state_dict)
+def _unwrap(model: nn.Module) -> nn.Module:
+    target = model.module if hasattr(model, "module") else model
+    return getattr(target, "_orig_mod", target)
+
+
+def _adapted_by_timm(model: nn.Module) -> set:
+    """Keys timm's ``load_pretrained`` replaces after the filter: the classifier when the model
+    asks for another class count (it is dropped), the stem conv when it asks for other input
+    channels (it is adapted). They may differ from the model without being a mismatch."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    keys = set()
+
+    def names(entry):
+        return (entry,) if isinstance(entry, str) else tuple(entry or ())
+
+    source_classes = cfg.get("num_classes")
+    if source_classes is not None and getattr(model, "num_classes", None) != source_classes:
+        keys |= {f"{c}.{p}" for c in names(cfg.get("classifier")) for p in ("weight", "bias")}
+    source_chans = (cfg.get("input_size") or (None,))[0]
+    if source_chans is not None and getattr(model, "in_chans", source_chans) != source_chans:
+        keys |= {f"{c}.weight" for c in names(cfg.get("first_conv"))}
+    return keys
+
+
+def _fit(model_sd: Mapping[str, torch.Tensor], state_dict: StateDict, strict: bool, what: str,
+         model_name: str, exempt: Collection[str] = ()) -> StateDict:
+    """Raise :class:`CheckpointMismatchError` (strict) or drop mis-shaped entries (not strict)."""
+    report = _mismatch_report({k: v for k, v in model_sd.items() if k not in exempt},
+                              {k: v for k, v in state_dict.items() if k not in exempt})
+    if report and strict:
+        fits = match_variant(state_dict)
+        hint = (f"\n  the checkpoint fits the variant {fits}" if fits else
+                "\n  the checkpoint matches none of the released variants")
+        raise CheckpointMismatchError(f"{what} does not fit {model_name}:{report}{hint}")
+    if not strict:  # drop mis-shaped entries (e.g. a head of another size when fine-tuning)
+        state_dict = {k: v for k, v in state_dict.items()
+                      if k in exempt or k not in model_sd or v.shape == model_sd[k].shape}
+    return state_dict
+
+
+def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: Optional[nn.Module] = None,
+                         strict: bool = True) -> StateDict:
+    """timm's ``pretrained_filter_fn``: any supported layout -> this package's keys (identical to
+    the original's), checked against ``model``.
+
+    With ``strict`` every missing, unexpected or mis-shaped key raises
+    :class:`CheckpointMismatchError`, naming the released variant the weights do fit; keys that
+    timm adapts afterwards (a new head size, other input channels) are left to timm.
+    """
+    state_dict = extract_state_dict(state_dict, use_ema=None)
+    if model is None:
+        return state_dict
+    target = _unwrap(model)
+    cfg = getattr(target, "pretrained_cfg", None) or {}
+    source = cfg.get("file") or cfg.get("hf_hub_id") or cfg.get("url")
+    what = f"pretrained weights {source}" if source else "pretrained weights"
+    name = cfg.get("architecture") or type(target).__name__
+    return _fit(target.state_dict(), state_dict, strict, what, name, _adapted_by_timm(target))
 
 
 def _shapes(state_dict: Mapping[str, torch.Tensor]) -> Dict[str, Tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in state_dict.items()}
 
 
-def _variant_shapes(name: str, **overrides) -> Dict[str, Tuple[int, ...]]:
+@functools.lru_cache(maxsize=None)
+def _variant_shapes(name: str) -> Dict[str, Tuple[int, ...]]:
     import timm
 
-    from . import variants  # noqa: F401  (registration)
-
     with torch.device("meta"):
-        return _shapes(timm.create_model(name, **overrides).state_dict())
+        return _shapes(timm.create_model(name).state_dict())
 
 
-def match_variant(state_dict: Mapping[str, torch.Tensor]) -> Optional[str]:
-    """Name of the released variant whose keys and shapes this state_dict fits, if any.
+def match_variant(state_dict: Mapping[str, torch.Tensor],
+                  candidates: Optional[Sequence[str]] = None) -> Optional[str]:
+    """Name of the variant whose keys and shapes this state_dict fits, if any.
 
-    A head of another size still matches, reported as ``name (num_classes=K)``.
+    ``candidates`` default to the ``qkformer_*`` models registered with timm. A head of another
+    size still matches, reported as ``name (num_classes=K)``.
     """
-    from .variants import VARIANTS
+    import timm
 
     shapes = _shapes(state_dict)
     head_only = None
-    for name in VARIANTS:
+    for name in timm.list_models("qkformer_*") if candidates is None else candidates:
         ref = _variant_shapes(name)
         if ref.keys() != shapes.keys():
             continue
@@ -174,20 +249,9 @@ def load_checkpoint(model: nn.Module, source: Union[PathLike, Mapping[str, Any]]
     """
     ckpt = source if isinstance(source, Mapping) else read_checkpoint(source)
     state_dict = extract_state_dict(ckpt, use_ema=use_ema)
-    target = model.module if hasattr(model, "module") else model
-    target = getattr(target, "_orig_mod", target)
-    model_sd = target.state_dict()
-    report = _mismatch_report(model_sd, state_dict)
-    if report and strict:
-        fits = match_variant(state_dict)
-        hint = (f"\n  the checkpoint fits the variant {fits}" if fits else
-                "\n  the checkpoint matches none of the released variants")
-        where = "" if isinstance(source, Mapping) else f" {source}"
-        raise CheckpointMismatchError(
-            f"checkpoint{where} does not fit {type(target).__name__}:{report}{hint}")
-    if not strict:  # drop mis-shaped entries (e.g. a head of another size when fine-tuning)
-        state_dict = {k: v for k, v in state_dict.items()
-                      if k not in model_sd or v.shape == model_sd[k].shape}
+    target = _unwrap(model)
+    where = "checkpoint" if isinstance(source, Mapping) else f"checkpoint {source}"
+    state_dict = _fit(target.state_dict(), state_dict, strict, where, type(target).__name__)
     target.load_state_dict(state_dict, strict=strict)
     return ckpt
 
@@ -228,6 +292,79 @@ def save_safetensors(source: Union[nn.Module, Mapping[str, Any], PathLike], path
     os.replace(tmp, path)
 
 
+def _model_card(model: nn.Module, name: str, src: Path) -> Dict[str, Any]:
+    """What timm's ``generate_readme`` needs for a short Hub model card."""
+    cfg, arch = model.pretrained_cfg, getattr(model, "arch_args", {})
+    card = dict(
+        tags=["image-classification", "timm", "spiking-neural-network"],
+        license="other",  # the weights' terms are the authors'; nothing here relicenses them
+        description=(f"QKFormer {cfg.get('description') or name}, converted from "
+                     f"`{src.name}` by `python -m qkformer.checkpoint export-hub`. The weights' "
+                     f"terms are those of their authors' release."),
+        details={
+            "Model Type": "Image classification (spiking transformer)",
+            "Model Stats": {
+                "Params (M)": f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}",
+                "Image size": f"{model.img_size} x {model.img_size}",
+                "Time steps (T)": arch.get("T", getattr(model, "T", "?")),
+            },
+        },
+        usage=("```python\nimport timm\nimport qkformer  # registers the architecture with timm\n\n"
+               f"model = timm.create_model('hf-hub:ORG/{name}', pretrained=True).eval()\n```\n"),
+    )
+    if cfg.get("paper_name"):
+        card["details"]["Papers"] = {cfg["paper_name"]: cfg.get("origin_url", "")}
+    return card
+
+
+def export_hub(src: PathLike, out_dir: PathLike, model_name: str,
+               model_kwargs: Optional[Mapping[str, Any]] = None) -> Path:
+    """Write a Hugging Face Hub folder for a checkpoint: ``model.safetensors``, timm's
+    ``config.json`` (architecture, ``num_classes``, every constructor argument, the pretrained
+    cfg) and a ``README.md`` card.
+
+    The checkpoint goes through ``timm.create_model(model_name, pretrained=True, ...)`` first,
+    so a file that does not fit ``model_name`` fails with the mismatch report.
+    """
+    import timm
+    from timm.models import save_for_hf
+    from timm.models._hub import generate_readme
+
+    arch = model_name.split(".")[0]
+    known = timm.list_models("qkformer_*")
+    if arch not in known:
+        raise ValueError(f"export-hub writes QKFormer models; {model_name!r} is none of {known}")
+    src, out_dir = Path(src), Path(out_dir)
+    kwargs = dict(model_kwargs or {})
+    overlay = {**(kwargs.pop("pretrained_cfg_overlay", None) or {}), "file": str(src)}
+    model = timm.create_model(model_name, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
+    args = getattr(model, "arch_args", None)
+    if args is not None:
+        # timm also recorded the raw kwargs (maybe in the original's vocabulary); the config
+        # gets the normalised arguments alone
+        model._model_args = dict(args)
+    size = model.img_size
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        # the notes of a registry cfg describe where its weights may come from; these came from src
+        notes = (f"weights: converted from {src.name} by `python -m qkformer.checkpoint "
+                 f"export-hub`",)
+        save_for_hf(model, tmp, safe_serialization=True,
+                    model_config=dict(pretrained_cfg=dict(notes=notes)),
+                    data_config=dict(input_size=(model.in_chans, size, size)))
+        tag = model.pretrained_cfg.get("tag")
+        name = arch + (f".{tag}" if tag and tag != "untrained" else "")
+        (tmp / "README.md").write_text(generate_readme(_model_card(model, name, src), name),
+                                       encoding="utf-8")
+        out_dir.mkdir(exist_ok=True)
+        for f in tmp.iterdir():
+            os.replace(f, out_dir / f.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m qkformer.checkpoint", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -236,10 +373,22 @@ def main(argv=None) -> None:
     exp.add_argument("dst")
     ins = sub.add_parser("inspect", help="print the layout and the variant a checkpoint fits")
     ins.add_argument("src")
+    hub = sub.add_parser("export-hub", help="write a Hugging Face Hub folder (safetensors, timm "
+                                            "config.json, README.md) for local-dir:/hf-hub:")
+    hub.add_argument("src")
+    hub.add_argument("out_dir")
+    hub.add_argument("--model", required=True, help="timm name, e.g. qkformer_10_768.in1k_384")
+    hub.add_argument("--model-kwargs", dest="model_kwargs", default="{}", type=_json_object,
+                     help='architecture overrides as JSON, e.g. \'{"T": 2, "embed_dims": 64}\'')
     args = parser.parse_args(argv)
     if args.cmd == "export":
         save_safetensors(args.src, args.dst)
         print(f"wrote {args.dst}")
+    elif args.cmd == "export-hub":
+        out = export_hub(args.src, args.out_dir, args.model, args.model_kwargs)
+        print(f"wrote {out}: {', '.join(sorted(p.name for p in out.iterdir()))}\n"
+              f"load it with timm.create_model('local-dir:{out}', pretrained=True) after "
+              f"`import qkformer`, or upload the folder and use 'hf-hub:ORG/NAME'")
     else:
         ckpt = read_checkpoint(args.src)
         sd = extract_state_dict(ckpt)
@@ -248,5 +397,21 @@ def main(argv=None) -> None:
         print(f"fits variant: {match_variant(sd)}")
 
 
+def _json_object(text: str) -> Dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not JSON: {e}") from e
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}")
+    return value
+
+
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (ValueError, FileNotFoundError) as e:
+        # A wrong file or model is a user error and its message is the whole story. (The typed
+        # errors are ValueErrors; under -m the package's copy of this module raises them.)
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)

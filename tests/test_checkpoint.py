@@ -112,14 +112,96 @@ def test_wrong_variant_names_keys_and_the_fitting_variant(tmp_path):
         == "qkformer_cifar10 (num_classes=3)"
 
 
-def test_timm_pretrained_overlay(tmp_path):
+def _pretrained(path, **kw):
+    return timm.create_model("qkformer_cifar10", pretrained=True, **{**TINY, **kw},
+                             pretrained_cfg_overlay=dict(file=str(path)))
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_timm_pretrained_overlay(tmp_path, layout):
     src, _ = _pair()
-    torch.save({"model": src.state_dict(), "args": argparse.Namespace()}, tmp_path / "c.pth")
-    m = timm.create_model("qkformer_cifar10", pretrained=True, **TINY,
-                          pretrained_cfg_overlay=dict(file=str(tmp_path / "c.pth")))
-    assert _same(src, m)
-    with pytest.raises(ValueError, match="pretrained_cfg_overlay"):
+    torch.save(LAYOUTS[layout](src.state_dict()), tmp_path / "c.pth")
+    m = _pretrained(tmp_path / "c.pth")
+    assert _same(src, m) and list(m.state_dict()) == list(src.state_dict())
+    assert "state_dict" not in m.pretrained_cfg  # the handed-over weights are not kept alive
+
+
+def test_timm_pretrained_overlay_safetensors_and_ema(tmp_path):
+    src, _ = _pair()
+    other, _ = _pair()
+    save_safetensors(src, tmp_path / "c.safetensors")
+    assert _same(src, _pretrained(tmp_path / "c.safetensors"))
+    # timm's convention for pretrained weights: EMA when the file has it
+    torch.save({"state_dict": other.state_dict(), "state_dict_ema": src.state_dict()}, tmp_path / "e.pth")
+    assert _same(src, _pretrained(tmp_path / "e.pth"))
+
+
+def test_timm_pretrained_needs_a_source():
+    with pytest.raises(ValueError, match="pretrained_cfg_overlay") as e:
         timm.create_model("qkformer_cifar10", pretrained=True)
+    assert "\n" not in str(e.value) and "local-dir:" in str(e.value) and "hf-hub:" in str(e.value)
+
+
+def test_timm_pretrained_reads_with_the_safe_reader(tmp_path):
+    marker = tmp_path / "pwned"
+    torch.save({"model": {}, "payload": _Exploit(marker)}, tmp_path / "evil.pth")
+    with pytest.raises(UnsafeCheckpointError, match="arbitrary code"):
+        _pretrained(tmp_path / "evil.pth")
+    assert not marker.exists()
+
+
+def test_timm_pretrained_strictness_and_new_heads(tmp_path):
+    src, _ = _pair()
+    torch.save({"model": src.state_dict()}, tmp_path / "c.pth")
+    with pytest.raises(CheckpointMismatchError, match="mis-shaped keys") as e:
+        _pretrained(tmp_path / "c.pth", embed_dims=64)
+    assert str(tmp_path / "c.pth") in str(e.value)
+    sd = dict(src.state_dict())
+    sd["stage9.0.extra"] = torch.zeros(1)
+    del sd["stage1.0.tssa.q_conv.weight"]
+    torch.save({"model": sd}, tmp_path / "bad.pth")
+    with pytest.raises(CheckpointMismatchError) as e:
+        _pretrained(tmp_path / "bad.pth")
+    assert "missing keys (1): stage1.0.tssa.q_conv.weight" in str(e.value)
+    assert "unexpected keys (1): stage9.0.extra" in str(e.value)
+    loose = _pretrained(tmp_path / "bad.pth", pretrained_strict=False)
+    assert torch.equal(loose.head.weight, src.head.weight)
+    # another class count is timm's fine-tuning path: the body loads, the head is new
+    m = _pretrained(tmp_path / "c.pth", num_classes=7)
+    assert m.head.out_features == 7
+    assert all(torch.equal(v, src.state_dict()[k]) for k, v in m.state_dict().items()
+               if not k.startswith("head."))
+
+
+def test_timm_pretrained_released_checkpoint_names_the_variant_it_fits(tmp_path):
+    with torch.device("meta"):
+        dvs = timm.create_model("qkformer_cifar10_dvs")
+    sd = {k: torch.rand(v.shape).to(v.dtype) for k, v in dvs.state_dict().items()}
+    torch.save({"model": sd, "optimizer": {}, "epoch": 1, "scaler": {}, "args": argparse.Namespace()},
+               tmp_path / "c.pth")
+    m = timm.create_model("qkformer_cifar10_dvs", pretrained=True,
+                          pretrained_cfg_overlay=dict(file=str(tmp_path / "c.pth")))
+    assert list(m.state_dict()) == list(sd) and all(torch.equal(v, sd[k]) for k, v in m.state_dict().items())
+    with pytest.raises(CheckpointMismatchError, match="fits the variant qkformer_cifar10_dvs"):
+        timm.create_model("qkformer_dvs128_gesture", pretrained=True,
+                          pretrained_cfg_overlay=dict(file=str(tmp_path / "c.pth")))
+
+
+def test_match_variant_candidates_come_from_timm_or_the_caller():
+    with torch.device("meta"):
+        sd = timm.create_model("qkformer_cifar10_dvs").state_dict()
+    assert match_variant(sd) == "qkformer_cifar10_dvs"
+    assert match_variant(sd, candidates=["qkformer_cifar10", "qkformer_dvs128_gesture"]) is None
+    assert match_variant(sd, candidates=["qkformer_cifar10_dvs"]) == "qkformer_cifar10_dvs"
+
+
+def test_inspect_cli(tmp_path, capsys):
+    src, _ = _pair()
+    torch.save({"model": src.state_dict(), "epoch": 2, "args": argparse.Namespace()}, tmp_path / "c.pth")
+    main(["inspect", str(tmp_path / "c.pth")])
+    out = capsys.readouterr().out
+    assert "layout: ['args', 'epoch', 'model']" in out and f"tensors: {len(src.state_dict())}" in out
+    assert "fits variant: None" in out
 
 
 def test_truncated_and_missing_files(tmp_path):
