@@ -1,7 +1,7 @@
 """Evaluate a checkpoint on an ImageFolder ``val`` split (behind ``imagenet/test.py``).
 
     python imagenet/test.py --checkpoint checkpoint-191.pth --model qkformer_10_768 \
-        --data-dir /data/imagenet --batch-size 24
+        --data-dir /data/imagenet --batch-size 24     # or: python -m qkformer.evaluate ...
     torchrun --nproc_per_node=8 imagenet/test.py ...   # exact: every image counted once
 
 Reads released checkpoints (MAE layout with ``args``) and this package's own (``.pth`` or
@@ -111,3 +111,7 @@ def _run(args) -> dict:
               f"on {stats['images']} images ({stats['images_per_s']:.1f} images/s per process)")
         print(json.dumps(stats))
     return stats
+
+
+if __name__ == "__main__":
+    main()

@@ -1,9 +1,11 @@
 """Training driver behind every ``<dataset>/train.py``: recipe -> data, model, optimizer -> engine.
 
     torchrun --nproc_per_node=8 imagenet/train.py --data-dir /data/imagenet --model qkformer_10_768
-    python cifar10/train.py --data-dir ./data/cifar10           # recipe: configs/cifar10.yml
+    python cifar10/train.py --data-dir ./data/cifar10           # recipe: --config cifar10
+    python -m qkformer.train --config cifar10 --data-dir ./data/cifar10
 
-Recipes (docs/original.md §6) live in ``configs/*.yml``; every option can be overridden on the command line.
+Recipes (docs/original.md §6) are package data, ``qkformer/configs/*.yml``; ``--config`` also takes
+the path of your own YAML file, and every option can be overridden on the command line.
 """
 from __future__ import annotations
 
@@ -303,3 +305,7 @@ def _run(args) -> dict:
             save_checkpoint(out / "checkpoint-best.pth", net, optimizer, epoch, args, scaler,
                             scheduler, best_acc1=best)
     return stats
+
+
+if __name__ == "__main__":
+    main()
