@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING, Callable, List, Optional, Sequence, TypeVar
 
 import yaml
 
-__all__ = ["ConfigError", "recipe_names", "resolve_config_path", "parse_with_config", "run_cli"]
+__all__ = ["ConfigError", "recipe_names", "resolve_config_path", "parse_with_config", "run_cli",
+           "error_message"]
 
 if TYPE_CHECKING:
     from importlib.resources.abc import Traversable
@@ -105,9 +106,19 @@ def run_cli(body: Callable[[], R], from_command_line: bool) -> R:
 
     try:
         return body()
-    except (ConfigError, FileNotFoundError, ValueError) as e:
+    except (ValueError, OSError) as e:  # ConfigError, FileNotFoundError, PermissionError, ...
         if from_command_line:
-            sys.exit(f"error: {e}")
+            sys.exit(f"error: {error_message(e)}")
         raise
     finally:
         cleanup()
+
+
+def error_message(e: BaseException) -> str:
+    """The user-facing text of ``e``. An error raised in a DataLoader worker arrives re-raised
+    with the worker's whole traceback as its message: keep only the original message."""
+    text = str(e)
+    if text.startswith("Caught ") and "\nOriginal Traceback" in text:
+        last = text.rstrip().splitlines()[-1]  # "module.ErrorType: message"
+        text = last.split(": ", 1)[1] if ": " in last else last
+    return text
