@@ -139,6 +139,15 @@ def test_paths_that_are_not_what_they_should_be(monkeypatch, pngs, tmp_path):
         assert expected in _cli_error(monkeypatch, train.main, [*base, *argv]), argv
 
 
+def test_unknown_or_missing_device(monkeypatch, pngs, tmp_path):
+    base = ["--data-dir", str(pngs), "--output-dir", str(tmp_path / "out"), *TINY]
+    msg = _cli_error(monkeypatch, train.main, [*base, "--device", "gpu"])
+    assert "--device 'gpu' is not a device" in msg
+    if not torch.cuda.is_available():
+        msg = _cli_error(monkeypatch, train.main, [*base, "--device", "cuda"])
+        assert "--device cuda: CUDA is not available here" in msg
+
+
 def test_corrupt_image_in_a_worker_is_one_line(monkeypatch, pngs, tmp_path):
     data = tmp_path / "data"
     write_png_image_folder(data, classes=2, per_class_train=2, per_class_val=1, size=(16, 16))
