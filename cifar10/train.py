@@ -1,4 +1,6 @@
-"""Train QKFormer on CIFAR-10 (docs/original.md §6.2). Recipe: configs/cifar10.yml; flags override it.
+"""Train QKFormer on CIFAR-10 (docs/original.md §6.2).
+
+Recipe: the bundled qkformer/configs/cifar10.yml (``--config`` takes another); flags override it.
 
     python cifar10/train.py --data-dir DATA [--epochs N ...]
 """

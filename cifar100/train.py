@@ -1,4 +1,6 @@
-"""Train QKFormer on CIFAR-100 (docs/original.md §6.2). Recipe: configs/cifar100.yml; flags override it.
+"""Train QKFormer on CIFAR-100 (docs/original.md §6.2).
+
+Recipe: the bundled qkformer/configs/cifar100.yml (``--config`` takes another); flags override it.
 
     python cifar100/train.py --data-dir DATA [--epochs N ...]
 """

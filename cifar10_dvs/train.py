@@ -1,4 +1,6 @@
-"""Train QKFormer on CIFAR10-DVS (docs/original.md §6.3). Recipe: configs/cifar10_dvs.yml; flags override it.
+"""Train QKFormer on CIFAR10-DVS (docs/original.md §6.3).
+
+Recipe: the bundled qkformer/configs/cifar10_dvs.yml (``--config`` takes another); flags override it.
 
     python cifar10_dvs/train.py --data-dir DATA [--epochs N ...]
 """

@@ -1,4 +1,6 @@
-"""Train QKFormer on DVS128 Gesture (docs/original.md §6.4). Recipe: configs/dvs128_gesture.yml; flags override it.
+"""Train QKFormer on DVS128 Gesture (docs/original.md §6.4).
+
+Recipe: the bundled qkformer/configs/dvs128_gesture.yml (``--config`` takes another); flags override it.
 
     python dvs128_gesture/train.py --data-dir DATA [--epochs N ...]
 """

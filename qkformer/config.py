@@ -1,20 +1,27 @@
 """Command line + YAML recipe -> one argparse namespace.
 
-A recipe file (``configs/*.yml``) sets defaults; flags given on the command line override it.
-Keys must be option names (``batch_size``, ``lr``, ...): an unknown key is an error, not ignored.
+A recipe sets defaults; flags given on the command line override it. ``--config`` takes a bundled
+recipe by name (``cifar10``: package data ``qkformer/configs/cifar10.yml``, so it works from any
+folder and from a regular install) or the path of a YAML file of your own. Keys must be option
+names (``batch_size``, ``lr``, ...): an unknown key is an error, not ignored.
 """
 from __future__ import annotations
 
 import argparse
 import sys
+from importlib import resources
 from pathlib import Path
-from typing import Callable, Optional, Sequence, TypeVar
+from typing import TYPE_CHECKING, Callable, List, Optional, Sequence, TypeVar
 
 import yaml
 
-__all__ = ["ConfigError", "parse_with_config", "run_cli"]
+__all__ = ["ConfigError", "recipe_names", "resolve_config_path", "parse_with_config", "run_cli",
+           "error_message"]
 
-REPO = Path(__file__).resolve().parents[1]
+if TYPE_CHECKING:
+    from importlib.resources.abc import Traversable
+
+RECIPES = "configs"  # folder of the bundled recipes inside the package
 
 
 class ConfigError(ValueError):
@@ -30,12 +37,31 @@ def _coerce(action: argparse.Action, value):
     return value
 
 
-def resolve_config_path(path: str) -> Path:
-    p = Path(path)
-    for candidate in (p, REPO / p, REPO / "configs" / p, REPO / "configs" / f"{p}.yml"):
-        if candidate.is_file():
-            return candidate
-    raise ConfigError(f"config file not found: {path} (looked in ., {REPO}, {REPO / 'configs'})")
+def _recipes() -> Traversable:
+    return resources.files(__package__).joinpath(RECIPES)
+
+
+def recipe_names() -> List[str]:
+    """Names of the bundled recipes (``cifar10``, ``imagenet``, ...)."""
+    return sorted(e.name[:-len(".yml")] for e in _recipes().iterdir() if e.name.endswith(".yml"))
+
+
+def resolve_config_path(path: str) -> Traversable:
+    """A YAML file of the user's (``path`` as given, relative to the working directory), else the
+    bundled recipe named ``path`` (with or without ``.yml``)."""
+    p = Path(path).expanduser()
+    if p.is_file():
+        return p
+    if p.name == str(path):  # a bare name (no folder part) may be a bundled recipe
+        name = path if path.endswith((".yml", ".yaml")) else f"{path}.yml"
+        bundled = _recipes().joinpath(name)
+        if bundled.is_file():  # even where a folder of that name exists (the repo's cifar10/)
+            return bundled
+    if p.is_dir():
+        raise ConfigError(f"--config {path} is a folder; give a YAML file or one of the recipes "
+                          f"{recipe_names()}")
+    raise ConfigError(f"config file not found: {path} (neither a file nor one of the bundled "
+                      f"recipes {recipe_names()})")
 
 
 def parse_with_config(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]] = None,
@@ -44,10 +70,14 @@ def parse_with_config(parser: argparse.ArgumentParser, argv: Optional[Sequence[s
     pre.add_argument("-c", "--config", default=default_config)
     known, rest = pre.parse_known_args(argv)
     parser.add_argument("-c", "--config", default=default_config,
-                        help="YAML recipe; command-line flags override its values")
+                        help=f"recipe: a bundled one ({', '.join(recipe_names())}) or a YAML "
+                             f"file; command-line flags override its values")
     if known.config:
         path = resolve_config_path(known.config)
-        data = yaml.safe_load(path.read_text()) or {}
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{path}: not a valid YAML file ({' '.join(str(e).split())})") from e
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: expected a mapping of option names to values")
         actions = {a.dest: a for a in parser._actions}
@@ -55,7 +85,13 @@ def parse_with_config(parser: argparse.ArgumentParser, argv: Optional[Sequence[s
         if unknown:
             raise ConfigError(f"{path}: unknown config key(s) {unknown}; valid keys are the "
                               f"option names of --help, e.g. {sorted(actions)[:8]}")
-        parser.set_defaults(**{k: _coerce(actions[k], v) for k, v in data.items()})
+        values = {}
+        for k, v in data.items():
+            try:
+                values[k] = _coerce(actions[k], v)
+            except (TypeError, ValueError) as e:
+                raise ConfigError(f"{path}: bad value for {k}: {v!r} ({e})") from e
+        parser.set_defaults(**values)
     return parser.parse_args(rest)
 
 
@@ -70,9 +106,19 @@ def run_cli(body: Callable[[], R], from_command_line: bool) -> R:
 
     try:
         return body()
-    except (ConfigError, FileNotFoundError, ValueError) as e:
+    except (ValueError, OSError) as e:  # ConfigError, FileNotFoundError, PermissionError, ...
         if from_command_line:
-            sys.exit(f"error: {e}")
+            sys.exit(f"error: {error_message(e)}")
         raise
     finally:
         cleanup()
+
+
+def error_message(e: BaseException) -> str:
+    """The user-facing text of ``e``. An error raised in a DataLoader worker arrives re-raised
+    with the worker's whole traceback as its message: keep only the original message."""
+    text = str(e)
+    if text.startswith("Caught ") and "\nOriginal Traceback" in text:
+        last = text.rstrip().splitlines()[-1]  # "module.ErrorType: message"
+        text = last.split(": ", 1)[1] if ": " in last else last
+    return text

@@ -20,11 +20,11 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from .checkpoint import atomic_save, load_checkpoint
+from .checkpoint import atomic_save, load_checkpoint, read_checkpoint
 from .distributed import all_reduce_sum, is_main
 
 __all__ = ["NonFiniteLossError", "autocast_for", "train_one_epoch", "evaluate", "save_checkpoint",
-           "resume_checkpoint", "rng_state", "set_rng_state"]
+           "resume_checkpoint", "read_checkpoint_file", "rng_state", "set_rng_state"]
 
 
 class NonFiniteLossError(RuntimeError):
@@ -179,9 +179,26 @@ def save_checkpoint(path, model, optimizer, epoch: int, args, scaler=None, sched
     }, path)
 
 
+def read_checkpoint_file(path):
+    """:func:`qkformer.checkpoint.read_checkpoint`, with every failure of a file that is not a
+    checkpoint at all reported as a ValueError naming it."""
+    try:
+        return read_checkpoint(path)
+    except (ValueError, OSError):
+        raise
+    except Exception as e:  # the unpickler fails in many ways (KeyError, IndexError, ...) on junk
+        raise ValueError(f"{path} is not a checkpoint file ({type(e).__name__}: {e})") from e
+
+
 def resume_checkpoint(path, model, optimizer=None, scaler=None, scheduler=None) -> dict:
     """Restore everything :func:`save_checkpoint` wrote; returns the checkpoint dict."""
-    ckpt = load_checkpoint(_unwrap(model), path, strict=True)
+    ckpt = read_checkpoint_file(path)
+    if not (isinstance(ckpt, dict) and "epoch" in ckpt and ({"model", "state_dict"} & set(ckpt))):
+        found = sorted(ckpt)[:8] if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise ValueError(f"{path} is not a training checkpoint (no 'epoch' and 'model' entries; "
+                         f"found {found}): --resume continues a run, --finetune starts from "
+                         f"weights")
+    load_checkpoint(_unwrap(model), ckpt, strict=True)
     if optimizer is not None and ckpt.get("optimizer"):
         optimizer.load_state_dict(ckpt["optimizer"])
     if scaler is not None and ckpt.get("scaler"):

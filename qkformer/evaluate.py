@@ -1,7 +1,7 @@
 """Evaluate a checkpoint on an ImageFolder ``val`` split (behind ``imagenet/test.py``).
 
     python imagenet/test.py --checkpoint checkpoint-191.pth --model qkformer_10_768 \
-        --data-dir /data/imagenet --batch-size 24
+        --data-dir /data/imagenet --batch-size 24     # or: python -m qkformer.evaluate ...
     torchrun --nproc_per_node=8 imagenet/test.py ...   # exact: every image counted once
 
 Reads released checkpoints (MAE layout with ``args``) and this package's own (``.pth`` or
@@ -12,15 +12,17 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 from typing import Optional, Sequence
 
 from torch.utils.data import DataLoader
 
 from . import variants  # noqa: F401  (timm registration)
-from .checkpoint import extract_state_dict, load_checkpoint, match_variant, read_checkpoint
-from .config import run_cli
+from .checkpoint import extract_state_dict, load_checkpoint, match_variant
+from .config import ConfigError, run_cli
 from .distributed import ShardSampler, init_distributed, is_main
-from .engine import evaluate
+from .engine import evaluate, read_checkpoint_file
+from .train import check_data_dir, check_input_size
 
 __all__ = ["build_parser", "main"]
 
@@ -79,19 +81,39 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     return run_cli(lambda: _run(args), from_command_line=argv is None)
 
 
+def _check_args(args) -> None:
+    if args.model is not None:
+        if args.model.lower() not in variants.VARIANTS:
+            raise ConfigError(f"unknown --model {args.model!r}; the qkformer models are "
+                              f"{', '.join(variants.VARIANTS)}")
+        args.model = args.model.lower()
+    for flag, value, least in (("--batch-size", args.batch_size, 1), ("--T", args.T, 1),
+                               ("--input-size", args.input_size, 1), ("--workers", args.workers, 0),
+                               ("--max-iters", args.max_iters, 1)):
+        if value is not None and value < least:
+            raise ConfigError(f"{flag} {value} is invalid: it must be "
+                              f"{'at least 1' if least else '0 or more'}")
+    check_data_dir(args.data_dir)
+    if Path(args.checkpoint).is_dir():
+        raise ConfigError(f"--checkpoint {args.checkpoint} is a folder; give a checkpoint file "
+                          f"(e.g. {Path(args.checkpoint) / 'checkpoint-best.pth'})")
+
+
 def _run(args) -> dict:
     from .data.images import build_image_folder, cifar_transforms, imagenet_transforms
 
+    _check_args(args)
     dist = init_distributed(args.device)
-    ckpt = read_checkpoint(args.checkpoint)
+    ckpt = read_checkpoint_file(args.checkpoint)
     head = extract_state_dict(ckpt).get("head.bias")
     num_classes = int(head.shape[0]) if head is not None else 1000
     model, margs, saved = _model_from_checkpoint(args, ckpt, num_classes)
+    size = margs.input_size
+    check_input_size(model, size)
     load_checkpoint(model, ckpt, strict=True)
     style = args.transform
     if style == "auto":
         style = "cifar" if str(saved.get("dataset", "")).startswith("cifar") else "imagenet"
-    size = margs.input_size
     tf = cifar_transforms(size, False) if style == "cifar" else imagenet_transforms(size, False)
     val = build_image_folder(args.data_dir, "val", tf)
     if len(val.classes) != num_classes:
@@ -111,3 +133,7 @@ def _run(args) -> dict:
               f"on {stats['images']} images ({stats['images_per_s']:.1f} images/s per process)")
         print(json.dumps(stats))
     return stats
+
+
+if __name__ == "__main__":
+    main()

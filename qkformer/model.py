@@ -223,9 +223,12 @@ class HierarchicalSpikingTransformer(nn.Module):
                              f"(input shape {tuple(x.shape)})")
         f = self.patch_factor
         if H % f or W % f or H == 0 or W == 0:
+            down = (max(f, H // f * f), max(f, W // f * f))
+            up = (max(f, -(-H // f) * f), max(f, -(-W // f) * f))
+            nearest = " or ".join(f"{h}x{w}" for h, w in dict.fromkeys((down, up)))
             raise ValueError(f"input size {H}x{W} is not supported: height and width must be "
                              f"positive multiples of {f} for this architecture "
-                             f"(e.g. {self.img_size}x{self.img_size})")
+                             f"(nearest: {nearest})")
         return x
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:

@@ -1,9 +1,11 @@
 """Training driver behind every ``<dataset>/train.py``: recipe -> data, model, optimizer -> engine.
 
     torchrun --nproc_per_node=8 imagenet/train.py --data-dir /data/imagenet --model qkformer_10_768
-    python cifar10/train.py --data-dir ./data/cifar10           # recipe: configs/cifar10.yml
+    python cifar10/train.py --data-dir ./data/cifar10           # recipe: --config cifar10
+    python -m qkformer.train --config cifar10 --data-dir ./data/cifar10
 
-Recipes (docs/original.md §6) live in ``configs/*.yml``; every option can be overridden on the command line.
+Recipes (docs/original.md §6) are package data, ``qkformer/configs/*.yml``; ``--config`` also takes
+the path of your own YAML file, and every option can be overridden on the command line.
 """
 from __future__ import annotations
 
@@ -28,9 +30,10 @@ from . import variants  # noqa: F401  (timm registration)
 from .checkpoint import load_checkpoint
 from .config import ConfigError, parse_with_config, run_cli
 from .distributed import ShardSampler, init_distributed, is_main
-from .engine import NonFiniteLossError, evaluate, resume_checkpoint, save_checkpoint, train_one_epoch
+from .engine import (NonFiniteLossError, evaluate, read_checkpoint_file, resume_checkpoint,
+                     save_checkpoint, train_one_epoch)
 
-__all__ = ["build_parser", "main", "build_model", "build_datasets"]
+__all__ = ["build_parser", "main", "check_args", "build_model", "build_datasets"]
 
 DATASETS = ("imagenet", "cifar10", "cifar100", "cifar10_dvs", "dvs128_gesture")
 
@@ -114,6 +117,107 @@ def build_model(args, num_classes: int):
                              img_size=args.input_size, legacy_ssa=args.legacy_ssa, **overrides)
 
 
+def _at_least_1(v) -> bool:
+    return v >= 1
+
+
+# (option, test, requirement) of every number a user can get wrong; checked up front so that a
+# mistake is named instead of surfacing later as an assertion deep inside timm or a DataLoader.
+_CHECKS = (
+    ("epochs", _at_least_1, "at least 1"),
+    ("cooldown_epochs", lambda v: v >= 0, "0 or more"),
+    ("warmup_epochs", lambda v: v >= 0, "0 or more"),
+    ("batch_size", _at_least_1, "at least 1"),
+    ("val_batch_size", _at_least_1, "at least 1"),
+    ("accum_iter", _at_least_1, "at least 1"),
+    ("T", _at_least_1, "at least 1"),
+    ("input_size", _at_least_1, "at least 1"),
+    ("num_classes", _at_least_1, "at least 1"),
+    ("workers", lambda v: v >= 0, "0 or more"),
+    ("max_iters", _at_least_1, "at least 1"),
+    ("mixup_off_epoch", lambda v: v >= 0, "0 or more"),
+    ("recount", _at_least_1, "at least 1"),
+    ("lr", lambda v: v > 0, "positive"),
+    ("blr", lambda v: v > 0, "positive"),
+    ("min_lr", lambda v: v >= 0, "0 or more"),
+    ("warmup_lr", lambda v: v >= 0, "0 or more"),
+    ("weight_decay", lambda v: v >= 0, "0 or more"),
+    ("layer_decay", lambda v: 0 < v <= 1, "in (0, 1]"),
+    ("clip_grad", lambda v: v > 0, "positive"),
+    ("smoothing", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("mixup", lambda v: v >= 0, "0 or more"),
+    ("cutmix", lambda v: v >= 0, "0 or more"),
+    ("mixup_prob", lambda v: 0 <= v <= 1, "in [0, 1]"),
+    ("mixup_switch_prob", lambda v: 0 <= v <= 1, "in [0, 1]"),
+    ("reprob", lambda v: 0 <= v <= 1, "in [0, 1]"),
+    ("hflip", lambda v: 0 <= v <= 1, "in [0, 1]"),
+    ("embed_dims", _at_least_1, "at least 1"),
+    ("depths", lambda v: v >= 0, "0 or more"),
+    ("num_heads", _at_least_1, "at least 1"),
+    ("mlp_ratio", lambda v: v > 0, "positive"),
+)
+
+
+def _flag(dest: str) -> str:
+    return "--" + dest.replace("_", "-")
+
+
+def check_args(args) -> None:
+    """Reject an unknown model, nonsensical numbers and an input size the model cannot take,
+    before any data is read (:class:`ConfigError`, a one-line message on the command line)."""
+    from .variants import VARIANTS
+
+    name = str(args.model).lower()  # the authors' names are capitalised (QKFormer_10_384)
+    if name not in VARIANTS:
+        raise ConfigError(f"unknown --model {args.model!r}; the qkformer models are "
+                          f"{', '.join(VARIANTS)}")
+    args.model = name
+    for dest, ok, want in _CHECKS:
+        value = getattr(args, dest, None)
+        for v in (value if isinstance(value, (list, tuple)) else [value]):
+            if v is not None and not ok(v):
+                raise ConfigError(f"{_flag(dest)} {v} is invalid: it must be {want}")
+    # The step schedule runs warmup first, then a cosine over the remaining epochs.
+    if args.sched_on == "step" and args.warmup_epochs >= args.epochs:
+        raise ConfigError(f"--warmup-epochs {args.warmup_epochs} must be smaller than --epochs "
+                          f"{args.epochs}")
+    if args.warmup_epochs > args.epochs:
+        raise ConfigError(f"--warmup-epochs {args.warmup_epochs} is longer than the run "
+                          f"(--epochs {args.epochs})")
+    check_data_dir(args.data_dir)
+    out = Path(args.output_dir)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--output-dir {out} is a file, not a folder")
+    for flag, path in (("--resume", args.resume), ("--finetune", args.finetune)):
+        if path and path != "auto" and Path(path).is_dir():
+            raise ConfigError(f"{flag} {path} is a folder; give a checkpoint file "
+                              f"(e.g. {Path(path) / 'checkpoint-last.pth'})")
+    # A shape-only model on the meta device: architecture arguments and --input-size are checked
+    # by the model itself, at no cost, before the data are loaded.
+    try:
+        with torch.device("meta"):
+            model = build_model(args, args.num_classes or 2)
+    except ValueError as e:
+        raise ConfigError(f"cannot build {args.model} with these architecture options: {e}") from e
+    check_input_size(model, args.input_size)
+
+
+def check_data_dir(data_dir) -> None:
+    if data_dir is not None and Path(data_dir).exists() and not Path(data_dir).is_dir():
+        raise ConfigError(f"--data-dir {data_dir} is a file; it must be the dataset's folder "
+                          f"(see the README for the layouts)")
+
+
+def check_input_size(model, size: int) -> None:
+    """``--input-size`` against the model's own input check, on a shape-only (meta) tensor."""
+    c = model.in_chans
+    shape = (1, 1, c, size, size) if model.layout.events else (1, c, size, size)
+    try:
+        model.encode(torch.empty(shape, device="meta"))
+    except ValueError as e:
+        raise ConfigError(f"--input-size {size}: {e}") from e
+
+
 def build_datasets(args):
     from .data import images
 
@@ -170,7 +274,8 @@ def _loss_and_mixup(args, num_classes: int):
 
 
 def _finetune(model, path):
-    ckpt_head = {k for k in load_checkpoint(model, path, strict=False).get("model", {})}
+    ckpt = load_checkpoint(model, read_checkpoint_file(path), strict=False)
+    ckpt_head = {k for k in ckpt.get("model", {})}
     if "head.weight" not in ckpt_head:  # head dropped: fresh small init (docs/original.md Q12)
         trunc_normal_(model.head.weight, std=2e-5)
 
@@ -203,6 +308,7 @@ def main(argv: Optional[Sequence[str]] = None, default_config: Optional[str] = N
 
 
 def _run(args) -> dict:
+    check_args(args)
     dist = init_distributed(args.device)
     seed = args.seed + dist.rank
     random.seed(seed)
@@ -303,3 +409,7 @@ def _run(args) -> dict:
             save_checkpoint(out / "checkpoint-best.pth", net, optimizer, epoch, args, scaler,
                             scheduler, best_acc1=best)
     return stats
+
+
+if __name__ == "__main__":
+    main()

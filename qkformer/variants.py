@@ -306,8 +306,7 @@ def _create(variant: str, pretrained: bool = False, **kwargs) -> HierarchicalSpi
             HierarchicalSpikingTransformer, variant, pretrained=pretrained,
             pretrained_filter_fn=functools.partial(ckpt.checkpoint_filter_fn, strict=strict),
             pretrained_strict=strict,
-            # LEAD (issue 7): features_only wraps the model in timm's FeatureGetterNet, one
-            # output per stage; it needs feature_info and forward_intermediates from model.py.
+            # features_only: timm's FeatureGetterNet over forward_intermediates, one map per stage
             feature_cfg=dict(feature_cls="getter",
                              out_indices=tuple(range(len(model_args["embed_dims"])))),
             **model_args, **kwargs)

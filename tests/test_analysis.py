@@ -253,10 +253,12 @@ def test_attention_maps_cli_image(tmp_path, capsys):
     root = write_png_image_folder(tmp_path / "imgs", classes=1, per_class_train=1, per_class_val=1,
                                   size=(10, 12))
     image = next((root / "val").rglob("*.png"))
-    out = tmp_path / "maps.png"
+    out = tmp_path / "maps"
     attention_maps.main(["--model", "qkformer_cifar10", "--model-kwargs", json.dumps(TINY),
                          "--image", str(image), "--out", str(out)])
-    assert out.stat().st_size > 0 and "stage2.0.tssa" in capsys.readouterr().out
+    text = capsys.readouterr().out
+    assert _written(text) == [out / "attention_maps.png"] and "stage2.0.tssa" in text
+    assert (out / "attention_maps.png").stat().st_size > 0
 
 
 # ------------------------------------------------------------------------------- time steps
@@ -308,13 +310,17 @@ def test_curves_cli(tmp_path, capsys):
     log = tmp_path / "log.jsonl"
     log.write_text("\n".join(json.dumps({"epoch": e, "test_acc1": 30.0 + e, "train_loss": 2 - e / 20})
                              for e in range(21)) + "\n\n")
-    out = tmp_path / "curves.png"
+    out = tmp_path / "curves"
     curves.main(["--log", str(log), "--dataset", "cifar10", "--out", str(out)])
-    assert out.stat().st_size > 0
     text = capsys.readouterr().out
+    assert _written(text) == [out / "curves.csv", out / "curves.png"]
+    assert (out / "curves.png").stat().st_size > 0
     assert "epoch   20  reference  80.670  run  50.000  delta -30.670" in text
     rows = curves.compare_to_reference(curves.read_log(log), curves.load_reference("cifar10"))
     assert [r["epoch"] for r in rows] == [0, 1, 10, 20]
+    saved = list(csv.DictReader((out / "curves.csv").open()))
+    assert [(int(r["epoch"]), float(r["run"]), float(r["reference"])) for r in saved] == [
+        (r["epoch"], r["run"], r["reference"]) for r in rows]
     log.write_text('{"epoch": 0, "test_acc1": 1}\nnot json\n')
     with pytest.raises(ValueError, match="log.jsonl:2"):
         curves.read_log(log)
@@ -330,6 +336,59 @@ def test_firing_and_energy_cli(tmp_path, capsys):
               "e/energy.csv"):
         assert (tmp_path / f).stat().st_size > 0, f
     assert "mJ/image" in capsys.readouterr().out
+
+
+def _written(text: str):
+    """The paths a tool reports as ``wrote <kind>: <path>``, in order."""
+    return [Path(line.split(": ", 1)[1]) for line in text.splitlines() if line.startswith("wrote ")]
+
+
+def _cli_args(tool, tmp_path):
+    model = ["--model", "qkformer_cifar10", "--model-kwargs", json.dumps(TINY)]
+    data = ["--synthetic", "--batches", "1", "--batch-size", "2"]
+    if tool is attention_cost:
+        return ["--ns", "16", "64", "--dim", "8", "--heads", "2", "--T", "1", "--repeats", "1"]
+    if tool is attention_maps:
+        return [*model, "--synthetic"]
+    if tool is timesteps:
+        return [*model, *data, "--ts", "1", "2"]
+    if tool is curves:
+        log = tmp_path / "log.jsonl"
+        log.write_text(json.dumps({"epoch": 0, "test_acc1": 20.0}) + "\n")
+        return ["--log", str(log), "--dataset", "cifar10"]
+    return [*model, *data]
+
+
+OUT_FILES = {firing: {"firing_rates.json", "firing_rates.csv", "firing_rates.png"},
+             energy: {"energy.json", "energy.csv"},
+             attention_cost: {"attention_cost.csv", "attention_cost.png"},
+             attention_maps: {"attention_maps.png"},
+             timesteps: {"timesteps.json", "timesteps.png"},
+             curves: {"curves.csv", "curves.png"}}
+
+
+@pytest.mark.parametrize("tool", list(OUT_FILES), ids=lambda t: t.__name__.rsplit(".", 1)[1])
+def test_out_is_a_folder_for_every_tool(tool, tmp_path, capsys):
+    args = _cli_args(tool, tmp_path)
+    out = tmp_path / "not" / "yet"  # created, parents included
+    tool.main([*args, "--out", str(out)])
+    written = _written(capsys.readouterr().out)
+    # every path printed is real and in --out, and nothing else was written there
+    assert {p.name for p in written} == OUT_FILES[tool] == {p.name for p in out.iterdir()}
+    assert all(p.parent == out and p.stat().st_size > 0 for p in written)
+    a_file = tmp_path / "taken"
+    a_file.write_text("")
+    with pytest.raises(ValueError, match="--out .*taken is a file"):
+        tool.main([*args, "--out", str(a_file)])
+
+
+def test_cli_user_error_is_one_line(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "qkformer.analysis.firing", "--model", "qkformer_cifar1",
+                        "--synthetic", "--out", str(tmp_path)], capture_output=True, text=True,
+                       cwd=tmp_path)
+    assert r.returncode == 1 and not list(tmp_path.iterdir())
+    assert r.stderr.startswith("error: unknown --model 'qkformer_cifar1'") and r.stderr.count("\n") == 1
+    assert "qkformer_cifar10" in r.stderr
 
 
 @pytest.mark.parametrize("tool", [firing, energy, attention_cost, attention_maps, timesteps, curves])

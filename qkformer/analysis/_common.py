@@ -14,7 +14,7 @@ from torch import nn
 __all__ = ["build_model", "iter_inputs", "synthetic_batches", "image_folder_loader", "eval_transform",
            "layer_stage", "add_model_args", "add_data_args", "model_from_args", "batches_from_args",
            "max_batches", "reference_path",
-           "write_json", "write_csv", "is_event_model"]
+           "write_json", "write_csv", "is_event_model", "add_out_arg", "output_folder"]
 
 _STAGE_RE = re.compile(r"^(?:patch_embed|stage)(\d+)\b")
 
@@ -46,6 +46,9 @@ def build_model(name: str, checkpoint: Optional[str] = None, model_kwargs: Optio
 
     import qkformer  # noqa: F401  (registers the variants with timm)
 
+    if not timm.is_model(name):
+        raise ValueError(f"unknown --model {name!r}; the qkformer models are "
+                         f"{', '.join(qkformer.VARIANTS)}")
     model = timm.create_model(name, **dict(model_kwargs or {}))
     if checkpoint:
         from qkformer.checkpoint import load_checkpoint
@@ -138,6 +141,20 @@ def batches_from_args(args, model: nn.Module):
 
 
 # -- output files --------------------------------------------------------------------------------
+def add_out_arg(p: argparse.ArgumentParser, default: str) -> None:
+    p.add_argument("--out", default=default,
+                   help="output folder (created if missing); the files written are printed")
+
+
+def output_folder(path) -> Path:
+    """The ``--out`` folder, created if missing; checked before any work is done."""
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; --out names a folder (created if missing)")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
 def write_json(path, obj) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

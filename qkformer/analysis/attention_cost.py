@@ -32,8 +32,9 @@ import torch
 from torch import nn
 
 from qkformer.attention import QKChannelAttention, QKTokenAttention, SpikingSelfAttention
+from qkformer.config import run_cli
 
-from ._common import save_figure, write_csv
+from ._common import add_out_arg, output_folder, save_figure, write_csv
 
 __all__ = ["DEFAULT_NS", "DEFAULT_MODULES", "CostPoint", "measure_module",
            "measure_attention_cost", "fit_slopes", "print_slopes", "plot_attention_cost",
@@ -209,15 +210,20 @@ def main(argv=None):
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads (torch.set_num_threads); 1 gives steadier times on a busy machine")
-    p.add_argument("--out", default="attention_cost", help="output folder")
+    add_out_arg(p, "attention_cost")
     args = p.parse_args(argv)
+    run_cli(lambda: _run(args), from_command_line=argv is None)
+
+
+def _run(args) -> None:
+    out = output_folder(args.out)
     if args.threads:
         torch.set_num_threads(args.threads)
     points = measure_attention_cost(ns=args.ns, dim=args.dim, heads=args.heads, T=args.T,
                                     batch=args.batch, device=args.device, repeats=args.repeats,
                                     verbose=True)
     print_slopes(points)
-    for kind, path in save_attention_cost(points, args.out).items():
+    for kind, path in save_attention_cost(points, out).items():
         print(f"wrote {kind}: {path}")
 
 

@@ -9,7 +9,7 @@ the (preprocessed) input image, one panel per block.
 CLI::
 
     python -m qkformer.analysis.attention_maps --model qkformer_10_384 --checkpoint ck.pth \
-        --image cat.jpg --out attention_maps.png
+        --image cat.jpg --out attention_maps/    # writes attention_maps/attention_maps.png
 """
 from __future__ import annotations
 
@@ -21,9 +21,10 @@ import torch
 from torch import nn
 
 from qkformer.attention import QKTokenAttention
+from qkformer.config import run_cli
 
-from ._common import (add_model_args, eval_transform, is_event_model, layer_stage, model_from_args,
-                      reference_path)
+from ._common import (add_model_args, add_out_arg, eval_transform, is_event_model, layer_stage,
+                      model_from_args, output_folder, reference_path)
 
 __all__ = ["token_attention_maps", "display_image", "render_attention_maps", "load_image"]
 
@@ -117,8 +118,6 @@ def load_image(model: nn.Module, path) -> torch.Tensor:
 
 
 def main(argv=None):
-    from ._common import synthetic_batches
-
     p = argparse.ArgumentParser(prog="python -m qkformer.analysis.attention_maps",
                                 description=__doc__.split("\n\n")[0])
     add_model_args(p)
@@ -126,15 +125,23 @@ def main(argv=None):
     src.add_argument("--image", help="image file")
     src.add_argument("--synthetic", action="store_true", help="a random input")
     p.add_argument("--stages", type=int, nargs="+", default=[1, 2])
-    p.add_argument("--out", default="attention_maps.png", help="output PNG")
+    add_out_arg(p, "attention_maps")
     args = p.parse_args(argv)
+    run_cli(lambda: _run(args), from_command_line=argv is None)
+
+
+def _run(args) -> None:
+    from ._common import synthetic_batches
+
+    out = output_folder(args.out)
     model = model_from_args(args)
     x = load_image(model, args.image) if args.image else synthetic_batches(model, 1, 1)[0]
     maps = token_attention_maps(model, x, args.stages)
     for name, m in maps.items():
         print(f"{name:30s} grid {tuple(m.shape[1:])}  mean attention {m.mean():.3f}")
-    path = render_attention_maps(display_image(x[0]), {k: v[0] for k, v in maps.items()}, args.out)
-    print(f"wrote {path}")
+    path = render_attention_maps(display_image(x[0]), {k: v[0] for k, v in maps.items()},
+                                 out / "attention_maps.png")
+    print(f"wrote png: {path}")
 
 
 if __name__ == "__main__":

@@ -7,7 +7,8 @@ training logs; epochs are 0-based in both.
 
 CLI::
 
-    python -m qkformer.analysis.curves --log run/log.jsonl --dataset cifar10 --out curves.png
+    python -m qkformer.analysis.curves --log run/log.jsonl --dataset cifar10 --out curves/
+    # writes curves/curves.png and curves/curves.csv (run vs reference at each milestone)
 """
 from __future__ import annotations
 
@@ -17,7 +18,9 @@ from importlib import resources
 from pathlib import Path
 from typing import Dict, List
 
-from ._common import save_figure
+from qkformer.config import run_cli
+
+from ._common import add_out_arg, output_folder, save_figure, write_csv
 
 __all__ = ["REFERENCE_FILE", "reference_names", "load_reference", "read_log", "compare_to_reference",
            "plot_curves"]
@@ -115,13 +118,22 @@ def main(argv=None):
     p.add_argument("--log", required=True, help="JSON-lines log of the run")
     p.add_argument("--dataset", required=True, help=f"one of: {', '.join(reference_names())}")
     p.add_argument("--label", default="this run")
-    p.add_argument("--out", default="curves.png", help="output PNG")
+    add_out_arg(p, "curves")
     args = p.parse_args(argv)
+    run_cli(lambda: _run(args), from_command_line=argv is None)
+
+
+def _run(args) -> None:
+    out = output_folder(args.out)
     records, reference = read_log(args.log), load_reference(args.dataset)
-    for row in compare_to_reference(records, reference):
+    rows = compare_to_reference(records, reference)
+    for row in rows:
         print(f"epoch {row['epoch']:4d}  reference {row['reference']:7.3f}  run {row['run']:7.3f}  "
               f"delta {row['delta']:+7.3f}")
-    print(f"wrote {plot_curves(records, reference, args.out, args.label)}")
+    written = {"csv": write_csv(out / "curves.csv", rows, ("epoch", "reference", "run", "delta")),
+               "png": plot_curves(records, reference, out / "curves.png", args.label)}
+    for kind, path in written.items():
+        print(f"wrote {kind}: {path}")
 
 
 if __name__ == "__main__":

@@ -41,10 +41,11 @@ import torch
 from torch import nn
 
 from qkformer.attention import SpikingSelfAttention, QKAttentionBase
+from qkformer.config import run_cli
 
 from ._common import (add_data_args, add_model_args, batches_from_args, is_event_model, iter_inputs,
-                      reference_path,
-                      max_batches, layer_stage, model_from_args, write_csv, write_json)
+                      max_batches, layer_stage, model_from_args, write_csv, write_json, add_out_arg,
+                      output_folder, reference_path)
 
 __all__ = ["E_MAC_PJ", "E_AC_PJ", "LayerEnergy", "EnergyReport", "EnergyMeter", "measure_energy",
            "save_energy"]
@@ -289,13 +290,18 @@ def main(argv=None):
     p.add_argument("--e-ac", type=float, default=E_AC_PJ, help="pJ per AC")
     p.add_argument("--encode-every-step", action="store_true",
                    help="count the encoding conv at all T steps (default: once for static images)")
-    p.add_argument("--out", default="energy", help="output folder")
+    add_out_arg(p, "energy")
     args = p.parse_args(argv)
+    run_cli(lambda: _run(args), from_command_line=argv is None)
+
+
+def _run(args) -> None:
+    out = output_folder(args.out)
     model = model_from_args(args)
     report = measure_energy(model, batches_from_args(args, model), max_batches(args), args.e_mac,
                             args.e_ac, False if args.encode_every_step else None)
     print(report.table())
-    for kind, path in save_energy(report, args.out).items():
+    for kind, path in save_energy(report, out).items():
         print(f"wrote {kind}: {path}")
 
 

@@ -20,10 +20,11 @@ import torch
 from torch import nn
 
 from qkformer.neuron import MultiStepLIF
+from qkformer.config import run_cli
 
 from ._common import (add_data_args, add_model_args, batches_from_args, is_event_model, iter_inputs,
-                      reference_path,
-                      max_batches, layer_stage, model_from_args, save_figure, write_csv, write_json)
+                      max_batches, layer_stage, model_from_args, save_figure, write_csv, write_json,
+                      add_out_arg, output_folder, reference_path)
 
 __all__ = ["LayerRate", "FiringRateMeter", "firing_rates", "plot_firing_rates", "save_firing_rates"]
 
@@ -139,13 +140,18 @@ def main(argv=None):
                                 description=__doc__.split("\n\n")[0])
     add_model_args(p)
     add_data_args(p)
-    p.add_argument("--out", default="firing", help="output folder")
+    add_out_arg(p, "firing")
     args = p.parse_args(argv)
+    run_cli(lambda: _run(args), from_command_line=argv is None)
+
+
+def _run(args) -> None:
+    out = output_folder(args.out)
     model = model_from_args(args)
     rates = firing_rates(model, batches_from_args(args, model), max_batches(args))
     for r in rates:
         print(f"{r.name:45s} stage {r.stage}  V_th {r.threshold:.1f}  rate {r.rate:.4f}  n {r.neurons}")
-    for kind, path in save_firing_rates(rates, args.out).items():
+    for kind, path in save_firing_rates(rates, out).items():
         print(f"wrote {kind}: {path}")
 
 

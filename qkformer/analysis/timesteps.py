@@ -21,8 +21,10 @@ from typing import Dict, Iterable, List, Optional
 import torch
 from torch import nn
 
+from qkformer.config import run_cli
+
 from ._common import (add_data_args, add_model_args, batches_from_args, is_event_model, iter_inputs,
-                      max_batches, model_from_args, save_figure, write_json)
+                      max_batches, model_from_args, save_figure, write_json, add_out_arg, output_folder)
 from .energy import E_AC_PJ, E_MAC_PJ, EnergyMeter
 
 __all__ = ["TimestepResult", "evaluate_timesteps", "plot_timesteps", "save_timesteps"]
@@ -104,14 +106,19 @@ def main(argv=None):
     add_model_args(p)
     add_data_args(p, batches=None)
     p.add_argument("--ts", type=int, nargs="+", default=list(range(1, 7)), help="values of T")
-    p.add_argument("--out", default="timesteps", help="output folder")
+    add_out_arg(p, "timesteps")
     args = p.parse_args(argv)
+    run_cli(lambda: _run(args), from_command_line=argv is None)
+
+
+def _run(args) -> None:
+    out = output_folder(args.out)
     model = model_from_args(args)
     results = evaluate_timesteps(model, batches_from_args(args, model), args.ts, max_batches(args))
     for r in results:
         acc = f"top-1 {r.acc1:6.2f}%  top-5 {r.acc5:6.2f}%" if r.acc1 is not None else "no labels"
         print(f"T={r.T}  {acc}  energy {r.energy_mj:.4f} mJ/image  ({r.images} images)")
-    for kind, path in save_timesteps(results, args.out).items():
+    for kind, path in save_timesteps(results, out).items():
         print(f"wrote {kind}: {path}")
 
 

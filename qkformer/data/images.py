@@ -17,7 +17,7 @@ from torchvision.datasets.folder import IMG_EXTENSIONS, default_loader
 
 __all__ = [
     "CIFAR_MEAN", "CIFAR_STD", "imagenet_transforms", "cifar_transforms", "build_image_folder",
-    "build_cifar", "dataset_num_classes", "check_num_classes", "checked_loader",
+    "build_cifar", "dataset_num_classes", "check_num_classes", "checked_loader", "CorruptImageError",
 ]
 
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
@@ -76,6 +76,11 @@ def cifar_transforms(img_size: int = 32, is_training: bool = False,
 # --------------------------------------------------------------------------------------------
 # ImageFolder with layout checks
 # --------------------------------------------------------------------------------------------
+class CorruptImageError(OSError, ValueError):
+    """An image file that cannot be decoded. A ValueError too, so that the command-line tools
+    report it as a user error (one line naming the file), also from a DataLoader worker."""
+
+
 def checked_loader(path: str):
     """torchvision's default loader, but a corrupt/truncated file raises an error naming it.
 
@@ -84,8 +89,9 @@ def checked_loader(path: str):
     try:
         return default_loader(path)
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, zlib.error, ...
-        raise OSError(f"cannot read image file {path!r} ({type(e).__name__}: {e}); "
-                      "delete or replace the file") from e
+        detail = " ".join(str(e).split())
+        raise CorruptImageError(f"cannot read image file {path!r} ({type(e).__name__}: {detail}); "
+                                "delete or replace the file") from e
 
 
 def _class_dirs(split_dir: Path) -> list:
