@@ -30,6 +30,7 @@ from typing import List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch._subclasses.fake_tensor import is_fake
 
 from . import cpu
 from .neuron import lif_backward_torch, lif_forward_torch
@@ -75,11 +76,13 @@ def _ptr(t: Optional[Tensor]) -> Optional[int]:
 # ---------------------------------------------------------------------------------------------
 # compact storage
 # ---------------------------------------------------------------------------------------------
-def pack(x: Tensor, kind: int):
-    """What to keep of ``x`` for backward: ``(format, data, shape, dtype)``. Spikes -> 1 bit per
-    element, counts -> 1 byte, analog (and anything that fails its check) -> ``x`` itself."""
-    if kind == ANALOG or not compact_storage_enabled() or x.numel() == 0:
-        return ("raw", x, None, None)
+def pack(x: Tensor, kind: int) -> Tuple[Tensor, Optional[tuple]]:
+    """What to keep of ``x`` for backward: ``(stored tensor, how to restore it)``. Spikes -> 1 bit
+    per element, counts -> 1 byte, analog (and anything that fails its check) -> ``x`` itself
+    (``how`` None). Compiled graphs keep ``x`` too: the checks are data-dependent branches."""
+    if (kind == ANALOG or not compact_storage_enabled() or x.numel() == 0
+            or torch.compiler.is_compiling() or is_fake(x)):
+        return x, None
     flat = x.contiguous().view(-1)
     n = flat.numel()
     if kind == SPIKES:
@@ -108,14 +111,15 @@ def pack(x: Tensor, kind: int):
             bad = int(not ok)
         fmt = "u8"
     if bad:  # not what the layer structure promised: keep the exact values
-        return ("raw", x, None, None)
-    return (fmt, out, x.shape, x.dtype)
+        return x, None
+    return out, (fmt, x.shape, x.dtype)
 
 
-def unpack(packed) -> Tensor:
-    fmt, data, shape, dtype = packed
-    if fmt == "raw":
+def unpack(data: Tensor, how: Optional[tuple]) -> Tensor:
+    """Inverse of :func:`pack`."""
+    if how is None:
         return data
+    fmt, shape, dtype = how
     n = math.prod(shape)
     out = torch.empty(n, dtype=dtype, device=data.device)
     if _kernels(out):
@@ -392,10 +396,8 @@ def _unit_setup(ctx, inputs, output):
      steps, bcast, use_bn, batch_stats_, eps, tau, v_threshold, alpha, detach_reset, x_kind,
      gemm_dtype) = inputs
     _, y, mean, var, invstd = output
-    # compiled graphs keep x as it is: the packing checks are data-dependent branches
-    ctx.x = (pack(x, x_kind) if not torch.compiler.is_compiling() else ("raw", x, None, None))
-    ctx.x_dtype = x.dtype
-    ctx.save_for_backward(weight, bn_weight, bn_bias, y, mean, invstd)
+    stored, ctx.x_how = pack(x, x_kind)
+    ctx.save_for_backward(stored, weight, bn_weight, bn_bias, y, mean, invstd)
     ctx.cfg = (kernel_size, stride, pool, steps, bcast, use_bn, batch_stats_, tau, v_threshold,
                alpha, detach_reset, gemm_dtype, bias is not None)
     ctx.n_inputs = len(inputs)
@@ -468,12 +470,11 @@ def _(grad, x, weight, bn_weight, bn_bias, y, mean, invstd, kernel_size, stride,
 
 
 def _unit_backward(ctx, g_spikes, *_):
-    weight, bn_weight, bn_bias, y, mean, invstd = ctx.saved_tensors
+    stored, weight, bn_weight, bn_bias, y, mean, invstd = ctx.saved_tensors
     (kernel_size, stride, pool, steps, bcast, use_bn, batch_stats_, tau, v_threshold, alpha,
      detach_reset, gemm_dtype, has_bias) = ctx.cfg
     need = [bool(n) for n in ctx.needs_input_grad[:5]]
-    x = unpack(ctx.x)
-    ctx.x = None
+    x = unpack(stored, ctx.x_how)
     grads = _spiking_unit_backward(g_spikes.contiguous(), x, weight, bn_weight, bn_bias, y, mean,
                                    invstd, kernel_size, stride, pool, steps, bcast, use_bn,
                                    batch_stats_, tau, v_threshold, alpha, detach_reset,
@@ -601,8 +602,8 @@ def _qk_setup(ctx, inputs, output):
     qk, num_heads, channel, tau, v_threshold, alpha, detach_reset = inputs
     _, qs = output
     k = qk.chunk(2, dim=-1)[1]
-    ctx.k = pack(k, SPIKES) if not torch.compiler.is_compiling() else ("raw", k, None, None)
-    ctx.save_for_backward(qs)
+    stored, ctx.k_how = pack(k, SPIKES)
+    ctx.save_for_backward(stored, qs)
     ctx.cfg = (num_heads, channel, tau, v_threshold, alpha, detach_reset)
     ctx.mark_non_differentiable(qs)
 
@@ -636,10 +637,9 @@ def _(g_out, k, qs, num_heads, channel, tau, v_threshold, alpha, detach_reset):
 
 
 def _qk_backward(ctx, g_out, _):
-    (qs,) = ctx.saved_tensors
+    stored, qs = ctx.saved_tensors
     num_heads, channel, tau, v_threshold, alpha, detach_reset = ctx.cfg
-    k = unpack(ctx.k)
-    ctx.k = None
+    k = unpack(stored, ctx.k_how)
     return (_qk_attention_backward(g_out.contiguous(), k, qs, num_heads, channel, tau,
                                    v_threshold, alpha, detach_reset),
             None, None, None, None, None, None)
@@ -685,7 +685,8 @@ def _(qkv, num_heads, scale, tau, v_threshold, alpha, detach_reset):
 
 def _ssa_setup(ctx, inputs, output):
     qkv, num_heads, scale, tau, v_threshold, alpha, detach_reset = inputs
-    ctx.qkv = pack(qkv, SPIKES) if not torch.compiler.is_compiling() else ("raw", qkv, None, None)
+    stored, ctx.qkv_how = pack(qkv, SPIKES)
+    ctx.save_for_backward(stored)
     ctx.cfg = (num_heads, scale, tau, v_threshold, alpha, detach_reset)
 
 
@@ -712,8 +713,8 @@ def _(g_s, qkv, num_heads, scale, tau, v_threshold, alpha, detach_reset):
 
 
 def _ssa_backward(ctx, g_s):
-    qkv = unpack(ctx.qkv)
-    ctx.qkv = None
+    (stored,) = ctx.saved_tensors
+    qkv = unpack(stored, ctx.qkv_how)
     return (_ssa_attention_backward(g_s.contiguous(), qkv, *ctx.cfg),
             None, None, None, None, None, None)
 

@@ -25,6 +25,8 @@ from torch import nn
 from timm.layers import trunc_normal_
 from timm.models._features import feature_take_indices
 
+from . import fused
+from .checkpointing import checkpoint_layer
 from .functional import encode_static
 from .layers import SPEDS, ConvUnit, SpikingBlock
 
@@ -194,6 +196,10 @@ class HierarchicalSpikingTransformer(nn.Module):
 
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Gradient checkpointing (:mod:`qkformer.checkpointing`): each SPEDS embedding and each
+        block keeps only its input (one byte per value) and recomputes its inside during
+        backward. Gradients and BatchNorm buffers stay bit-identical; a step costs one more
+        forward pass."""
         self.grad_checkpointing = bool(enable)
 
     @torch.jit.ignore
@@ -247,10 +253,16 @@ class HierarchicalSpikingTransformer(nn.Module):
         return x.permute(0, 2, 3, 1).contiguous(), self.T
 
     def _stage_outputs(self, x: torch.Tensor, steps: Optional[int]):
+        checkpoint = self.grad_checkpointing and torch.is_grad_enabled()
         for i, (embed, stage) in enumerate(self.embeds_and_stages()):
-            x = embed(x, steps=steps) if i == 0 and steps is not None else embed(x)
+            first = i == 0 and steps is not None
+            if checkpoint:  # a static image is kept as it is; events and residuals are counts
+                kind = fused.ANALOG if i == 0 and not self.layout.events else fused.COUNTS
+                x = checkpoint_layer(embed, x, kind, steps if first else None)
+            else:
+                x = embed(x, steps=steps) if first else embed(x)
             for block in stage:
-                x = block(x)
+                x = checkpoint_layer(block, x, fused.COUNTS) if checkpoint else block(x)
             yield x
 
     def _spike_layout(self, x: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,311 @@
+"""The fast path (token-major, fused units, compact storage) against the reference path.
+
+float64 is the verdict: logits, every block's output, every parameter gradient and every
+BatchNorm buffer after an optimizer step agree within 1e-9 (relative) on every family, in train
+and eval mode, with the legacy and the fixed SSA, and with QKCA. The compiled CPU kernels are
+also held to their torch-op mirror, compact storage to storing nothing compactly (bit for bit),
+and the custom ops to torch.library's own checks.
+"""
+import copy
+
+import pytest
+import timm
+import torch
+from torch import nn
+
+import qkformer  # noqa: F401  (registers the variants with timm)
+from qkformer import cpu, fused
+from qkformer.layers import SpikingBlock
+from qkformer.neuron import MultiStepLIF
+
+RTOL = 1e-9
+
+# Reduced widths of every family; attn_types/legacy_ssa vary per case below.
+FAMILIES = {
+    "imagenet": ("qkformer_10_384", dict(embed_dims=32, depths=(1, 1, 1), num_heads=2, T=2,
+                                         num_classes=5), (3, 3, 32, 32)),
+    "cifar": ("qkformer_cifar10", dict(embed_dims=32, depths=(1, 1, 2), num_heads=2, T=2,
+                                       num_classes=5), (3, 3, 16, 16)),
+    "dvs": ("qkformer_cifar10_dvs", dict(embed_dims=32, num_heads=2, num_classes=5),
+            (3, 3, 2, 32, 32)),
+}
+CASES = [
+    ("imagenet", dict()),
+    ("imagenet", dict(legacy_ssa=False, attn_types=("qkca", "qkta", "ssa"))),
+    ("cifar", dict()),
+    ("cifar", dict(legacy_ssa=False, attn_types=("qkta", "qkca", "ssa"))),
+    ("dvs", dict()),
+    ("dvs", dict(legacy_ssa=False, attn_types=("qkca", "ssa"))),
+]
+IDS = [f"{f}-{'-'.join(map(str, k.get('attn_types', ('default',))))}"
+       f"{'-fixed' if k.get('legacy_ssa') is False else ''}" for f, k in CASES]
+
+
+def _fire(model: nn.Module, seed: int = 1) -> None:
+    """BN parameters and statistics away from the defaults, so that neurons fire in both modes."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                n = m.num_features
+                m.running_mean.copy_(torch.randn(n, generator=g) * 0.3)
+                m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
+                m.weight.copy_(torch.rand(n, generator=g) + 0.5)
+                m.bias.copy_(torch.randn(n, generator=g) * 0.5 + 0.5)
+
+
+def _pair(family, overrides, dtype=torch.float64):
+    name, kwargs, shape = FAMILIES[family]
+    torch.manual_seed(0)
+    ref = timm.create_model(name, fast_path=False, **{**kwargs, **overrides}).to(dtype)
+    _fire(ref)
+    fast = copy.deepcopy(ref)
+    fast.set_fast_path(True)
+    g = torch.Generator().manual_seed(2)
+    if len(shape) == 5:  # event counts
+        x = torch.poisson(torch.full(shape, 0.4, dtype=dtype), generator=g)
+    else:
+        x = torch.randn(shape, generator=g, dtype=dtype)
+    return ref, fast, x
+
+
+def _block_outputs(model):
+    """Outputs of every SPEDS, block, attention and MLP, in the reference layout."""
+    seen, hooks = {}, []
+
+    def hook(mod, args, out, name):
+        seen[name] = out.detach().permute(0, 1, 4, 2, 3) if model.fast_path else out.detach()
+
+    for name, m in model.named_modules():
+        if hasattr(m, "token_major") or isinstance(m, SpikingBlock):
+            hooks.append(m.register_forward_hook(lambda mod, a, o, n=name: hook(mod, a, o, n)))
+    return seen, hooks
+
+
+def _close(actual, expected, what):
+    scale = expected.abs().max().clamp_min(1e-30)
+    err = ((actual - expected).abs().max() / scale).item()
+    assert err <= RTOL, f"{what}: relative difference {err:.2e}"
+
+
+@pytest.mark.parametrize("family,overrides", CASES, ids=IDS)
+def test_train_step_float64_matches_reference(family, overrides):
+    ref, fast, x = _pair(family, overrides)
+    y = torch.arange(x.shape[0]) % 5
+    outs = []
+    for model in (ref, fast):
+        model.train()
+        seen, hooks = _block_outputs(model)
+        # SGD: the step is linear in the gradient. (AdamW divides by sqrt(v) + eps, which turns
+        # the rounding noise of the true-zero gradients of a conv bias before a batch-statistics
+        # BN into steps of up to lr; that noise is no property of either path.)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        logits = model(x)
+        nn.functional.cross_entropy(logits, y).backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+        opt.step()
+        for h in hooks:
+            h.remove()
+        outs.append((logits.detach(), seen, grads))
+    (l_ref, s_ref, g_ref), (l_fast, s_fast, g_fast) = outs
+    _close(l_fast, l_ref, "logits")
+    assert s_ref.keys() == s_fast.keys() and len(s_ref) > 5
+    for k in s_ref:
+        _close(s_fast[k], s_ref[k], k)
+    rates = [v.mean().item() for v in s_ref.values()]
+    assert max(rates) > 0.05  # the comparison is not between silent networks
+    # gradients, relative to the largest of each tensor; a conv bias right before a
+    # batch-statistics BN has a true gradient of 0, compared against the global scale
+    top = max(g.abs().max().item() for g in g_ref.values())
+    for n in g_ref:
+        scale = max(g_ref[n].abs().max().item(), 1e-4 * top)
+        err = (g_fast[n] - g_ref[n]).abs().max().item() / scale
+        assert err <= RTOL, f"grad {n}: relative difference {err:.2e}"
+    for (n, a), (_, b) in zip(ref.named_parameters(), fast.named_parameters()):
+        _close(b, a, f"param {n} after the step")
+    for (n, a), (_, b) in zip(ref.named_buffers(), fast.named_buffers()):
+        if a.dtype == torch.int64:
+            assert torch.equal(a, b), n
+        else:
+            _close(b, a, f"buffer {n}")
+
+
+@pytest.mark.parametrize("family,overrides", CASES, ids=IDS)
+def test_eval_float64_matches_reference(family, overrides):
+    ref, fast, x = _pair(family, overrides)
+    results = []
+    for model in (ref, fast):
+        model.eval()
+        seen, hooks = _block_outputs(model)
+        with torch.no_grad():
+            results.append((model(x), seen))
+        for h in hooks:
+            h.remove()
+    (l_ref, s_ref), (l_fast, s_fast) = results
+    _close(l_fast, l_ref, "logits")
+    for k in s_ref:
+        _close(s_fast[k], s_ref[k], k)
+    assert max(v.mean().item() for v in s_ref.values()) > 0.05
+
+
+def test_kernels_match_their_torch_mirror(monkeypatch):
+    """The compiled CPU kernels and the torch-op implementation (used on CUDA and without a
+    compiler) compute the same thing: forward, gradients and BN buffers, float64."""
+    if cpu.library() is None:
+        pytest.skip(f"CPU kernels unavailable: {cpu.unavailable_reason()}")
+    _, fast, x = _pair("imagenet", dict(legacy_ssa=False, attn_types=("qkca", "qkta", "ssa")))
+    mirror = copy.deepcopy(fast)
+    results = []
+    for model, kernels in ((fast, True), (mirror, False)):
+        if not kernels:
+            monkeypatch.setattr(fused, "_kernels", lambda t: False)
+        model.train()
+        logits = model(x)
+        (logits ** 2).sum().backward()
+        results.append((logits.detach(), {n: p.grad for n, p in model.named_parameters()}))
+    monkeypatch.undo()
+    (la, ga), (lb, gb) = results
+    _close(lb, la, "logits")
+    top = max(g.abs().max().item() for g in ga.values())
+    for n in ga:
+        err = (gb[n] - ga[n]).abs().max().item() / max(ga[n].abs().max().item(), 1e-4 * top)
+        assert err <= RTOL, n
+    for (n, a), (_, b) in zip(fast.named_buffers(), mirror.named_buffers()):
+        assert torch.allclose(a.double(), b.double(), rtol=RTOL, atol=0), n
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_compact_storage_is_bit_identical(dtype):
+    _, fast, x = _pair("cifar", dict(), dtype)
+    plain = copy.deepcopy(fast)
+    res = []
+    for model, compact in ((fast, True), (plain, False)):
+        model.train()
+        with fused.compact_storage(compact):
+            logits = model(x)
+            (logits ** 2).sum().backward()
+        res.append((logits, [p.grad for p in model.parameters()]))
+    assert torch.equal(res[0][0], res[1][0])
+    assert all(torch.equal(a, b) for a, b in zip(res[0][1], res[1][1]))
+
+
+def _saved_bytes(fn):
+    """Bytes autograd keeps for backward while ``fn`` runs, once per storage."""
+    seen = {}
+
+    def pack(t):
+        s = t.untyped_storage()
+        seen[s.data_ptr()] = max(seen.get(s.data_ptr(), 0), s.nbytes())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(seen.values())
+
+
+def test_compact_storage_keeps_spikes_as_bits():
+    torch.manual_seed(0)
+    conv, bn, lif = nn.Conv2d(64, 64, 1), nn.BatchNorm2d(64), MultiStepLIF()
+    spikes = (torch.rand(2, 4, 8, 8, 64) < 0.3).float()
+    counts = torch.randint(0, 5, (2, 4, 8, 8, 64)).float()
+
+    def run(x, kind):
+        return lambda: fused.spiking_unit(x.requires_grad_(), conv.weight, conv.bias, bn, lif,
+                                          steps=2, x_kind=kind)
+
+    y_bytes = 2 * 4 * 8 * 8 * 64 * 4 + 3 * 64 * 8  # the conv output, float, and the statistics
+    weights = conv.weight.numel() * 4
+    as_bits = _saved_bytes(run(spikes, fused.SPIKES)) - y_bytes - weights
+    as_bytes = _saved_bytes(run(counts, fused.COUNTS)) - y_bytes - weights
+    assert as_bits == spikes.numel() // 8
+    assert as_bytes == counts.numel()
+    with fused.compact_storage(False):
+        assert _saved_bytes(run(spikes, fused.SPIKES)) - y_bytes - weights == spikes.numel() * 4
+
+
+@pytest.mark.parametrize("kind,values", [
+    (fused.SPIKES, [0.0, 1.0, 1.0, 0.0, 1.0]),
+    (fused.COUNTS, [0.0, 3.0, 255.0, 17.0, 1.0]),
+])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_pack_round_trip(kind, values, dtype):
+    x = torch.tensor(values * 13, dtype=dtype).view(5, 13)  # 65 elements: a partial last byte
+    stored, how = fused.pack(x, kind)
+    assert how is not None and stored.dtype == torch.uint8
+    assert stored.numel() == (x.numel() + 7) // 8 if kind == fused.SPIKES else x.numel()
+    back = fused.unpack(stored, how)
+    assert back.dtype == dtype and torch.equal(back, x)
+
+
+@pytest.mark.parametrize("kind,bad", [
+    (fused.SPIKES, 2.0), (fused.SPIKES, 0.5), (fused.COUNTS, 256.0), (fused.COUNTS, -1.0),
+    (fused.COUNTS, 2.5), (fused.COUNTS, float("nan")),
+])
+def test_pack_falls_back_to_the_exact_values(kind, bad):
+    x = torch.zeros(40)
+    x[17] = bad
+    stored, how = fused.pack(x, kind)
+    assert how is None and stored is x  # nothing lost: the tensor itself is kept
+    assert fused.unpack(stored, how) is x
+
+
+def test_unit_with_a_wrong_kind_still_gives_exact_gradients():
+    # a caller that declares analog values as spikes loses nothing: the check keeps the values
+    torch.manual_seed(0)
+    conv, bn, lif = nn.Conv2d(8, 8, 1).double(), nn.BatchNorm2d(8).double(), MultiStepLIF()
+    x = torch.randn(2, 3, 4, 4, 8, dtype=torch.float64)
+    grads = []
+    for kind in (fused.SPIKES, fused.ANALOG):
+        xi = x.clone().requires_grad_()
+        out = fused.spiking_unit(xi, conv.weight, conv.bias, bn, lif, steps=2, x_kind=kind)
+        (out * torch.arange(out.numel(), dtype=out.dtype).view_as(out)).sum().backward()
+        grads.append(conv.weight.grad.clone())
+        conv.weight.grad = None
+    assert torch.equal(grads[0], grads[1])
+
+
+def test_bf16_autocast_runs_gemms_in_bf16():
+    _, fast, x = _pair("cifar", dict(), torch.float32)
+    fast.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = fast(x)
+        (logits.float() ** 2).sum().backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all()
+               for p in fast.parameters())
+    ref = copy.deepcopy(fast).float()
+    with torch.no_grad():
+        assert (ref(x) - logits.float()).abs().max() < 0.5  # same function, rounded GEMMs
+
+
+def test_custom_ops_pass_torch_library_checks():
+    torch.manual_seed(0)
+    x = torch.randint(0, 3, (2, 3, 4, 4, 8)).double().requires_grad_()
+    w = torch.randn(6, 8, 1, dtype=torch.float64, requires_grad=True)
+    gamma = torch.rand(6, dtype=torch.float64, requires_grad=True)
+    beta = torch.randn(6, dtype=torch.float64, requires_grad=True)
+    args = (x, w, None, gamma, beta, None, None, 0, 1, False, 2, False, True, True, 1e-5, 2.0,
+            0.5, 4.0, True, fused.COUNTS, None)
+    torch.library.opcheck(torch.ops.qkformer.spiking_unit.default, args)
+    qk = (torch.rand(2, 3, 5, 8, dtype=torch.float64) < 0.4).double().requires_grad_()
+    torch.library.opcheck(torch.ops.qkformer.qk_attention.default,
+                          (qk, 2, False, 2.0, 0.5, 4.0, True))
+    qkv = (torch.rand(2, 3, 5, 12, dtype=torch.float64) < 0.4).double().requires_grad_()
+    torch.library.opcheck(torch.ops.qkformer.ssa_attention.default,
+                          (qkv, 2, 0.125, 2.0, 0.5, 4.0, True))
+
+
+@pytest.mark.slow
+def test_compile_fullgraph_fast_path_matches_eager():
+    torch._dynamo.reset()
+    _, fast, x = _pair("imagenet", dict(), torch.float32)
+    eager = copy.deepcopy(fast)
+    compiled = torch.compile(fast, fullgraph=True, dynamic=False)
+    for model in (compiled, eager):
+        model.train()
+    out = compiled(x)
+    (out ** 2).sum().backward()
+    ref = eager(x)
+    (ref ** 2).sum().backward()
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    for (n, a), (_, b) in zip(fast.named_parameters(), eager.named_parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-6, msg=n)
