@@ -66,6 +66,11 @@ def build_parser(description: str = "Train QKFormer") -> argparse.ArgumentParser
       help="reproduce the original SSA proj_lif batch coupling (docs/original.md §2.5)")
     a("--finetune", default="", help="initialise from a checkpoint (head dropped if mis-shaped)")
     a("--compile", action="store_true", help="torch.compile the model")
+    a("--fast-path", dest="fast_path", action=argparse.BooleanOptionalAction, default=True,
+      help="fused token-major fast path; --no-fast-path runs the layer-by-layer reference path")
+    a("--grad-checkpointing", dest="grad_checkpointing", action="store_true",
+      help="keep only each block's input (as bytes) and recompute the block in backward: "
+           "far less activation memory for one more forward pass")
     # optimisation
     a("--epochs", type=int, default=200)
     a("--cooldown-epochs", dest="cooldown_epochs", type=int, default=0)
@@ -113,8 +118,11 @@ def build_model(args, num_classes: int):
     for k in ("embed_dims", "depths", "num_heads", "attn_types"):
         if k in overrides:
             overrides[k] = tuple(overrides[k]) if len(overrides[k]) > 1 else overrides[k][0]
-    return timm.create_model(args.model, T=args.T, num_classes=num_classes,
-                             img_size=args.input_size, legacy_ssa=args.legacy_ssa, **overrides)
+    model = timm.create_model(args.model, T=args.T, num_classes=num_classes,
+                              img_size=args.input_size, legacy_ssa=args.legacy_ssa,
+                              fast_path=getattr(args, "fast_path", True), **overrides)
+    model.set_grad_checkpointing(getattr(args, "grad_checkpointing", False))
+    return model
 
 
 def _at_least_1(v) -> bool:

@@ -1,4 +1,8 @@
-"""Run under torchrun by test_training.py: a few DDP steps through the real engine (gloo, CPU)."""
+"""Run under torchrun by test_training.py: a few DDP steps through the real engine (gloo, CPU).
+
+``ddp_worker.py OUT [checkpointing]``: with a second argument the model runs with gradient
+checkpointing, and each rank accumulates two micro-batches per step (DDP's no_sync on the first).
+"""
 import sys
 from pathlib import Path
 
@@ -13,10 +17,12 @@ from qkformer.engine import train_one_epoch
 STEPS, PER_RANK, WORLD = 3, 4, 2
 
 
-def make_model():
+def make_model(checkpointing: bool = False):
     torch.manual_seed(0)
-    return timm.create_model("qkformer_cifar10", embed_dims=(8, 16, 32), depths=(1, 1, 1),
-                             num_heads=2, num_classes=3, T=2)
+    model = timm.create_model("qkformer_cifar10", embed_dims=(8, 16, 32), depths=(1, 1, 1),
+                              num_heads=2, num_classes=3, T=2)
+    model.set_grad_checkpointing(checkpointing)
+    return model
 
 
 def make_data():
@@ -31,33 +37,40 @@ def _optimizer(model):
     return torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
 
 
-def single_process_reference():
-    """Same global batches, each split into the two ranks' shards as accumulation steps."""
+def _accum(checkpointing: bool) -> int:
+    return 2 if checkpointing else 1
+
+
+def single_process_reference(checkpointing: bool = False):
+    """Same global batches, each split into the ranks' (micro-)batches as accumulation steps."""
     data = make_data()
+    accum = _accum(checkpointing)
+    micro = PER_RANK // accum
     shards = [list(DistributedSampler(data, WORLD, r, shuffle=False)) for r in range(WORLD)]
     order = [i for s in range(STEPS) for r in range(WORLD)
              for i in shards[r][s * PER_RANK:(s + 1) * PER_RANK]]
-    loader = DataLoader(torch.utils.data.Subset(data, order), batch_size=PER_RANK)
-    model = make_model()
+    loader = DataLoader(torch.utils.data.Subset(data, order), batch_size=micro)
+    model = make_model(checkpointing)
     opt = _optimizer(model)
     train_one_epoch(model, loader, opt, torch.nn.functional.cross_entropy, torch.device("cpu"), 0,
-                    accum_iter=WORLD, progress=False)
+                    accum_iter=WORLD * accum, progress=False)
     return {k: v.detach() for k, v in model.named_parameters()}
 
 
-def main(out: Path):
+def main(out: Path, checkpointing: bool):
     dist = init_distributed("cpu")
     data = make_data()
-    loader = DataLoader(data, batch_size=PER_RANK,
+    accum = _accum(checkpointing)
+    loader = DataLoader(data, batch_size=PER_RANK // accum,
                         sampler=DistributedSampler(data, dist.world_size, dist.rank, shuffle=False))
-    model = make_model()
+    model = make_model(checkpointing)
     ddp = torch.nn.parallel.DistributedDataParallel(model)
     opt = _optimizer(model)
     train_one_epoch(ddp, loader, opt, torch.nn.functional.cross_entropy, dist.device, 0,
-                    progress=False)
+                    accum_iter=accum, progress=False)
     torch.save({k: v.detach() for k, v in model.named_parameters()}, out / f"rank{dist.rank}.pt")
     torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    main(Path(sys.argv[1]), len(sys.argv) > 2)

@@ -96,9 +96,10 @@ def _train_subprocess(args, env_extra=None, script="cifar10/train.py"):
 
 
 @pytest.mark.slow
-def test_kill_then_resume_reaches_the_uninterrupted_state(pngs, tmp_path):
+@pytest.mark.parametrize("extra", [[], ["--grad-checkpointing"]], ids=["plain", "grad-checkpointing"])
+def test_kill_then_resume_reaches_the_uninterrupted_state(pngs, tmp_path, extra):
     full, cut = tmp_path / "full", tmp_path / "cut"
-    common = ["--epochs", "3", "--max-iters", "3"]
+    common = ["--epochs", "3", "--max-iters", "3", *extra]
     train.main(_cifar_args(pngs, full, *common), default_config="cifar10")
     # SIGKILL in the middle of epoch 2 (global step 7 of 3 x 3)
     r = _train_subprocess(_cifar_args(pngs, cut, *common), {"QKFORMER_FAULT": "kill@7"})
@@ -212,18 +213,22 @@ def test_missing_dvs_data_explains_layout(tmp_path):
 
 
 @pytest.mark.slow
-def test_torchrun_two_processes_match_single_process(tmp_path):
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "grad-checkpointing"])
+def test_torchrun_two_processes_match_single_process(tmp_path, checkpointing):
     """DDP over gloo: both ranks end with identical weights, equal to one process that sees the
-    same global batch as two accumulated micro-batches (per-rank BN statistics, as in DDP)."""
+    same global batch as two accumulated micro-batches (per-rank BN statistics, as in DDP; the
+    accumulation runs under no_sync), with and without gradient checkpointing."""
+    port = "29534" if checkpointing else "29533"
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                        "--master_port=29533", str(REPO / "tests" / "ddp_worker.py"), str(tmp_path)],
+                        f"--master_port={port}", str(REPO / "tests" / "ddp_worker.py"), str(tmp_path),
+                        *(["checkpointing"] if checkpointing else [])],
                        cwd=REPO, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     rank0, rank1 = (torch.load(tmp_path / f"rank{i}.pt") for i in (0, 1))
     sys.path.insert(0, str(REPO / "tests"))
     from ddp_worker import single_process_reference
 
-    ref = single_process_reference()
+    ref = single_process_reference(checkpointing)
     for name, p in rank0.items():
         assert torch.equal(p, rank1[name]), name
         torch.testing.assert_close(p, ref[name], rtol=1e-5, atol=1e-6, msg=name)
