@@ -3,7 +3,7 @@ import pytest
 import torch
 from spikingjelly.clock_driven.neuron import MultiStepLIFNode
 
-from qkformer import neuron
+from qkformer import lif_loops
 from qkformer.neuron import MultiStepLIF, lif_forward_torch, lif_multistep
 
 
@@ -91,7 +91,7 @@ def test_blocked_loop_matches_unblocked(monkeypatch, tau):
     up = torch.randn(5, 1000)
     results = []
     for block in (1 << 17, 37):
-        monkeypatch.setattr(neuron, "CPU_BLOCK", block)
+        monkeypatch.setattr(lif_loops, "CPU_BLOCK", block)
         xx = x.clone().requires_grad_()
         s = lif_multistep(xx, tau=tau, detach_reset=False)
         s.backward(up)
