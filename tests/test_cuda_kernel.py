@@ -28,6 +28,8 @@ from qkformer import cuda as lif_cuda
 from qkformer.lif_loops import lif_backward_torch, lif_forward_torch
 from qkformer.neuron import MultiStepLIF, lif_backward, lif_forward, lif_multistep
 
+from lif_reference import assert_same, kernel_backward, kernel_forward, special_inputs
+
 KERNELS = [f"lif_{d}_{s}" for s in ("f32", "f16", "bf16") for d in ("forward", "backward")]
 NVCC = shutil.which("nvcc")
 needs_nvcc = pytest.mark.skipif(NVCC is None, reason="nvcc not on PATH: CUDA source not compiled")
@@ -38,26 +40,6 @@ def _fresh_loader():
     lif_cuda._reset_cache()
     yield
     lif_cuda._reset_cache()
-
-
-def special_inputs(shape, dtype=torch.float32, device="cpu", seed=0):
-    """Quarters in [-2, 3] (exact in every dtype over a few steps, with ties at V_th = 1) and
-    +inf, -inf, NaN at the first, a middle and the last step, in the neurons that exist."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randint(-8, 13, shape, generator=g).to(dtype) * 0.25
-    x2 = x.view(shape[0], -1)
-    inf, nan, last = float("inf"), float("nan"), shape[0] - 1
-    for (t, n), v in {(min(1, last), 0): inf, (last // 2, 1): -inf, (0, 2): nan, (last, 3): inf,
-                      (0, 4): -inf, (0, 5): inf, (last, 6): nan}.items():
-        if n < x2.shape[1] - 1:  # the last neuron stays ordinary
-            x2[t, n] = v
-    return x.to(device)
-
-
-def assert_same(got, ref, rtol=0.0, atol=0.0, what=""):
-    """Equal values, NaN where the reference has NaN and the same infinities."""
-    torch.testing.assert_close(got.double().cpu(), ref.double().cpu(), rtol=rtol, atol=atol,
-                               equal_nan=True, msg=what or None)
 
 
 def test_source_ships_inside_the_package():
@@ -390,16 +372,22 @@ def test_gpu_16bit_close_to_torch_backend(dtype, spike_tol, grad_tol, detach_res
 
 
 def _kernel_vs_loops(x, gs, detach_reset, tau=2.0, v_threshold=1.0, backend="cupy"):
-    """The kernel (through lif_multistep) against the torch loops: spikes and H bit for bit
-    (inputs must be exact in their dtype, see special_inputs), input gradients within the final
-    rounding of the storage type of a float32 evaluation from the kernel's own H."""
-    xi = x.detach().clone().requires_grad_()
+    """The kernel (through lif_multistep) against its own arithmetic written in torch
+    (lif_reference.kernel_forward): spikes and H bit for bit. Where every H is exact in the
+    dtype (float32; special_inputs over at most 4 steps in 16 bits), also bit for bit against the
+    torch backend's loops. Input gradients: within the final rounding of the storage type of a
+    float32 evaluation by the torch loops from the kernel's own H."""
+    xi = x.detach().requires_grad_()  # the view itself: strides and storage offset kept
     s = lif_multistep(xi, tau, v_threshold, 4.0, detach_reset, backend=backend)
     s.backward(gs)
-    s_ref, h_ref = lif_forward_torch(x.detach(), tau, v_threshold)
-    assert torch.equal(s, s_ref.view_as(s)), "spikes"
     _, h = lif_forward(x.detach(), tau, v_threshold, True, backend=backend)
-    assert_same(h, h_ref.view_as(h), what="H")
+    s_em, h_em = kernel_forward(x.detach(), tau, v_threshold, True)
+    assert torch.equal(s, s_em), "spikes vs the kernel's arithmetic"
+    assert_same(h, h_em, what="H vs the kernel's arithmetic")
+    if x.dtype == torch.float32 or x.shape[0] <= 4:
+        s_ref, h_ref = lif_forward_torch(x.detach(), tau, v_threshold)
+        assert torch.equal(s, s_ref.view_as(s)), "spikes vs the torch backend"
+        assert_same(h, h_ref.view_as(h), what="H vs the torch backend")
     T = x.shape[0]
     ref = lif_backward_torch(gs.reshape(T, -1).float(), h.reshape(T, -1).float(), tau, v_threshold,
                              4.0, detach_reset).view(x.shape)

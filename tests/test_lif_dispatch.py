@@ -4,9 +4,9 @@ the custom ops under torch.compile, and the module structure (no import cycle).
 
 The stand-ins replace ``qkformer.cuda._forward`` / ``_backward`` (the two functions that launch
 the kernels) and ``qkformer.cuda.handles`` (is this a tensor the kernel serves?), and the probe
-is told that CuPy works. ``faithful`` computes what the kernel computes (float arithmetic, one
-rounding to the storage type per stored value, written independently of the torch loops): the
-self-check must accept it in every dtype. The broken ones must be caught, named in one warning,
+is told that CuPy works. ``kernel_forward`` / ``kernel_backward`` (tests/lif_reference.py)
+compute what the kernel computes (float arithmetic, one rounding to the storage type per stored
+value, written independently of the torch loops): the self-check must accept them in every dtype. The broken ones must be caught, named in one warning,
 and replaced by the torch backend.
 """
 import ast
@@ -23,48 +23,16 @@ from torch import nn
 
 import qkformer  # noqa: F401  (timm registration)
 from qkformer import cuda as lif_cuda
-from qkformer.neuron import (MultiStepLIF, describe_backend, lif_backward, lif_backward_torch,
-                             lif_forward, lif_forward_torch, lif_multistep, resolve_backend)
+from qkformer.neuron import (MultiStepLIF, describe_backend, lif_backward, lif_forward,
+                             lif_forward_torch, lif_multistep, resolve_backend)
+
+from lif_reference import kernel_backward, kernel_forward
 
 REPO = Path(__file__).resolve().parents[1]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
 # ------------------------------------------------------------------------------- stand-ins
-
-
-def faithful_forward(x, tau, v_threshold, save_h):
-    T = x.shape[0]
-    x2 = x.reshape(T, -1).float()
-    v_th = torch.tensor(v_threshold, dtype=x.dtype).float()
-    v = torch.zeros_like(x2[0])
-    spikes, hs = torch.empty_like(x2), torch.empty_like(x2)
-    for t in range(T):
-        h = (v + (x2[t] - v) / tau).to(x.dtype).float()
-        s = (h >= v_th).float()
-        spikes[t], hs[t] = s, h
-        v = h - h * s
-    return spikes.to(x.dtype).view_as(x), (hs.to(x.dtype).view_as(x) if save_h else None)
-
-
-def faithful_backward(grad_spikes, h_seq, tau, v_threshold, alpha, detach_reset):
-    T = h_seq.shape[0]
-    h2, g2 = h_seq.reshape(T, -1).float(), grad_spikes.reshape(T, -1).float()
-    v_th = torch.tensor(v_threshold, dtype=h_seq.dtype).float()
-    grad_x = torch.empty_like(h2)
-    carry = torch.zeros_like(h2[0])
-    for t in range(T - 1, -1, -1):
-        h = h2[t]
-        sig = torch.sigmoid((h - v_th) * alpha)
-        sg = (1 - sig) * sig * alpha
-        keep = (h < v_th).float()
-        dv_dh = keep if detach_reset else keep - h * sg
-        g_h = g2[t] * sg
-        if t < T - 1:
-            g_h = g_h + carry * dv_dh
-        grad_x[t] = g_h / tau
-        carry = g_h * (1 - 1 / tau)
-    return grad_x.to(h_seq.dtype).view_as(h_seq)
 
 
 def select_reset_forward(x, tau, v_threshold, save_h):
@@ -83,7 +51,7 @@ def select_reset_forward(x, tau, v_threshold, save_h):
 
 
 def late_spike_forward(x, tau, v_threshold, save_h):
-    spikes, h = faithful_forward(x, tau, v_threshold, save_h)
+    spikes, h = kernel_forward(x, tau, v_threshold, save_h)
     return spikes.flip(-1), h  # spikes of the wrong neurons
 
 
@@ -100,7 +68,7 @@ def raising(*args):
 class Kernel:
     """Installs launcher stand-ins and counts their calls."""
 
-    def __init__(self, monkeypatch, forward=faithful_forward, backward=faithful_backward):
+    def __init__(self, monkeypatch, forward=kernel_forward, backward=kernel_backward):
         self.calls = {"forward": 0, "backward": 0}
         self.forward, self.backward = forward, backward
 
@@ -179,10 +147,10 @@ def test_check_input_is_exact_in_every_dtype():
 
 @pytest.mark.parametrize("forward,backward,message", [
     # +inf reset to 0 instead of NaN: the next H, or already the next spike, differs
-    (select_reset_forward, faithful_backward, r"(spikes|membrane potentials H) differ"),
-    (late_spike_forward, faithful_backward, r"spikes differ from the torch backend"),
-    (faithful_forward, no_carry_backward, r"input gradients \(detach_reset=True\) differ"),
-    (raising, faithful_backward, r"failed: the kernel raised RuntimeError: CUDA_ERROR_LAUNCH_FAI"),
+    (select_reset_forward, kernel_backward, r"(spikes|membrane potentials H) differ"),
+    (late_spike_forward, kernel_backward, r"spikes differ from the torch backend"),
+    (kernel_forward, no_carry_backward, r"input gradients \(detach_reset=True\) differ"),
+    (raising, kernel_backward, r"failed: the kernel raised RuntimeError: CUDA_ERROR_LAUNCH_FAI"),
 ])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_wrong_kernel_is_caught_once_and_replaced(monkeypatch, forward, backward, message, dtype):
@@ -209,7 +177,7 @@ def test_wrong_kernel_is_caught_once_and_replaced(monkeypatch, forward, backward
 
 
 def test_selfcheck_env_zero_skips_the_check(monkeypatch):
-    kernel = Kernel(monkeypatch, late_spike_forward, faithful_backward)
+    kernel = Kernel(monkeypatch, late_spike_forward, kernel_backward)
     monkeypatch.setenv(lif_cuda.SELFCHECK_ENV, "0")
     x, up = _inputs()
     with warnings.catch_warnings():
@@ -222,7 +190,7 @@ def test_selfcheck_env_zero_skips_the_check(monkeypatch):
 
 @pytest.mark.parametrize("forward", [select_reset_forward, raising])
 def test_require_env_turns_a_failed_check_into_an_error(monkeypatch, forward):
-    Kernel(monkeypatch, forward, faithful_backward)
+    Kernel(monkeypatch, forward, kernel_backward)
     monkeypatch.setenv(lif_cuda.REQUIRE_ENV, "1")
     x, up = _inputs()
     with pytest.raises(RuntimeError, match=r"LIF CUDA kernel unusable on cpu for torch.float32: "
@@ -236,7 +204,7 @@ def test_require_env_turns_a_failed_check_into_an_error(monkeypatch, forward):
 
 
 def test_explicit_cupy_backend_refuses_a_failed_kernel(monkeypatch):
-    Kernel(monkeypatch, late_spike_forward, faithful_backward)
+    Kernel(monkeypatch, late_spike_forward, kernel_backward)
     x, _ = _inputs()
     with pytest.raises(RuntimeError, match=r"self-check failed: .*backend 'cupy' was requested"):
         lif_multistep(x, backend="cupy")
@@ -271,9 +239,9 @@ class Flaky:
 @pytest.mark.parametrize("which", ["forward", "backward"])
 def test_launch_failure_falls_back_instead_of_failing(monkeypatch, which):
     if which == "forward":
-        kernel = Kernel(monkeypatch, Flaky(faithful_forward), faithful_backward)
+        kernel = Kernel(monkeypatch, Flaky(kernel_forward), kernel_backward)
     else:
-        kernel = Kernel(monkeypatch, faithful_forward, Flaky(faithful_backward))
+        kernel = Kernel(monkeypatch, kernel_forward, Flaky(kernel_backward))
     x, up = _inputs()
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
@@ -293,7 +261,7 @@ def test_launch_failure_falls_back_instead_of_failing(monkeypatch, which):
 
 
 def test_launch_failure_with_require_env_raises(monkeypatch):
-    Kernel(monkeypatch, Flaky(faithful_forward), faithful_backward)
+    Kernel(monkeypatch, Flaky(kernel_forward), kernel_backward)
     monkeypatch.setenv(lif_cuda.REQUIRE_ENV, "1")
     with pytest.raises(RuntimeError, match="forward kernel raised RuntimeError: CUDA_ERROR_ILLEGAL"):
         lif_multistep(torch.randn(4, 10))

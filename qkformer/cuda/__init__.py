@@ -354,7 +354,7 @@ def _disagreement(got: torch.Tensor, ref: torch.Tensor, rtol: float, atol: float
 
 def _self_check(device: torch.device, dtype: torch.dtype) -> Optional[str]:
     """None when the kernel agrees with the torch loops on the check input, else what differs."""
-    with torch.no_grad():
+    with torch.no_grad(), torch.autocast(device.type, enabled=False):
         x, gs = _check_inputs(device, dtype)
         spikes, h = _forward(x, 2.0, 1.0, True)
         s_ref, h_ref = lif_forward_torch(x, 2.0, 1.0, True)
