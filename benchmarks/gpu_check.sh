@@ -11,7 +11,8 @@
 #
 # Without a CUDA device (or torch without CUDA) it reports "no CUDA device", writes the versions
 # and exits 0 within seconds. Without spikingjelly the comparisons against it and the
-# spikingjelly baseline of the train-step benchmark are skipped, and the summary says so.
+# spikingjelly baseline of the train-step benchmark are skipped, and the summary says so; a
+# wheel carried in .whl/ (pip download --no-deps -d .whl spikingjelly==0.0.0.0.14) is used.
 set -u
 
 cd "$(dirname "$0")/.." || exit 2
@@ -85,6 +86,16 @@ finish() {
     exit $FAILED
 }
 
+# spikingjelly (the oracle of some tests and the train-step baseline) from a carried wheel, when
+# it is not installed: into a private folder, the machine's environment is left as it is.
+if ! "$PY" -c "import spikingjelly" 2>/dev/null; then
+    wheel=$(ls "$REPO"/.whl/spikingjelly-*.whl 2>/dev/null | head -n 1)
+    if [ -n "$wheel" ] && "$PY" -m pip install -q --no-deps --target "$RESULTS/site" "$wheel" \
+        >"$RESULTS/spikingjelly_install.log" 2>&1; then
+        export PYTHONPATH="$PYTHONPATH:$RESULTS/site"
+    fi
+fi
+
 # --------------------------------------------------------------------------- versions, verdict
 
 versions() {
@@ -107,7 +118,8 @@ print(f"kernel verdict: {'available' if lif_cuda.is_available() else lif_cuda.un
 print(describe_backend("cuda" if cuda else "cpu"))
 if importlib.util.find_spec("spikingjelly") is None:
     print("spikingjelly: not installed; comparisons against it and the train-step baseline are "
-          "skipped (carry the spikingjelly 0.0.0.0.14 wheel and pip install it to run them)")
+          "skipped (to run them, carry its wheel in .whl/: pip download --no-deps -d .whl "
+          "spikingjelly==0.0.0.0.14)")
 else:
     import spikingjelly
     print(f"spikingjelly: installed ({spikingjelly.__file__})")
