@@ -9,7 +9,8 @@ each with the torch backend and, on CUDA when the kernel works, the CuPy kernel.
 
     python benchmarks/lif_latency.py [--device cpu|cuda] [--iters 200] [--repeats 5]
 
-The figure is the best of ``--repeats`` rounds of ``--iters`` calls (CUDA: synchronised).
+The figure is the best of ``--repeats`` interleaved rounds of ``--iters`` calls (CUDA:
+synchronised around each round).
 """
 from __future__ import annotations
 
@@ -40,27 +41,33 @@ def _paths(backend: str):
     return {"eager": eager, "custom op": op}
 
 
-def _best(fn, x, grad, device, iters, repeats):
-    def once():
-        if grad is None:
-            with torch.no_grad():
-                fn(x)
-        else:
-            fn(x).backward(grad)
+def _once(fn, x, grad):
+    if grad is None:
+        with torch.no_grad():
+            fn(x)
+    else:
+        fn(x).backward(grad)
 
-    for _ in range(5):
-        once()
-    best = float("inf")
+
+def _measure(cases, device, iters, repeats):
+    """Best seconds per call of each (fn, x, grad) case. All cases are warmed up first and the
+    rounds interleave them, so that neither the allocator's first growth nor a burst of load
+    from another process lands on one case only."""
+    for fn, x, grad in cases:
+        for _ in range(5):
+            _once(fn, x, grad)
+    best = [float("inf")] * len(cases)
     for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(iters):
-            once()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        best = min(best, (time.perf_counter() - t0) / iters)
-    return best * 1e6
+        for i, (fn, x, grad) in enumerate(cases):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(iters):
+                _once(fn, x, grad)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            best[i] = min(best[i], (time.perf_counter() - t0) / iters)
+    return [b * 1e6 for b in best]
 
 
 def main(argv=None) -> int:
@@ -92,11 +99,12 @@ def main(argv=None) -> int:
         x = torch.randn(shape, device=device) + 0.6
         grad = torch.randn(shape, device=device)
         xg = x.clone().requires_grad_()
-        for backend in backends:
-            for name, fn in _paths(backend).items():
-                fwd = _best(fn, x, None, device, args.iters, args.repeats)
-                both = _best(fn, xg, grad, device, args.iters, args.repeats)
-                print(f"{str(list(shape)):<22} {backend:<7} {name:<10} {fwd:10.1f} {both:10.1f}")
+        rows = [(backend, name, fn) for backend in backends for name, fn in _paths(backend).items()]
+        cases = [c for _, _, fn in rows for c in ((fn, x, None), (fn, xg, grad))]
+        times = _measure(cases, device, args.iters, args.repeats)
+        for i, (backend, name, _) in enumerate(rows):
+            fwd, both = times[2 * i], times[2 * i + 1]
+            print(f"{str(list(shape)):<22} {backend:<7} {name:<10} {fwd:10.1f} {both:10.1f}")
     return 0
 
 
