@@ -30,8 +30,6 @@ small kernel launch on a GPU.
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import nn
 from torch.autograd.function import once_differentiable

@@ -13,7 +13,6 @@ import builtins
 import copy
 import importlib.abc
 import math
-import os
 import re
 import shutil
 import subprocess
@@ -28,7 +27,7 @@ from qkformer import cuda as lif_cuda
 from qkformer.lif_loops import lif_backward_torch, lif_forward_torch
 from qkformer.neuron import MultiStepLIF, lif_backward, lif_forward, lif_multistep
 
-from lif_reference import assert_same, kernel_backward, kernel_forward, special_inputs
+from lif_reference import assert_same, kernel_forward, special_inputs
 
 KERNELS = [f"lif_{d}_{s}" for s in ("f32", "f16", "bf16") for d in ("forward", "backward")]
 NVCC = shutil.which("nvcc")
@@ -617,7 +616,7 @@ def test_gpu_contract():
     assert lif_multistep(torch.empty(4, 0, device="cuda"), backend="cupy").shape == (4, 0)
 
 
-if os.environ.get("QKFORMER_REQUIRE_CUDA_KERNEL"):  # CI on a GPU runner: skipping is failure
+if lif_cuda.kernel_required():  # CI on a GPU runner: skipping is failure
     def test_gpu_backend_required():
         assert torch.cuda.is_available(), "QKFORMER_REQUIRE_CUDA_KERNEL set but no CUDA device"
         lif_cuda.require_available()
