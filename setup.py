@@ -26,7 +26,12 @@ setup(
         "scikit-learn",  # the bundled 8x8 digits set of the demo
     ],
     extras_require={
-        "cuda": ["cupy-cuda12x"],
+        # One CuPy wheel per CUDA major: it must match torch.version.cuda, or CuPy's NVRTC and
+        # runtime libraries are missing next to torch's and the kernel falls back to torch.
+        # Plain [cuda] is the major of the torch pinned in constraints.txt (a CUDA 13 build).
+        "cuda": ["cupy-cuda13x"],
+        "cuda12": ["cupy-cuda12x"],
+        "cuda13": ["cupy-cuda13x"],
         "test": ["pytest>=7"],
     },
 )

@@ -21,7 +21,8 @@ from . import variants  # noqa: F401  (timm registration)
 from .checkpoint import extract_state_dict, load_checkpoint, match_variant
 from .config import ConfigError, run_cli
 from .distributed import ShardSampler, init_distributed, is_main
-from .engine import evaluate, read_checkpoint_file
+from .engine import evaluate, read_checkpoint_file, resolve_amp
+from .neuron import describe_backend
 from .train import check_data_dir, check_input_size
 
 __all__ = ["build_parser", "main"]
@@ -44,7 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="original batch-coupled SSA proj_lif (matches released accuracies)")
     ssa.add_argument("--fixed-ssa", dest="legacy_ssa", action="store_false",
                      help="per-sample SSA proj_lif (batch-independent predictions)")
-    a("--amp", action=argparse.BooleanOptionalAction, default=True)
+    a("--amp", action=argparse.BooleanOptionalAction, default=None,
+      help="force mixed precision on/off; default auto: fp16 on CUDA, bf16 on CPUs with native "
+           "bf16, else fp32")
     a("--device", default="auto")
     a("--workers", type=int, default=4)
     a("--max-iters", dest="max_iters", type=int, default=None)
@@ -127,7 +130,11 @@ def _run(args) -> dict:
         print(f"model {margs.model} (T={margs.T}, input {size}, {style} preprocessing, "
               f"{'legacy' if args.legacy_ssa else 'fixed'} SSA); eval batch size "
               f"{args.batch_size} per process x {dist.world_size}")
-    stats = evaluate(model, loader, dist.device, args.amp, args.progress, args.max_iters)
+    amp, precision = resolve_amp(dist.device, args.amp, training=False)
+    if is_main():
+        print(precision)
+        print(describe_backend(dist.device))
+    stats = evaluate(model, loader, dist.device, amp, args.progress, args.max_iters)
     if is_main():
         print(f"* Acc@1 {stats['acc1']:.3f} Acc@5 {stats['acc5']:.3f} loss {stats['loss']:.4f} "
               f"on {stats['images']} images ({stats['images_per_s']:.1f} images/s per process)")

@@ -15,7 +15,8 @@ attention cores, stored the same way. Each is a ``torch.library`` custom op with
 and an autograd formula, so ``torch.compile(fullgraph=True)`` sees single opaque nodes.
 
 On CPU the passes are the compiled kernels of :mod:`qkformer.cpu`; elsewhere (CUDA, or no C++
-compiler) the same algorithm runs in torch ops with the LIF of :mod:`qkformer.neuron`.
+compiler) the same algorithm runs in torch ops with the LIF of :mod:`qkformer.neuron` (its CuPy
+kernel on CUDA).
 The formulas equal the reference modules' (``nn.BatchNorm*`` in train and eval mode, the
 multistep LIF, ``max_pool2d``) up to floating-point rounding; the tests hold them to the
 reference path in float64.
@@ -33,7 +34,7 @@ from torch import Tensor
 from torch._subclasses.fake_tensor import is_fake
 
 from . import cpu
-from .neuron import lif_backward_torch, lif_forward_torch
+from .neuron import lif_backward, lif_forward
 
 __all__ = ["ANALOG", "SPIKES", "COUNTS", "pack", "unpack", "compact_storage",
            "compact_storage_enabled", "batch_stats", "bn_lif_forward", "bn_lif_backward",
@@ -218,7 +219,7 @@ def bn_lif_forward(y: Tensor, steps: int, scale: Optional[Tensor], shift: Option
         z = _from_nchw(F.max_pool2d(_to_nchw(z), 3, 2, 1))
     if bcast:
         z = z.unsqueeze(0).expand(steps, *z.shape)
-    spikes, _ = lif_forward_torch(z.reshape(steps, -1), tau, v_threshold, save_h=False)
+    spikes, _ = lif_forward(z.reshape(steps, -1), tau, v_threshold, save_h=False)
     return spikes.to(y.dtype).reshape(out_shape)
 
 
@@ -263,8 +264,8 @@ def bn_lif_backward(grad: Tensor, y: Tensor, steps: int, scale: Optional[Tensor]
         zp = z
     if bcast:
         zp = zp.unsqueeze(0).expand(steps, *zp.shape)
-    _, h = lif_forward_torch(zp.reshape(steps, -1).contiguous(), tau, v_threshold, save_h=True)
-    gzp = lif_backward_torch(grad.reshape(steps, -1).to(h.dtype).contiguous(), h, tau,
+    _, h = lif_forward(zp.reshape(steps, -1).contiguous(), tau, v_threshold, save_h=True)
+    gzp = lif_backward(grad.reshape(steps, -1).to(h.dtype).contiguous(), h, tau,
                              v_threshold, alpha, detach_reset)
     gzp = gzp.reshape(zp.shape)
     if bcast:

@@ -11,209 +11,228 @@ Unlike spikingjelly the module is stateless: every call starts from V_0 = 0, whi
 the original achieved by calling ``reset_net`` after each batch. Nothing needs resetting, and the
 batch size may change from one call to the next.
 
-Two backends share one algorithm. ``torch`` runs a loop over T in plain tensor ops inside a single
-autograd Function with a hand-written BPTT backward (no per-step autograd graph: that graph is
-what makes the reference neuron slow and memory-hungry). ``cupy`` runs the same loop inside one
-CUDA thread per neuron (see ``qkformer/cuda``). Both save only H (the charged potential) for the
-backward pass; spikes and the surrogate derivative are recomputed from it.
+Two backends share one algorithm. ``torch`` runs a loop over T in plain tensor ops
+(``qkformer.lif_loops``) with a hand-written BPTT backward (no per-step autograd graph: that graph
+is what makes the reference neuron slow and memory-hungry). ``cupy`` runs the same loop inside one
+CUDA thread per neuron (``qkformer.cuda``), after a self-check against the torch loops on first
+use per device and dtype, and falls back to them when the check or a launch fails. Both save only
+H (the charged potential) for the backward pass; spikes and the surrogate derivative are
+recomputed from it.
+
+Layers: :func:`lif_forward` / :func:`lif_backward` pick the backend and run it, without autograd
+(for layers that fuse the neuron into their own autograd Function). :func:`lif_multistep` and
+:class:`MultiStepLIF` add autograd. For ``torch.compile`` the pair is also registered as the custom
+ops ``qkformer::lif_forward`` / ``qkformer::lif_backward`` (fake kernels, autograd formula saving
+only H), so a compiled graph holds one opaque node per neuron and does not break at it. Eager
+calls skip the dispatcher and use a plain autograd Function with the same formula: the custom-op
+autograd wrapper costs tens of microseconds of Python per call, which is the whole budget of a
+small kernel launch on a GPU.
 """
 from __future__ import annotations
 
-import math
-import os
-from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Optional
-
 import torch
 from torch import nn
+from torch.autograd.function import once_differentiable
 
-__all__ = ["MultiStepLIF", "lif_multistep", "LIFTorchFunction", "resolve_backend"]
+from . import cuda as lif_cuda
+from .lif_loops import lif_backward_torch, lif_forward_torch
+
+__all__ = ["MultiStepLIF", "lif_multistep", "lif_forward", "lif_backward", "resolve_backend",
+           "describe_backend", "lif_forward_torch", "lif_backward_torch", "BACKENDS"]
 
 BACKENDS = ("auto", "torch", "cupy")
 
 
-# The CPU loop walks the neurons in blocks: a block's few temporaries stay in the L2 cache while
-# the T steps run over it, so each element crosses the memory bus about once per pass instead of
-# once per elementwise op. Blocks are below ATen's grain size (32768), so every op runs inline on
-# its calling thread, and blocks are shared out to one Python thread per intra-op thread (ATen
-# releases the GIL). This avoids an OpenMP fork/join per small op, which collapses when another
-# process (a DataLoader worker, say) holds a core. On CUDA one block covers the whole tensor.
-CPU_BLOCK = 1 << 15
-_pool: Optional[ThreadPoolExecutor] = None
+def _check_backend(backend: str) -> None:
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown LIF backend {backend!r}; expected one of {BACKENDS}")
 
 
-def _forget_pool() -> None:  # a forked child has none of the parent's threads
-    global _pool
-    _pool = None
+def _check_input(x: torch.Tensor) -> None:
+    if x.dim() < 2:
+        raise ValueError(f"LIF input must be [T, ...] with at least 2 dims, "
+                         f"got shape {tuple(x.shape)}")
 
 
-os.register_at_fork(after_in_child=_forget_pool)
+def resolve_backend(backend: str, x: torch.Tensor) -> str:
+    """The backend that serves ``x``: 'cupy' where the CUDA kernel is to be tried ('auto' on a
+    CUDA tensor when CuPy works), else 'torch'. The kernel may still hand a call back to the torch
+    loops (dtype without a kernel, failed self-check or launch: see ``qkformer.cuda``)."""
+    _check_backend(backend)
+    if backend == "torch":
+        return "torch"
+    if not lif_cuda.handles(x):
+        if backend == "cupy":
+            raise RuntimeError(f"LIF backend 'cupy' needs a CUDA tensor, got one on {x.device}")
+        return "torch"
+    if backend == "cupy":
+        lif_cuda.require_available()  # raises with the real reason
+        return "cupy"
+    if lif_cuda.is_available():
+        return "cupy"
+    if lif_cuda.kernel_required():
+        raise RuntimeError(f"{lif_cuda.REQUIRE_ENV} is set but the LIF CUDA kernel is unavailable: "
+                           f"{lif_cuda.unavailable_reason()}")
+    return "torch"
 
 
-def _for_blocks(n: int, device: torch.device, body: Callable[[int, int, int], None]) -> None:
-    """Call ``body(a, b, worker)`` over the blocks [a, b) of ``range(n)``."""
-    global _pool
-    if device.type != "cpu":
-        body(0, n, 0)
-        return
-    blocks = [(a, min(a + CPU_BLOCK, n)) for a in range(0, n, CPU_BLOCK)]
-    workers = min(torch.get_num_threads(), len(blocks))
-    if workers <= 1:
-        for a, b in blocks:
-            body(a, b, 0)
-        return
-    if _pool is None or _pool._max_workers < workers:
-        _pool = ThreadPoolExecutor(workers, thread_name_prefix="qkformer-lif")
-
-    def run(w: int) -> None:
-        with torch.no_grad():  # grad mode is thread-local; out= ops must not record
-            for a, b in blocks[w::workers]:
-                body(a, b, w)
-
-    for f in [_pool.submit(run, w) for w in range(workers)]:
-        f.result()
+def describe_backend(device) -> str:
+    """One line for the logs: the backend 'auto' uses on ``device`` and, if not the kernel, why."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return f"LIF backend: torch ({device.type.upper()} tensors)"
+    if not lif_cuda.is_available():
+        return f"LIF backend: torch, since {lif_cuda.unavailable_reason()}"
+    check = ("self-check against the torch backend on first use per dtype"
+             if lif_cuda.selfcheck_enabled() else f"self-check skipped: {lif_cuda.SELFCHECK_ENV}=0")
+    return f"LIF backend: cupy (fused CUDA kernel; {check})"
 
 
-def _scratch(like: torch.Tensor, n: int, count: int, workers: int):
-    """``count`` buffers of one block per worker, allocated once per call."""
-    size = min(n, CPU_BLOCK) if like.device.type == "cpu" else n
-    return [[like.new_empty(size) for _ in range(count)] for _ in range(workers)]
+def _forward(x, tau, v_threshold, save_h, backend):
+    """(spikes shaped like ``x``, H in the serving backend's layout or None). Grad mode off."""
+    if resolve_backend(backend, x) == "cupy":
+        out = lif_cuda.forward(x, tau, v_threshold, save_h, strict=backend == "cupy")
+        if out is not None:
+            return out
+    return lif_forward_torch(x, tau, v_threshold, save_h)
 
 
-def lif_forward_torch(x: torch.Tensor, tau: float, v_threshold: float, save_h: bool = True):
-    """Forward over the leading time axis. Returns ``(spikes, h_seq)``; ``h_seq`` ([T, N]) is the
-    charged potential before reset (None unless ``save_h``). The membrane after reset is
-    ``h_seq * (1 - spikes)``.
-
-    Each block runs the same per-neuron loop as the CUDA kernel (qkformer/cuda/lif_kernel.cu):
-    charge, compare, reset, for t = 0 .. T-1.
-    """
-    T = x.shape[0]
-    x2 = x.reshape(T, -1)
-    n = x2.shape[1]
-    spikes = torch.empty_like(x2)
-    h_seq = torch.empty_like(x2) if save_h else None
-    scratch = _scratch(x2, n, 2, torch.get_num_threads())
-    # v + (x - v) * (1/tau) equals v + (x - v) / tau bit for bit when 1/tau is a power of two
-    # (tau = 2 everywhere in QKFormer); otherwise divide, as spikingjelly's torch backend does.
-    exact_inverse = math.log2(tau).is_integer()
-
-    def block(a: int, b: int, w: int) -> None:
-        v, h_tmp = (buf[: b - a] for buf in scratch[w])
-        for t in range(T):
-            h = h_seq[t, a:b] if save_h else h_tmp
-            if t == 0:  # V_0 = 0
-                torch.div(x2[t, a:b], tau, out=h)
-            else:
-                torch.sub(x2[t, a:b], v, out=h)
-                if exact_inverse:
-                    torch.add(v, h, alpha=1.0 / tau, out=h)
-                else:
-                    h.div_(tau).add_(v)
-            s = spikes[t, a:b]
-            torch.ge(h, v_threshold, out=s)
-            torch.addcmul(h, h, s, value=-1.0, out=v)  # hard reset: V = H - H*S
-
-    _for_blocks(n, x.device, block)
-    return spikes.view_as(x), h_seq
+def _backward(grad_spikes, h_seq, tau, v_threshold, alpha, detach_reset, backend):
+    """Input gradient in ``h_seq``'s or the [T, N] layout (the caller views it). Grad mode off."""
+    if grad_spikes.dtype != h_seq.dtype:
+        grad_spikes = grad_spikes.to(h_seq.dtype)
+    if resolve_backend(backend, h_seq) == "cupy":
+        grad_x = lif_cuda.backward(grad_spikes.reshape(h_seq.shape), h_seq, tau, v_threshold,
+                                   alpha, detach_reset, strict=backend == "cupy")
+        if grad_x is not None:
+            return grad_x
+    if h_seq.dim() != 2:
+        h_seq = h_seq.reshape(h_seq.shape[0], -1)
+    return lif_backward_torch(grad_spikes, h_seq, tau, v_threshold, alpha, detach_reset)
 
 
-def lif_backward_torch(grad_spikes: torch.Tensor, h_seq: torch.Tensor, tau: float,
-                       v_threshold: float, alpha: float, detach_reset: bool) -> torch.Tensor:
-    """BPTT through the recursion, running t = T-1 .. 0, block by block like the forward.
-
-    g_H(t) = g_S(t) sg'(t) + g_H(t+1) (1 - 1/tau) dV_t/dH_t,   g_X(t) = g_H(t) / tau
-    with sg' = alpha sig (1 - sig), sig = sigmoid(alpha (H - V_th)) (spikingjelly's Sigmoid),
-    and dV/dH = 1 - S (detach_reset) or 1 - S - H sg' (reset differentiated through S).
-    """
-    T = h_seq.shape[0]
-    g_s = grad_spikes.reshape(T, -1)
-    n = h_seq.shape[1]
-    grad_x = torch.empty_like(h_seq)
-    scratch = _scratch(h_seq, n, 3, torch.get_num_threads())
-    decay = 1.0 - 1.0 / tau
-
-    def block(a: int, b: int, w: int) -> None:
-        if detach_reset:
-            # The recursion written for g_X = g_H / tau directly: 7 tensor ops per step instead
-            # of 11, no carry buffer, and the same sums as spikingjelly's autograd graph:
-            # g_X(t) = (alpha/tau) g_S(t) sig (1 - sig) + (1 - 1/tau) (1 - S_t) g_X(t+1)
-            sig, live = scratch[w][0][: b - a], scratch[w][1][: b - a]
-            for t in range(T - 1, -1, -1):
-                h, g_x = h_seq[t, a:b], grad_x[t, a:b]
-                torch.sub(h, v_threshold, out=sig)
-                sig.mul_(alpha).sigmoid_()
-                # g_S sig (1 - sig) in one fused op
-                torch.ops.aten.sigmoid_backward.grad_input(g_s[t, a:b], sig, grad_input=g_x)
-                if t < T - 1:
-                    torch.lt(h, v_threshold, out=live)  # 1 - S_t
-                    g_x.addcmul_(live, grad_x[t + 1, a:b], value=decay * tau / alpha)
-                g_x.mul_(alpha / tau)
-            return
-        carry, sg, g_h = (buf[: b - a] for buf in scratch[w])
-        for t in range(T - 1, -1, -1):
-            h = h_seq[t, a:b]
-            torch.sub(h, v_threshold, out=sg)
-            sg.mul_(alpha).sigmoid_()
-            torch.addcmul(sg, sg, sg, value=-1.0, out=sg)  # sig (1 - sig)
-            sg.mul_(alpha)
-            torch.mul(g_s[t, a:b], sg, out=g_h)
-            if t < T - 1:  # carry = g_H(t+1) (1 - 1/tau), times dV_t/dH_t = 1 - S - H sg'
-                g_h.addcmul_(carry, h * sg, value=-1.0)
-                carry.masked_fill_(h >= v_threshold, 0.0)
-                g_h.add_(carry)
-            torch.div(g_h, tau, out=grad_x[t, a:b])
-            torch.mul(g_h, decay, out=carry)
-
-    _for_blocks(n, h_seq.device, block)
-    return grad_x
+def lif_forward(x: torch.Tensor, tau: float, v_threshold: float, save_h: bool,
+                backend: str = "auto"):
+    """Spikes of ``x`` ([T, ...], V_0 = 0) and, if ``save_h``, the charged potentials H that
+    :func:`lif_backward` needs, else None; both shaped like ``x``, contiguous, of its dtype.
+    No autograd: the outputs do not require grad."""
+    _check_input(x)
+    if x.requires_grad:  # the loops write with out=, which autograd refuses on such inputs
+        x = x.detach()
+    spikes, h_seq = _forward(x, tau, v_threshold, save_h, backend)
+    if h_seq is not None and h_seq.shape != x.shape:
+        h_seq = h_seq.view(x.shape)
+    return spikes, h_seq
 
 
-class LIFTorchFunction(torch.autograd.Function):
+def lif_backward(grad_spikes: torch.Tensor, h_seq: torch.Tensor, tau: float, v_threshold: float,
+                 alpha: float, detach_reset: bool, backend: str = "auto") -> torch.Tensor:
+    """Input gradient of the LIF from the gradient of its spikes and the H that
+    :func:`lif_forward` saved (``grad_spikes``: any layout with ``h_seq``'s number of elements);
+    shaped like ``grad_spikes``, contiguous, of ``h_seq``'s dtype. No autograd."""
+    _check_input(h_seq)
+    grad_spikes, h_seq = grad_spikes.detach(), h_seq.detach()
+    grad_x = _backward(grad_spikes, h_seq, tau, v_threshold, alpha, detach_reset, backend)
+    return grad_x.view(grad_spikes.shape)
+
+
+# ------------------------------------------------------------------------------------ eager
+
+
+class _LIFFunction(torch.autograd.Function):
+    """Eager autograd: spikes out, only H saved (in the layout its backend produced)."""
+
     @staticmethod
-    def forward(ctx, x, tau, v_threshold, alpha, detach_reset):
-        spikes, h_seq = lif_forward_torch(x, tau, v_threshold, save_h=x.requires_grad)
+    def forward(ctx, x, tau, v_threshold, alpha, detach_reset, backend, save_h):
+        spikes, h_seq = _forward(x, tau, v_threshold, save_h, backend)
         if h_seq is not None:
             ctx.save_for_backward(h_seq)
-        ctx.params = (tau, v_threshold, alpha, detach_reset)
+        ctx.params = (tau, v_threshold, alpha, detach_reset, backend)
         return spikes
 
     @staticmethod
     def backward(ctx, grad_spikes):
-        (h_seq,) = ctx.saved_tensors
-        tau, v_threshold, alpha, detach_reset = ctx.params
-        grad_x = lif_backward_torch(grad_spikes, h_seq, tau, v_threshold, alpha, detach_reset)
-        return grad_x.view_as(grad_spikes), None, None, None, None
+        # The BPTT formula is not itself differentiable: under create_graph, mark the result so
+        # that a double backward fails instead of being silently wrong. Only then: the marking
+        # costs as much Python as the rest of this function.
+        if torch.is_grad_enabled():
+            return _backward_once(ctx, grad_spikes)
+        return _backward_body(ctx, grad_spikes)
 
 
-def resolve_backend(backend: str, x: torch.Tensor) -> str:
-    """Pick the backend for ``x``. 'auto' means the CUDA kernel on a CUDA tensor when CuPy works."""
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown LIF backend {backend!r}; expected one of {BACKENDS}")
-    if backend == "torch":
-        return "torch"
-    if not x.is_cuda:
-        if backend == "cupy":
-            raise RuntimeError(f"LIF backend 'cupy' needs a CUDA tensor, got one on {x.device}")
-        return "torch"
-    from qkformer import cuda as lif_cuda
+def _backward_body(ctx, grad_spikes):
+    (h_seq,) = ctx.saved_tensors
+    grad_x = _backward(grad_spikes, h_seq, *ctx.params).view(grad_spikes.shape)
+    return grad_x, None, None, None, None, None, None
 
-    if backend == "cupy":
-        lif_cuda.require_available()  # raises with the real reason
-        return "cupy"
-    return "cupy" if lif_cuda.is_available() else "torch"
+
+_backward_once = once_differentiable(_backward_body)
+
+
+# --------------------------------------------------------------------- custom ops (compile)
+
+
+@torch.library.custom_op("qkformer::lif_forward", mutates_args=())
+def _lif_forward_op(x: torch.Tensor, tau: float, v_threshold: float, alpha: float,
+                    detach_reset: bool, save_h: bool,
+                    backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(spikes, H) with H empty unless ``save_h``; alpha and detach_reset only shape the
+    backward, which gets them from here."""
+    spikes, h_seq = lif_forward(x, tau, v_threshold, save_h, backend)
+    return spikes, (h_seq if h_seq is not None else x.new_empty(0))
+
+
+@_lif_forward_op.register_fake
+def _(x, tau, v_threshold, alpha, detach_reset, save_h, backend):
+    return x.new_empty(x.shape), x.new_empty(x.shape if save_h else (0,))
+
+
+@torch.library.custom_op("qkformer::lif_backward", mutates_args=())
+def _lif_backward_op(grad_spikes: torch.Tensor, h_seq: torch.Tensor, tau: float,
+                     v_threshold: float, alpha: float, detach_reset: bool,
+                     backend: str) -> torch.Tensor:
+    return lif_backward(grad_spikes, h_seq, tau, v_threshold, alpha, detach_reset, backend)
+
+
+@_lif_backward_op.register_fake
+def _(grad_spikes, h_seq, tau, v_threshold, alpha, detach_reset, backend):
+    return h_seq.new_empty(grad_spikes.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    _, tau, v_threshold, alpha, detach_reset, _, backend = inputs
+    h_seq = output[1]
+    ctx.mark_non_differentiable(h_seq)
+    ctx.save_for_backward(h_seq)
+    ctx.params = (tau, v_threshold, alpha, detach_reset, backend)
+
+
+@once_differentiable
+def _op_backward(ctx, grad_spikes, _grad_h):
+    (h_seq,) = ctx.saved_tensors
+    if h_seq.numel() != grad_spikes.numel():
+        raise RuntimeError("qkformer::lif_forward ran with save_h=False: no H to differentiate")
+    grad_x = torch.ops.qkformer.lif_backward(grad_spikes, h_seq, *ctx.params)
+    return grad_x, None, None, None, None, None, None
+
+
+_lif_forward_op.register_autograd(_op_backward, setup_context=_setup_context)
+
+
+# -------------------------------------------------------------------------------- public API
 
 
 def lif_multistep(x: torch.Tensor, tau: float = 2.0, v_threshold: float = 1.0, alpha: float = 4.0,
                   detach_reset: bool = True, backend: str = "auto") -> torch.Tensor:
     """Functional multistep LIF over the first axis of ``x`` ([T, ...]), starting from V = 0."""
-    if x.dim() < 2:
-        raise ValueError(f"LIF input must be [T, ...] with at least 2 dims, got shape {tuple(x.shape)}")
-    if resolve_backend(backend, x) == "cupy":
-        from qkformer import cuda as lif_cuda
-
-        return lif_cuda.LIFCupyFunction.apply(x, tau, v_threshold, alpha, detach_reset)
-    return LIFTorchFunction.apply(x, tau, v_threshold, alpha, detach_reset)
+    _check_input(x)
+    _check_backend(backend)
+    # Inside Function.forward grad mode is off and needs_input_grad ignores no_grad: decide here.
+    save_h = torch.is_grad_enabled() and x.requires_grad
+    params = (float(tau), float(v_threshold), float(alpha), bool(detach_reset))
+    if torch.compiler.is_compiling():
+        return torch.ops.qkformer.lif_forward(x, *params, save_h, backend)[0]
+    return _LIFFunction.apply(x, *params, backend, save_h)
 
 
 class MultiStepLIF(nn.Module):
@@ -225,8 +244,7 @@ class MultiStepLIF(nn.Module):
     def __init__(self, tau: float = 2.0, v_threshold: float = 1.0, detach_reset: bool = True,
                  alpha: float = 4.0, backend: str = "auto"):
         super().__init__()
-        if backend not in BACKENDS:
-            raise ValueError(f"unknown LIF backend {backend!r}; expected one of {BACKENDS}")
+        _check_backend(backend)
         self.tau = float(tau)
         self.v_threshold = float(v_threshold)
         self.detach_reset = bool(detach_reset)

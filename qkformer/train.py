@@ -30,8 +30,9 @@ from . import variants  # noqa: F401  (timm registration)
 from .checkpoint import load_checkpoint
 from .config import ConfigError, parse_with_config, run_cli
 from .distributed import ShardSampler, init_distributed, is_main
-from .engine import (NonFiniteLossError, evaluate, read_checkpoint_file, resume_checkpoint,
-                     save_checkpoint, train_one_epoch)
+from .engine import (NonFiniteLossError, evaluate, read_checkpoint_file, resolve_amp,
+                     resume_checkpoint, save_checkpoint, train_one_epoch)
+from .neuron import describe_backend
 
 __all__ = ["build_parser", "main", "check_args", "build_model", "build_datasets"]
 
@@ -94,8 +95,9 @@ def build_parser(description: str = "Train QKFormer") -> argparse.ArgumentParser
     a("--mixup-prob", dest="mixup_prob", type=float, default=1.0)
     a("--mixup-switch-prob", dest="mixup_switch_prob", type=float, default=0.5)
     a("--mixup-off-epoch", dest="mixup_off_epoch", type=int, default=None)
-    a("--amp", action=argparse.BooleanOptionalAction, default=True,
-      help="mixed precision: fp16 on CUDA, bf16 on CPU")
+    a("--amp", action=argparse.BooleanOptionalAction, default=None,
+      help="force mixed precision on/off (fp16 on CUDA, bf16 on CPU); default auto: on for CUDA, "
+           "on CPU only where bf16 is native")
     a("--amp-eval", dest="amp_eval", action=argparse.BooleanOptionalAction, default=None,
       help="mixed precision in evaluation (default: same as --amp)")
     # run
@@ -318,6 +320,7 @@ def main(argv: Optional[Sequence[str]] = None, default_config: Optional[str] = N
 def _run(args) -> dict:
     check_args(args)
     dist = init_distributed(args.device)
+    args.amp, precision = resolve_amp(dist.device, args.amp)
     seed = args.seed + dist.rank
     random.seed(seed)
     np.random.seed(seed)
@@ -372,6 +375,8 @@ def _run(args) -> dict:
         print(f"effective batch {eff_batch} = {args.batch_size} per process x {args.accum_iter} "
               f"accumulation x {dist.world_size} processes; lr {args.lr:.3g}; "
               f"eval batch {args.val_batch_size or args.batch_size}; {num_epochs} epochs")
+        print(precision)
+        print(describe_backend(dist.device))
         (out / "args.yaml").write_text(yaml.safe_dump(vars(args), sort_keys=True))
     net = torch.compile(model) if args.compile else model
     if dist.distributed:

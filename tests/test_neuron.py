@@ -3,7 +3,7 @@ import pytest
 import torch
 from spikingjelly.clock_driven.neuron import MultiStepLIFNode
 
-from qkformer import neuron
+from qkformer import lif_loops
 from qkformer.neuron import MultiStepLIF, lif_forward_torch, lif_multistep
 
 
@@ -38,6 +38,39 @@ def test_matches_spikingjelly(v_threshold, detach_reset, shape):
     torch.testing.assert_close(x_ours.grad, x_ref.grad, rtol=0, atol=1e-6)
 
 
+def special_inputs(shape=(5, 8)):
+    """+inf, -inf and NaN at the first, a middle and the last step, among ordinary values."""
+    x = torch.randn(shape) * 1.5 + 0.6
+    inf, nan = float("inf"), float("nan")
+    for (t, n), v in {(1, 0): inf, (2, 1): -inf, (0, 2): nan, (shape[0] - 1, 3): inf,
+                      (0, 4): -inf, (0, 5): inf, (shape[0] - 1, 6): nan}.items():
+        x[t, n] = v
+    return x
+
+
+@pytest.mark.parametrize("detach_reset", [True, False])
+def test_special_values_match_spikingjelly(detach_reset):
+    x, up = special_inputs(), torch.randn(5, 8)
+    x_ref, s_ref, v_ref = _oracle(x, 1.0, detach_reset)
+    s_ref.backward(up)
+    x_ours = x.clone().requires_grad_()
+    s = lif_multistep(x_ours, detach_reset=detach_reset, backend="torch")
+    s.backward(up)
+    assert torch.equal(s, s_ref)
+    torch.testing.assert_close(x_ours.grad, x_ref.grad, rtol=0, atol=1e-6, equal_nan=True)
+    _, h = lif_forward_torch(x, 2.0, 1.0)
+    assert h[2:, 0].isnan().all() and s[2:, 0].eq(0).all()  # +inf poisons the neuron: NaN on
+    assert h[1:, 5].isnan().all() and h[3:, 1].isnan().all()  # +inf at t=0; -inf at t=2
+    assert x_ours.grad.isnan().any() and x_ours.grad[:, 7].isfinite().all()  # column 7: plain
+    # V = H - H S equals spikingjelly's H (1 - S) except after H = -inf (NaN here, -inf there),
+    # which the next charge turns into NaN in both.
+    v = h - h * s
+    minus_inf = h == -float("inf")
+    torch.testing.assert_close(v[~minus_inf], v_ref.detach()[~minus_inf], rtol=0, atol=0,
+                               equal_nan=True)
+    assert v[minus_inf].isnan().all() and (v_ref.detach()[minus_inf] == -float("inf")).all()
+
+
 @pytest.mark.parametrize("v_threshold", [1.0, 0.5])
 def test_golden_lif_unit(reference, v_threshold):
     g = torch.load(reference / "golden" / "lif_unit.pt", weights_only=True)
@@ -58,7 +91,7 @@ def test_blocked_loop_matches_unblocked(monkeypatch, tau):
     up = torch.randn(5, 1000)
     results = []
     for block in (1 << 17, 37):
-        monkeypatch.setattr(neuron, "CPU_BLOCK", block)
+        monkeypatch.setattr(lif_loops, "CPU_BLOCK", block)
         xx = x.clone().requires_grad_()
         s = lif_multistep(xx, tau=tau, detach_reset=False)
         s.backward(up)

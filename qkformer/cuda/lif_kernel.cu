@@ -4,7 +4,8 @@
 // each launch reads/writes every [T, N] tensor exactly once (x is [T, N] contiguous: step t of
 // neuron i sits at t * N + i, and neighbouring threads touch neighbouring addresses).
 //
-// The arithmetic is lif_forward_torch / lif_backward_torch of qkformer/neuron.py. Every value is
+// The arithmetic is lif_forward_torch / lif_backward_torch of qkformer/lif_loops.py, special
+// values included (+-inf and NaN inputs give the same spikes, H and gradients). Every value is
 // computed in float. For 16-bit types H is rounded to the storage type before it is compared with
 // the threshold and carried on, so the spike, the reset and the saved H the backward pass
 // recomputes from are the same number.
@@ -107,14 +108,17 @@ LIF_HD void lif_forward_neuron(const typename S::T* x, typename S::T* spikes, ty
     float v = 0.0f;
     for (int t = 0; t < T; ++t) {
         const long long k = (long long)t * N + i;
-        // A true division, as spikingjelly's torch backend does; neuron.py's multiply by 1/tau
+        // A true division, as spikingjelly's torch backend does; lif_loops.py's multiply by 1/tau
         // for power-of-two tau (tau = 2 in QKFormer) is the same number.
         const typename S::T h_st = S::store(v + (S::load(x[k]) - v) / tau);
         const float h = S::load(h_st);
-        const bool fired = h >= v_th;
-        spikes[k] = S::store(fired ? 1.0f : 0.0f);
+        const float s = h >= v_th ? 1.0f : 0.0f;
+        spikes[k] = S::store(s);
         if (h_seq) h_seq[k] = h_st;
-        v = fired ? 0.0f : h;
+        // The reset of the torch backend (V = H - H*S), not a select: equal for finite H, and
+        // NaN after H = +inf (inf - inf), so an overflowed input propagates as NaN exactly as
+        // in the reference (under fp16 AMP this is what lets GradScaler see the overflow).
+        v = sub_rn(h, mul_rn(h, s));
     }
 }
 
@@ -131,7 +135,10 @@ LIF_HD void lif_backward_neuron(const typename S::T* grad_s, const typename S::T
         const float sg = mul_rn(mul_rn(sub_rn(1.0f, sig), sig), alpha);
         const float keep = h < v_th ? 1.0f : 0.0f;  // 1 - S
         const float dv_dh = detach_reset ? keep : sub_rn(keep, mul_rn(h, sg));
-        const float g_h = add_rn(mul_rn(S::load(grad_s[k]), sg), mul_rn(carry, dv_dh));
+        float g_h = mul_rn(S::load(grad_s[k]), sg);
+        // No carry into the last step, as in the torch backend: 0 * dV/dH would be NaN where
+        // dV/dH is (H = +-inf or NaN with the reset differentiated).
+        if (t < T - 1) g_h = add_rn(g_h, mul_rn(carry, dv_dh));
         grad_x[k] = S::store(g_h / tau);
         carry = mul_rn(g_h, decay);
     }
