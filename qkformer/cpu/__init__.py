@@ -1,8 +1,10 @@
-"""The fused CPU kernels of the fast path (``fused_kernels.cpp``): built once per machine, cached,
-called through ctypes.
+"""The CPU kernels of the fast path: built once per machine, cached, called through ctypes.
 
-Torch has no fused BatchNorm + LIF: as a chain of tensor ops the neuron and the normalisation
-cost more than the convolutions around them on a CPU. These kernels do each in one pass.
+``fused_kernels.cpp``: BatchNorm + [max-pool] + LIF in one pass each way, and the packing of
+spikes and counts. Torch has no fused BatchNorm + LIF: as a chain of tensor ops the neuron and
+the normalisation cost more than the convolutions around them on a CPU.
+``sparse_kernels.cpp``: convolutions and projections computed from the non-zeros of their input
+(spikes and small counts), which dense GEMM libraries cannot skip.
 
 The source is compiled on first use with the system C++ compiler (``$CXX``, else ``g++``,
 ``c++`` or ``clang++``) for this CPU (``-march=native``) into a cache folder
@@ -33,7 +35,7 @@ import torch
 
 __all__ = ["library", "unavailable_reason", "kernel", "supports", "for_ranges", "SUFFIX"]
 
-_SOURCE = Path(__file__).with_name("fused_kernels.cpp")
+_SOURCES = tuple(Path(__file__).with_name(n) for n in ("fused_kernels.cpp", "sparse_kernels.cpp"))
 _FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fopenmp-simd", "-std=c++17",
           "-shared", "-fPIC")
 SUFFIX = {torch.float32: "f32", torch.float64: "f64", torch.bfloat16: "bf16"}
@@ -42,7 +44,7 @@ _P, _I, _D = ctypes.c_void_p, ctypes.c_int64, ctypes.c_double
 _F = ctypes.c_float
 # Argument types per kernel; "A" is the arithmetic type (double for f64, float otherwise).
 _SIGNATURES = {
-    "colsum": ([_P, _I, _I, _I, _P, _P], None),
+    "colstats": ([_P, _I, _I, _I, _P, _P, _P], None),
     "bn_lif_fwd": ([_P, _P, _I, _I, _I, _I, _I, _I, _P, _P, "A", "A"], None),
     "bn_lif_bwd": ([_P, _P, _P, _I, _I, _I, _I, _I, _I, _I, _P, _P, "A", "A", "A",
                     ctypes.c_int, _P], None),
@@ -55,6 +57,18 @@ _SIGNATURES = {
     "from_u8": ([_P, _P, _I, _I], None),
     "to_bits": ([_P, _P, _I, _I, _I], _I),
     "from_bits": ([_P, _P, _I, _I, _I], None),
+    "csr_count": ([_P, _I, _I, _I, _P], None),
+    "csr_fill": ([_P, _I, _I, _I, _P, _P, _P], None),
+    "csr_fill_u8": ([_P, _I, _I, _I, _P, _P, _P], None),
+    "csr_fill_bits": ([_P, _I, _I, _I, _P, _P, _P], None),
+    "spconv_fwd": ([_P, _P, _P, _P, _P, _P, _P, _I, _I], None),
+    "spconv_dw": ([_P, _P, _P, _P, _P, _P, _I, _I], ctypes.c_int),
+}
+# dtype-free kernels: name -> signature
+_PLAIN = {
+    "csr_prefix": ([_P, _I, _P], None),
+    "csr_count_u8": ([_P, _I, _I, _I, _P], None),
+    "csr_count_bits": ([_P, _I, _I, _I, _P], None),
 }
 
 _lib: Optional[ctypes.CDLL] = None
@@ -105,7 +119,7 @@ def _build() -> ctypes.CDLL:
     if cxx is None:
         raise RuntimeError("no C++ compiler found (set CXX, or install g++)")
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
-    key = hashlib.sha256("\0".join([_SOURCE.read_text(), " ".join(_FLAGS), version,
+    key = hashlib.sha256("\0".join([*(f.read_text() for f in _SOURCES), " ".join(_FLAGS), version,
                                     _cpu_identity()]).encode()).hexdigest()[:16]
     folder = _cache_dir()
     target = folder / f"fused_kernels-{key}.so"
@@ -114,10 +128,10 @@ def _build() -> ctypes.CDLL:
         fd, tmp = tempfile.mkstemp(prefix=".fused_kernels-", suffix=".so", dir=folder)
         os.close(fd)
         try:
-            proc = subprocess.run([cxx, *_FLAGS, str(_SOURCE), "-o", tmp], capture_output=True,
-                                  text=True)
+            proc = subprocess.run([cxx, *_FLAGS, *map(str, _SOURCES), "-o", tmp],
+                                  capture_output=True, text=True)
             if proc.returncode != 0:
-                raise RuntimeError(f"{Path(cxx).name} failed on {_SOURCE.name}: "
+                raise RuntimeError(f"{Path(cxx).name} failed on the CPU kernels: "
                                    f"{proc.stderr.strip().splitlines()[-1] if proc.stderr else ''}")
             os.replace(tmp, target)  # atomic: concurrent ranks never load a half-written file
         finally:
@@ -151,10 +165,16 @@ def supports(t: torch.Tensor) -> bool:
     return t.device.type == "cpu" and t.dtype in SUFFIX and library() is not None
 
 
-def kernel(name: str, dtype: torch.dtype) -> Callable:
-    """The ctypes function ``qk_<name>_<suffix>`` with its argument types set."""
+def kernel(name: str, dtype: Optional[torch.dtype] = None) -> Callable:
+    """The ctypes function ``qk_<name>_<suffix>`` (``qk_<name>`` for the dtype-free ones) with
+    its argument types set."""
     fn = _functions.get((name, dtype))
     if fn is None:
+        if dtype is None:
+            fn = getattr(library(), f"qk_{name}")
+            fn.argtypes, fn.restype = _PLAIN[name]
+            _functions[(name, dtype)] = fn
+            return fn
         fn = getattr(library(), f"qk_{name}_{SUFFIX[dtype]}")
         arith = _D if dtype == torch.float64 else _F
         argtypes, restype = _SIGNATURES[name]

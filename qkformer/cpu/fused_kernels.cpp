@@ -106,22 +106,30 @@ static inline double exp_a(double x) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// BatchNorm statistics: per-channel sums over rows [r0, r1) of x [R, C], accumulated in double
-// into out[C] (the caller zeroes it). center == nullptr: sum of x; else sum of (x - center)^2.
+// BatchNorm statistics in one pass: per-channel sums of d = x - shift and of d^2 over rows
+// [r0, r1) of x [R, C], added into sum[C] and sq[C] (double; the caller zeroes them). Shifting
+// by a sample of each channel keeps E[d^2] - E[d]^2 free of cancellation. Runs of 16 rows are
+// summed in the arithmetic type, then in double.
 template <class F>
-static void colsum(const typename F::S* x, i64 C, i64 r0, i64 r1, const double* center,
-                   double* out) {
-    for (i64 r = r0; r < r1; ++r) {
-        const typename F::S* xr = x + r * C;
-        if (center) {
+static void colstats(const typename F::S* x, i64 C, i64 r0, i64 r1, const typename F::A* shift,
+                     double* sum, double* sq) {
+    typedef typename F::A A;
+    std::vector<A> s1(C), s2(C);
+    for (i64 r = r0; r < r1;) {
+        const i64 stop = r + 16 < r1 ? r + 16 : r1;
+        for (i64 c = 0; c < C; ++c) s1[c] = s2[c] = A(0);
+        for (; r < stop; ++r) {
+            const typename F::S* xr = x + r * C;
 #pragma omp simd
             for (i64 c = 0; c < C; ++c) {
-                const double d = (double)F::ld(xr[c]) - center[c];
-                out[c] += d * d;
+                const A d = F::ld(xr[c]) - shift[c];
+                s1[c] += d;
+                s2[c] += d * d;
             }
-        } else {
-#pragma omp simd
-            for (i64 c = 0; c < C; ++c) out[c] += (double)F::ld(xr[c]);
+        }
+        for (i64 c = 0; c < C; ++c) {
+            sum[c] += (double)s1[c];
+            sq[c] += (double)s2[c];
         }
     }
 }
@@ -139,14 +147,29 @@ static inline void affine_row(const typename F::S* yr, i64 C, const typename F::
     }
 }
 
+// x / tau, as a multiplication where that is the same number (tau a power of two: QKFormer's
+// tau = 2), else as the division spikingjelly does.
+template <class A>
+static inline A over_tau(A x, A tau, A inv_tau, bool exact) {
+    return exact ? x * inv_tau : x / tau;
+}
+
+template <class A>
+static inline bool exact_inverse(A tau) {
+    int e;
+    return std::frexp(tau, &e) == A(0.5);  // a power of two
+}
+
 // One LIF step over C neurons: charge with z, fire into s, reset v; h (optional) keeps H.
 template <class F>
 static inline void lif_step(const typename F::A* z, typename F::A* v, typename F::S* s,
                             typename F::A* h_out, i64 C, typename F::A tau, typename F::A v_th) {
     typedef typename F::A A;
+    const A inv = A(1) / tau;
+    const bool exact = exact_inverse(tau);
 #pragma omp simd
     for (i64 c = 0; c < C; ++c) {
-        const A h = v[c] + (z[c] - v[c]) / tau;
+        const A h = v[c] + over_tau(z[c] - v[c], tau, inv, exact);
         const A fired = h >= v_th ? A(1) : A(0);
         if (s) s[c] = F::st(fired);
         if (h_out) h_out[c] = h;
@@ -161,6 +184,8 @@ static inline void lif_step_back(const typename F::S* gs, const typename F::A* h
                                  typename F::A tau, typename F::A decay, typename F::A v_th,
                                  typename F::A alpha, int detach_reset) {
     typedef typename F::A A;
+    const A inv = A(1) / tau;
+    const bool exact = exact_inverse(tau);
 #pragma omp simd
     for (i64 c = 0; c < C; ++c) {
         const A sig = A(1) / (A(1) + exp_a(-((h[c] - v_th) * alpha)));
@@ -168,7 +193,7 @@ static inline void lif_step_back(const typename F::S* gs, const typename F::A* h
         const A keep = h[c] < v_th ? A(1) : A(0);
         const A dv_dh = detach_reset ? keep : keep - h[c] * sg;
         const A g_h = F::ld(gs[c]) * sg + carry[c] * dv_dh;
-        gz[c] = g_h / tau;
+        gz[c] = over_tau(g_h, tau, inv, exact);
         carry[c] = g_h * decay;
     }
 }
@@ -200,14 +225,14 @@ static void bn_lif_bwd(const typename F::S* gs, const typename F::S* y, typename
                        typename F::A v_th, typename F::A alpha, int detach_reset, double* psum) {
     typedef typename F::A A;
     const A decay = A(1) - A(1) / tau;
-    std::vector<A> v(C), z(C), hbuf(steps * C), carry(C), g(C);
+    std::vector<A> v(C), z(C), hbuf(steps * C), carry(C), g(C), s1(C), s2(C);
     for (i64 m = m0; m < m1; ++m) {
         for (i64 c = 0; c < C; ++c) v[c] = A(0);
         for (i64 t = 0; t < steps; ++t) {
             affine_row<F>(y + t * y_step + m * C, C, scale, shift, z.data());
             lif_step<F>(z.data(), v.data(), nullptr, hbuf.data() + t * C, C, tau, v_th);
         }
-        for (i64 c = 0; c < C; ++c) carry[c] = A(0);
+        for (i64 c = 0; c < C; ++c) carry[c] = s1[c] = s2[c] = A(0);
         A* gz_row = gz + m * C;
         if (gz_step == 0)
             for (i64 c = 0; c < C; ++c) gz_row[c] = A(0);
@@ -222,15 +247,20 @@ static void bn_lif_bwd(const typename F::S* gs, const typename F::S* y, typename
 #pragma omp simd
                 for (i64 c = 0; c < C; ++c) out[c] = g[c];
             }
-            if (psum) {
+            if (psum) {  // the row's steps in A, rows in double: no double work per element
                 const typename F::S* yr = y + t * y_step + m * C;
 #pragma omp simd
                 for (i64 c = 0; c < C; ++c) {
-                    psum[c] += (double)g[c];
-                    psum[C + c] += (double)g[c] * (double)F::ld(yr[c]);
+                    s1[c] += g[c];
+                    s2[c] += g[c] * F::ld(yr[c]);
                 }
             }
         }
+        if (psum)
+            for (i64 c = 0; c < C; ++c) {
+                psum[c] += (double)s1[c];
+                psum[C + c] += (double)s2[c];
+            }
     }
 }
 
@@ -363,18 +393,25 @@ static void bn_pool_lif_bwd(const typename F::S* gs, const typename F::S* y, typ
                     for (i64 c = 0; c < C; ++c) base[(i64)a[c] * C + c] += g[c];
                 }
             }
-        if (psum) {
-            for (i64 t = 0; t < gz_steps; ++t) {
-                const A* gp = gz + t * gz_step + b * HWC;
-                const typename F::S* yp = y + t * y_step + b * HWC;
-                for (i64 p = 0; p < H * W; ++p) {
+        if (psum) {  // per image row in A, rows in double
+            std::vector<A> s1(C), s2(C);
+            for (i64 t = 0; t < gz_steps; ++t)
+                for (i64 ih = 0; ih < H; ++ih) {
+                    for (i64 c = 0; c < C; ++c) s1[c] = s2[c] = A(0);
+                    const A* gp = gz + t * gz_step + b * HWC + ih * W * C;
+                    const typename F::S* yp = y + t * y_step + b * HWC + ih * W * C;
+                    for (i64 iw = 0; iw < W; ++iw) {
 #pragma omp simd
+                        for (i64 c = 0; c < C; ++c) {
+                            s1[c] += gp[iw * C + c];
+                            s2[c] += gp[iw * C + c] * F::ld(yp[iw * C + c]);
+                        }
+                    }
                     for (i64 c = 0; c < C; ++c) {
-                        psum[c] += (double)gp[p * C + c];
-                        psum[C + c] += (double)gp[p * C + c] * (double)F::ld(yp[p * C + c]);
+                        psum[c] += (double)s1[c];
+                        psum[C + c] += (double)s2[c];
                     }
                 }
-            }
         }
     }
 }
@@ -406,44 +443,52 @@ static void from_u8(const uint8_t* in, typename F::S* out, i64 n0, i64 n1) {
 }
 
 template <class F>
-static i64 to_bits(const typename F::S* x, uint8_t* out, i64 n, i64 n0, i64 n1) {
+static inline uint32_t byte_of(const typename F::S* p, int count, i64* bad) {
     typedef typename F::A A;
-    i64 bad = 0;
-    const i64 j0 = n0 / 8, j1 = (n1 + 7) / 8;
-    for (i64 j = j0; j < j1; ++j) {
-        uint32_t byte = 0;
-        for (int k = 0; k < 8; ++k) {
-            const i64 i = j * 8 + k;
-            if (i >= n) break;
-            const A v = F::ld(x[i]);
-            bad += (v == A(0) || v == A(1)) ? 0 : 1;
-            byte |= (uint32_t)(v == A(1)) << k;
-        }
-        out[j] = (uint8_t)byte;
+    uint32_t byte = 0;
+    i64 b = 0;
+    for (int k = 0; k < count; ++k) {
+        const A v = F::ld(p[k]);
+        const bool one = v == A(1);
+        b += !(one || v == A(0));
+        byte |= (uint32_t)one << k;
     }
+    *bad += b;
+    return byte;
+}
+
+template <class F>
+static i64 to_bits(const typename F::S* x, uint8_t* out, i64 n, i64 n0, i64 n1) {
+    i64 bad = 0;
+    const i64 j0 = n0 / 8, j1 = (n1 + 7) / 8, full = n / 8;
+    const i64 jf = j1 < full ? j1 : full;
+    for (i64 j = j0; j < jf; ++j) out[j] = (uint8_t)byte_of<F>(x + j * 8, 8, &bad);
+    if (jf < j1) out[jf] = (uint8_t)byte_of<F>(x + jf * 8, (int)(n - jf * 8), &bad);
     return bad;
 }
 
 template <class F>
 static void from_bits(const uint8_t* in, typename F::S* out, i64 n, i64 n0, i64 n1) {
     typedef typename F::A A;
-    const i64 j0 = n0 / 8, j1 = (n1 + 7) / 8;
-    for (i64 j = j0; j < j1; ++j) {
+    const i64 j0 = n0 / 8, j1 = (n1 + 7) / 8, full = n / 8;
+    const i64 jf = j1 < full ? j1 : full;
+    const typename F::S one = F::st(A(1)), zero = F::st(A(0));
+    for (i64 j = j0; j < jf; ++j) {
         const uint32_t byte = in[j];
-        if (j * 8 + 8 <= n) {
-            for (int k = 0; k < 8; ++k) out[j * 8 + k] = F::st((A)((byte >> k) & 1u));
-        } else {
-            for (int k = 0; j * 8 + k < n; ++k) out[j * 8 + k] = F::st((A)((byte >> k) & 1u));
-        }
+        typename F::S* o = out + j * 8;
+#pragma omp simd
+        for (int k = 0; k < 8; ++k) o[k] = ((byte >> k) & 1u) ? one : zero;
     }
+    if (jf < j1)
+        for (i64 i = jf * 8; i < n; ++i) out[i] = ((in[jf] >> (i - jf * 8)) & 1u) ? one : zero;
 }
 
 // ---------------------------------------------------------------------------------------------
 // C entry points, one set per storage type: fixed names that qkformer/cpu looks up with ctypes.
 #define QK_KERNELS(SUF, F)                                                                     \
-    extern "C" void qk_colsum_##SUF(const F::S* x, i64 C, i64 r0, i64 r1,                     \
-                                    const double* center, double* out) {                       \
-        colsum<F>(x, C, r0, r1, center, out);                                                  \
+    extern "C" void qk_colstats_##SUF(const F::S* x, i64 C, i64 r0, i64 r1,                   \
+                                      const F::A* shift, double* sum, double* sq) {            \
+        colstats<F>(x, C, r0, r1, shift, sum, sq);                                             \
     }                                                                                          \
     extern "C" void qk_bn_lif_fwd_##SUF(const F::S* y, F::S* s, i64 steps, i64 M, i64 C,      \
                                         i64 y_step, i64 m0, i64 m1, const F::A* scale,         \

@@ -1,0 +1,182 @@
+"""Spike-driven convolutions: products of sparse integer inputs, computed from their non-zeros.
+
+Nearly every convolution and projection of QKFormer reads spikes (0/1) or the residual stream
+(small counts), and most of those values are zero. A dense GEMM multiplies the zeros too; these
+products (:mod:`qkformer.cpu`'s ``sparse_kernels.cpp``) gather only the non-zeros, which is
+faster whenever the input is sparse enough (:data:`MAX_DENSITY`). The forward product and the
+weight gradient use them; the input gradient (dense in the output gradient) stays with the
+dense libraries. Each output is a sum of the same terms as the dense product in another order,
+so the results agree up to rounding (the tests compare them in float64).
+
+A product is described by its geometry: the input ``[N, H, W, C]`` (a token list ``[R, C]`` is
+``N = R``, ``H = W = 1``), a ``k x k`` kernel with padding ``k // 2`` and ``stride``, ``Co``
+outputs.
+"""
+from __future__ import annotations
+
+import os
+from typing import NamedTuple, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from . import cpu
+
+__all__ = ["MAX_DENSITY", "MAX_DENSITY_WEIGHT_GRAD", "CSR", "enabled", "csr_from_dense", "csr_from_packed", "forward",
+           "weight_grad", "weight_grad_supported", "weight_to_taps", "taps_to_weight"]
+
+# Above these fractions of non-zeros the dense products are faster (measured on this project's
+# AVX-512 machine for the model's shapes: the forward breaks even near 0.3-0.4, the weight
+# gradient near 0.25-0.3). QKFORMER_SPARSE_MAX_DENSITY=0 turns the spike-driven products off.
+MAX_DENSITY = float(os.environ.get("QKFORMER_SPARSE_MAX_DENSITY", "0.33"))
+MAX_DENSITY_WEIGHT_GRAD = min(MAX_DENSITY, 0.25)
+
+
+class CSR(NamedTuple):
+    rowptr: Tensor  # int64 [R + 1]
+    idx: Tensor     # int32 [nnz]: channel of each non-zero
+    val: Tensor     # [nnz]: its value, in the product's dtype
+    rows: int
+    cols: int
+
+    @property
+    def density(self) -> float:
+        return int(self.rowptr[-1]) / max(self.rows * self.cols, 1)
+
+
+def enabled(dtype: torch.dtype, device: torch.device) -> bool:
+    """Sparse products exist for float32/float64 CPU tensors where the kernels are built."""
+    return (device.type == "cpu" and dtype in (torch.float32, torch.float64) and MAX_DENSITY > 0
+            and cpu.library() is not None)
+
+
+def _count(rows: int, count) -> Tensor:
+    counts = torch.empty(rows, dtype=torch.int32)
+    cpu.for_ranges(cpu.ranges(rows), lambda i, a, b: count(a, b, counts.data_ptr()))
+    return counts
+
+
+def _csr(counts: Tensor, cols: int, dtype: torch.dtype, fill) -> CSR:
+    rows = counts.numel()
+    rowptr = torch.empty(rows + 1, dtype=torch.int64)
+    cpu.kernel("csr_prefix")(counts.data_ptr(), rows, rowptr.data_ptr())
+    nnz = int(rowptr[-1])
+    # one spare slot: the branch-free fill writes a candidate past the last non-zero
+    idx = torch.empty(nnz + 1, dtype=torch.int32)
+    val = torch.empty(nnz + 1, dtype=dtype)
+    cpu.for_ranges(cpu.ranges(rows), lambda i, a, b: fill(a, b, rowptr.data_ptr(), idx.data_ptr(),
+                                                           val.data_ptr()))
+    return CSR(rowptr, idx, val, rows, cols)
+
+
+def _sparse_enough(counts: Tensor, cols: int, max_density: float) -> bool:
+    return int(counts.sum(dtype=torch.int64)) <= max_density * counts.numel() * cols
+
+
+def csr_from_dense(x: Tensor, max_density: Optional[float] = None) -> Optional[CSR]:
+    """CSR of ``x`` [..., C] (rows: all leading positions), or None when it is denser than
+    ``max_density`` (default :data:`MAX_DENSITY`; counting is one cheap pass, filling happens only
+    for a sparse input)."""
+    max_density = MAX_DENSITY if max_density is None else max_density
+    C = x.shape[-1]
+    x2 = x.contiguous().view(-1, C)
+    count, fill = cpu.kernel("csr_count", x2.dtype), cpu.kernel("csr_fill", x2.dtype)
+    src = x2.data_ptr()
+    counts = _count(x2.shape[0], lambda a, b, cp: count(src, C, a, b, cp))
+    if not _sparse_enough(counts, C, max_density):
+        return None
+    return _csr(counts, C, x2.dtype, lambda a, b, rp, ip, vp: fill(src, C, a, b, rp, ip, vp))
+
+
+def csr_from_packed(stored: Tensor, how, max_density: Optional[float] = None) -> Optional[CSR]:
+    """CSR straight from :func:`qkformer.fused.pack`'s bits or bytes, without unpacking."""
+    max_density = MAX_DENSITY if max_density is None else max_density
+    fmt, shape, dtype = how
+    C = shape[-1]
+    R = 1
+    for s in shape[:-1]:
+        R *= s
+    src = stored.data_ptr()
+    if fmt == "bits":
+        count, fill = cpu.kernel("csr_count_bits"), cpu.kernel("csr_fill_bits", dtype)
+    else:
+        count, fill = cpu.kernel("csr_count_u8"), cpu.kernel("csr_fill_u8", dtype)
+    counts = _count(R, lambda a, b, cp: count(src, C, a, b, cp))
+    if not _sparse_enough(counts, C, max_density):
+        return None
+    return _csr(counts, C, dtype, lambda a, b, rp, ip, vp: fill(src, C, a, b, rp, ip, vp))
+
+
+def _geometry(x_shape, kernel_size: int, stride: int, Co: int) -> Tuple[Tensor, tuple]:
+    """The kernels' geometry array and the output shape."""
+    if kernel_size == 0:  # a projection over tokens [..., C]
+        R = 1
+        for s in x_shape[:-1]:
+            R *= s
+        g = (R, 1, 1, x_shape[-1], 1, 1, 1, 1, 0, Co)
+        return torch.tensor(g, dtype=torch.int64), (*x_shape[:-1], Co)
+    N, H, W, C = x_shape
+    pad = kernel_size // 2
+    Ho = (H + 2 * pad - kernel_size) // stride + 1
+    Wo = (W + 2 * pad - kernel_size) // stride + 1
+    g = (N, H, W, C, Ho, Wo, kernel_size, stride, pad, Co)
+    return torch.tensor(g, dtype=torch.int64), (N, Ho, Wo, Co)
+
+
+def weight_to_taps(weight: Tensor) -> Tensor:
+    """[Co, C, kh, kw] (or [Co, C, 1] / [Co, C]) -> [kh*kw, C, Co], output channels innermost."""
+    if weight.dim() == 4:
+        return weight.permute(2, 3, 1, 0).reshape(-1, weight.shape[1], weight.shape[0]).contiguous()
+    return weight.reshape(weight.shape[0], -1).t().contiguous().unsqueeze(0)
+
+
+def taps_to_weight(taps: Tensor, like: Tensor) -> Tensor:
+    if like.dim() == 4:
+        Co, C, kh, kw = like.shape
+        return taps.view(kh, kw, C, Co).permute(3, 2, 0, 1).contiguous()
+    return taps[0].t().contiguous().view(like.shape)
+
+
+def forward(csr: CSR, x_shape, weight: Tensor, bias: Optional[Tensor], kernel_size: int,
+            stride: int) -> Tensor:
+    """The convolution (or projection) of the input ``csr`` describes; output token-major."""
+    dtype = csr.val.dtype
+    geometry, out_shape = _geometry(x_shape, kernel_size, stride, weight.shape[0])
+    taps = weight_to_taps(weight.to(dtype))
+    b = bias.to(dtype).contiguous() if bias is not None else None
+    P = 1
+    for s in out_shape[:-1]:
+        P *= s
+    y = torch.empty(out_shape, dtype=dtype)
+    f = cpu.kernel("spconv_fwd", dtype)
+    cpu.for_ranges(cpu.ranges(P), lambda i, a, b_: f(
+        csr.rowptr.data_ptr(), csr.idx.data_ptr(), csr.val.data_ptr(), geometry.data_ptr(),
+        taps.data_ptr(), b.data_ptr() if b is not None else None, y.data_ptr(), a, b_))
+    return y
+
+
+def weight_grad_supported(kernel_size: int, stride: int) -> bool:
+    """The weight-gradient kernel covers projections and stride-1 convolutions."""
+    return kernel_size == 0 or stride == 1
+
+
+def weight_grad(csr: CSR, x_shape, grad_out: Tensor, weight: Tensor, kernel_size: int,
+                stride: int) -> Tensor:
+    """Gradient of the product with respect to ``weight`` (shaped like it)."""
+    if not weight_grad_supported(kernel_size, stride):
+        raise ValueError(f"no sparse weight gradient for kernel {kernel_size}, stride {stride}")
+    dtype = csr.val.dtype
+    geometry, _ = _geometry(x_shape, kernel_size, stride, weight.shape[0])
+    Co = weight.shape[0]
+    dy = grad_out.to(dtype).contiguous()
+    taps = torch.empty((kernel_size * kernel_size if kernel_size else 1, csr.cols, Co), dtype=dtype)
+    # output channels are shared out (each gradient element is summed by one thread, in order)
+    lanes = 16 if dtype == torch.float32 else 8
+    width = -(-Co // (2 * torch.get_num_threads()))
+    width = max(lanes, -(-width // lanes) * lanes)
+    slices = [(a, min(a + width, Co)) for a in range(0, Co, width)]
+    f = cpu.kernel("spconv_dw", dtype)
+    cpu.for_ranges(slices, lambda i, a, b: f(
+        csr.rowptr.data_ptr(), csr.idx.data_ptr(), csr.val.data_ptr(), geometry.data_ptr(),
+        dy.data_ptr(), taps.data_ptr(), a, b))
+    return taps_to_weight(taps, weight).to(weight.dtype)
