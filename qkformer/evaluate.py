@@ -17,7 +17,7 @@ from typing import Optional, Sequence
 
 from torch.utils.data import DataLoader
 
-from . import variants  # noqa: F401  (timm registration)
+from . import fused, variants  # noqa: F401  (variants: timm registration)
 from .checkpoint import extract_state_dict, load_checkpoint, match_variant
 from .config import ConfigError, run_cli
 from .distributed import ShardSampler, init_distributed, is_main
@@ -45,6 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="original batch-coupled SSA proj_lif (matches released accuracies)")
     ssa.add_argument("--fixed-ssa", dest="legacy_ssa", action="store_false",
                      help="per-sample SSA proj_lif (batch-independent predictions)")
+    a("--fast-path", dest="fast_path", action=argparse.BooleanOptionalAction, default=True,
+      help="fused token-major fast path; --no-fast-path runs the reference path")
     a("--amp", action=argparse.BooleanOptionalAction, default=None,
       help="force mixed precision on/off; default auto: fp16 on CUDA, bf16 on CPUs with native "
            "bf16, else fp32")
@@ -76,6 +78,7 @@ def _model_from_checkpoint(args, ckpt, num_classes: int):
     margs.T = args.T or saved.get("T") or saved.get("time_step") or 4
     margs.input_size = args.input_size or saved.get("input_size") or variants.VARIANTS[name]["img_size"]
     margs.legacy_ssa = args.legacy_ssa
+    margs.fast_path, margs.grad_checkpointing = args.fast_path, False
     return build_model(margs, num_classes), margs, saved
 
 
@@ -134,6 +137,7 @@ def _run(args) -> dict:
     if is_main():
         print(precision)
         print(describe_backend(dist.device))
+        print(fused.describe(model, dist.device))
     stats = evaluate(model, loader, dist.device, amp, args.progress, args.max_iters)
     if is_main():
         print(f"* Acc@1 {stats['acc1']:.3f} Acc@5 {stats['acc5']:.3f} loss {stats['loss']:.4f} "

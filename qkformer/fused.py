@@ -33,10 +33,10 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch._subclasses.fake_tensor import is_fake
 
-from . import cpu
+from . import cpu, sparse
 from .neuron import lif_backward, lif_forward
 
-__all__ = ["ANALOG", "SPIKES", "COUNTS", "pack", "unpack", "compact_storage",
+__all__ = ["ANALOG", "SPIKES", "COUNTS", "describe", "pack", "unpack", "compact_storage",
            "compact_storage_enabled", "batch_stats", "bn_lif_forward", "bn_lif_backward",
            "spiking_unit", "qk_attention", "ssa_attention"]
 
@@ -64,6 +64,22 @@ def compact_storage(enabled: bool):
 
 def _kernels(t: Tensor) -> bool:
     return cpu.supports(t)
+
+
+def describe(model, device) -> str:
+    """One line for the logs: which path ``model`` runs and, on the fast path, with what."""
+    if not getattr(model, "fast_path", False):
+        return "path: reference (layer by layer)"
+    device = torch.device(device)
+    checkpointing = ", gradient checkpointing" if getattr(model, "grad_checkpointing", False) else ""
+    if device.type != "cpu":
+        return f"path: fast (fused units in torch ops with the LIF backend above{checkpointing})"
+    if cpu.library() is None:
+        return (f"path: fast (fused units in torch ops, since the CPU kernels are unavailable: "
+                f"{cpu.unavailable_reason()}{checkpointing})")
+    spikes = (f"spike-driven products below {sparse.MAX_DENSITY:.0%} non-zeros"
+              if sparse.MAX_DENSITY > 0 else "spike-driven products off")
+    return f"path: fast (fused units, compiled CPU kernels, {spikes}{checkpointing})"
 
 
 def _arith(dtype: torch.dtype) -> torch.dtype:
@@ -146,16 +162,15 @@ def batch_stats(y: Tensor) -> Tuple[Tensor, Tensor]:
     C = y.shape[-1]
     y2 = y.reshape(-1, C)
     R = y2.shape[0]
-    if _kernels(y2):
-        f = cpu.kernel("colsum", y2.dtype)
+    if _kernels(y2) and R > 0:
+        f = cpu.kernel("colstats", y2.dtype)
         parts = cpu.ranges(R)
-        sums = torch.zeros(len(parts), C, dtype=torch.float64)
-        cpu.for_ranges(parts, lambda i, a, b: f(y2.data_ptr(), C, a, b, None, sums[i].data_ptr()))
-        mean = sums.sum(0) / R
-        sq = torch.zeros_like(sums)
-        cpu.for_ranges(parts, lambda i, a, b: f(y2.data_ptr(), C, a, b, mean.data_ptr(),
-                                                 sq[i].data_ptr()))
-        return mean, sq.sum(0) / R
+        shift = y2[0].to(_arith(y2.dtype)).contiguous()
+        sums = torch.zeros(2, len(parts), C, dtype=torch.float64)
+        cpu.for_ranges(parts, lambda i, a, b: f(y2.data_ptr(), C, a, b, shift.data_ptr(),
+                                                 sums[0, i].data_ptr(), sums[1, i].data_ptr()))
+        d, d2 = sums.sum(1) / R
+        return shift.double() + d, (d2 - d * d).clamp_min(0)
     var, mean = torch.var_mean(y2.to(_arith(y2.dtype)), dim=0, correction=0)
     return mean.double(), var.double()
 
@@ -308,9 +323,15 @@ def _bn_input_grad(gz: Tensor, y: Tensor, a: Optional[Tensor], b: Optional[Tenso
 # ---------------------------------------------------------------------------------------------
 # the spiking unit: GEMM/conv -> BN -> [pool] -> LIF
 # ---------------------------------------------------------------------------------------------
-def _gemm(x: Tensor, weight: Tensor, bias: Optional[Tensor], kernel_size: int, stride: int) -> Tensor:
+def _gemm(x: Tensor, weight: Tensor, bias: Optional[Tensor], kernel_size: int, stride: int,
+          x_kind: int = ANALOG) -> Tensor:
     """1x1 projection over tokens (``kernel_size`` 0: ``x`` [..., Cin]) or a convolution of
-    ``x`` [N, H, W, Cin] (padding k // 2); output token-major."""
+    ``x`` [N, H, W, Cin] (padding k // 2); output token-major. Spike and count inputs that are
+    sparse enough go through the spike-driven product (:mod:`qkformer.sparse`)."""
+    if x_kind != ANALOG and sparse.enabled(x.dtype, x.device):
+        csr = sparse.csr_from_dense(x)
+        if csr is not None:
+            return sparse.forward(csr, x.shape, weight, bias, kernel_size, stride)
     if kernel_size == 0:
         w2 = weight.reshape(weight.shape[0], -1)
         x2 = x.reshape(-1, x.shape[-1])
@@ -320,20 +341,29 @@ def _gemm(x: Tensor, weight: Tensor, bias: Optional[Tensor], kernel_size: int, s
     return _from_nchw(y).contiguous()  # a no-op: the output is channels-last already
 
 
-def _gemm_backward(gy: Tensor, x: Tensor, weight: Tensor, has_bias: bool, kernel_size: int,
-                   stride: int, need: Tuple[bool, bool, bool]):
+def _input_grad(gy: Tensor, x_shape, x_dtype, weight: Tensor, kernel_size: int,
+                stride: int) -> Tensor:
+    """Gradient with respect to the input of :func:`_gemm`: needs the weights, not the input."""
     if kernel_size == 0:
         w2 = weight.reshape(weight.shape[0], -1)
+        return (gy.reshape(-1, gy.shape[-1]) @ w2).view(x_shape)
+    N, H, W, C = x_shape
+    # a stand-in of the input's shape and layout: only the weights and gy are read
+    stand_in = torch.empty((N, H, W, C), dtype=gy.dtype, device=gy.device)
+    gx, _, _ = torch.ops.aten.convolution_backward(
+        _to_nchw(gy), _to_nchw(stand_in), weight, None, [stride, stride], [kernel_size // 2] * 2,
+        [1, 1], False, [0, 0], 1, [True, False, False])
+    return _from_nchw(gx).to(x_dtype)
+
+
+def _weight_grad(gy: Tensor, x: Tensor, weight: Tensor, kernel_size: int, stride: int) -> Tensor:
+    if kernel_size == 0:
         g2, x2 = gy.reshape(-1, gy.shape[-1]), x.reshape(-1, x.shape[-1])
-        gx = (g2 @ w2).view(x.shape) if need[0] else None
-        gw = (g2.t() @ x2).view(weight.shape) if need[1] else None
-        gb = g2.sum(0) if need[2] and has_bias else None
-        return gx, gw, gb
-    gx, gw, gb = torch.ops.aten.convolution_backward(
-        _to_nchw(gy), _to_nchw(x), weight, [weight.shape[0]] if has_bias else None,
-        [stride, stride], [kernel_size // 2] * 2, [1, 1], False, [0, 0], 1,
-        [need[0], need[1], need[2] and has_bias])
-    return (_from_nchw(gx) if gx is not None else None), gw, gb
+        return (g2.t() @ x2).view(weight.shape)
+    _, gw, _ = torch.ops.aten.convolution_backward(
+        _to_nchw(gy), _to_nchw(x), weight, None, [stride, stride], [kernel_size // 2] * 2,
+        [1, 1], False, [0, 0], 1, [False, True, False])
+    return gw
 
 
 @torch.library.custom_op("qkformer::spiking_unit", mutates_args=())
@@ -351,7 +381,7 @@ def _spiking_unit(x: Tensor, weight: Tensor, bias: Optional[Tensor], bn_weight: 
         if gemm_dtype is not None:
             x, weight = x.to(gemm_dtype), weight.to(gemm_dtype)
             bias = bias.to(gemm_dtype) if bias is not None else None
-        y = _gemm(x, weight, bias, kernel_size, stride)
+        y = _gemm(x, weight, bias, kernel_size, stride, x_kind if gemm_dtype is None else ANALOG)
         C = y.shape[-1]
         A = _arith(y.dtype)
         if not use_bn:
@@ -398,6 +428,7 @@ def _unit_setup(ctx, inputs, output):
      gemm_dtype) = inputs
     _, y, mean, var, invstd = output
     stored, ctx.x_how = pack(x, x_kind)
+    ctx.x_shape, ctx.x_dtype, ctx.x_kind = tuple(x.shape), x.dtype, x_kind
     ctx.save_for_backward(stored, weight, bn_weight, bn_bias, y, mean, invstd)
     ctx.cfg = (kernel_size, stride, pool, steps, bcast, use_bn, batch_stats_, tau, v_threshold,
                alpha, detach_reset, gemm_dtype, bias is not None)
@@ -408,17 +439,22 @@ def _unit_setup(ctx, inputs, output):
 _EMPTY = "empty"  # a gradient the backward op was not asked for comes back with 0 elements
 
 
+_FORMATS = (None, "bits", "u8")  # how x is stored: itself, or packed (see pack())
+
+
 @torch.library.custom_op("qkformer::spiking_unit_backward", mutates_args=())
-def _spiking_unit_backward(grad: Tensor, x: Tensor, weight: Tensor, bn_weight: Optional[Tensor],
-                           bn_bias: Optional[Tensor], y: Tensor, mean: Tensor, invstd: Tensor,
-                           kernel_size: int, stride: int, pool: bool, steps: int, bcast: bool,
-                           use_bn: bool, batch_stats_: bool, tau: float, v_threshold: float,
-                           alpha: float, detach_reset: bool, gemm_dtype: Optional[torch.dtype],
-                           has_bias: bool, need: List[bool]) -> Tuple[Tensor, Tensor, Tensor,
-                                                                      Tensor, Tensor]:
+def _spiking_unit_backward(grad: Tensor, stored: Tensor, x_format: int, x_shape: List[int],
+                           x_dtype: torch.dtype, x_kind: int, weight: Tensor,
+                           bn_weight: Optional[Tensor], bn_bias: Optional[Tensor], y: Tensor,
+                           mean: Tensor, invstd: Tensor, kernel_size: int, stride: int, pool: bool,
+                           steps: int, bcast: bool, use_bn: bool, batch_stats_: bool, tau: float,
+                           v_threshold: float, alpha: float, detach_reset: bool,
+                           gemm_dtype: Optional[torch.dtype], has_bias: bool,
+                           need: List[bool]) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients of :func:`_spiking_unit` for (x, weight, bias, bn_weight, bn_bias); those not
-    in ``need`` are empty."""
+    in ``need`` are empty. ``stored``/``x_format`` hold the unit's input as :func:`pack` kept it."""
     A = _arith(y.dtype)
+    how = None if x_format == 0 else (_FORMATS[x_format], torch.Size(x_shape), x_dtype)
     with torch.autocast(y.device.type, enabled=False):
         if use_bn:
             gamma = bn_weight.double() if bn_weight is not None else torch.ones_like(invstd)
@@ -449,24 +485,39 @@ def _spiking_unit_backward(grad: Tensor, x: Tensor, weight: Tensor, bn_weight: O
             gy = _bn_input_grad(gz, y, None, None, None, None)
         del gz
         w = weight.to(gemm_dtype) if gemm_dtype is not None else weight
-        xg = x.to(gemm_dtype) if gemm_dtype is not None else x
-        gx, gw, gb = _gemm_backward(gy, xg, w, has_bias, kernel_size, stride,
-                                    (need[0], need[1], need[2]))
-    dtypes = (x.dtype, weight.dtype, weight.dtype, None, None)
+        gx = gw = gb = None
+        if need[0]:
+            gx = _input_grad(gy, x_shape, x_dtype, w, kernel_size, stride)
+        if need[1]:
+            csr = None
+            if (x_kind != ANALOG and gemm_dtype is None and sparse.enabled(gy.dtype, gy.device)
+                    and sparse.weight_grad_supported(kernel_size, stride)):
+                limit = sparse.MAX_DENSITY_WEIGHT_GRAD
+                csr = (sparse.csr_from_packed(stored, how, limit) if how is not None
+                       else sparse.csr_from_dense(stored, limit))
+            if csr is not None:
+                gw = sparse.weight_grad(csr, x_shape, gy, w, kernel_size, stride)
+            else:
+                x = unpack(stored, how)
+                gw = _weight_grad(gy, x.to(gy.dtype), w, kernel_size, stride)
+        if need[2] and has_bias:
+            gb = gy.reshape(-1, gy.shape[-1]).sum(0)
+    dtypes = (x_dtype, weight.dtype, weight.dtype, None, None)
     # every output its own tensor (custom ops may not return aliases); unwanted ones empty
     return tuple(y.new_empty(0) if g is None else g.to(dt or g.dtype).contiguous()
                  for g, dt in zip((gx, gw, gb, g_gamma, g_beta), dtypes))
 
 
 @_spiking_unit_backward.register_fake
-def _(grad, x, weight, bn_weight, bn_bias, y, mean, invstd, kernel_size, stride, pool, steps,
-      bcast, use_bn, batch_stats_, tau, v_threshold, alpha, detach_reset, gemm_dtype, has_bias,
-      need):
+def _(grad, stored, x_format, x_shape, x_dtype, x_kind, weight, bn_weight, bn_bias, y, mean,
+      invstd, kernel_size, stride, pool, steps, bcast, use_bn, batch_stats_, tau, v_threshold,
+      alpha, detach_reset, gemm_dtype, has_bias, need):
     def like(t, wanted):
         return torch.empty_like(t) if wanted and t is not None else y.new_empty(0)
 
+    x_like = y.new_empty(x_shape, dtype=x_dtype) if need[0] else None
     bias_like = weight.new_empty(weight.shape[0]) if has_bias else None
-    return (like(x, need[0]), like(weight, need[1]), like(bias_like, need[2]),
+    return (like(x_like, need[0]), like(weight, need[1]), like(bias_like, need[2]),
             like(bn_weight, need[3] and use_bn), like(bn_bias, need[4] and use_bn))
 
 
@@ -475,8 +526,10 @@ def _unit_backward(ctx, g_spikes, *_):
     (kernel_size, stride, pool, steps, bcast, use_bn, batch_stats_, tau, v_threshold, alpha,
      detach_reset, gemm_dtype, has_bias) = ctx.cfg
     need = [bool(n) for n in ctx.needs_input_grad[:5]]
-    x = unpack(stored, ctx.x_how)
-    grads = _spiking_unit_backward(g_spikes.contiguous(), x, weight, bn_weight, bn_bias, y, mean,
+    how = ctx.x_how
+    fmt = 0 if how is None else _FORMATS.index(how[0])
+    grads = _spiking_unit_backward(g_spikes.contiguous(), stored, fmt, list(ctx.x_shape),
+                                   ctx.x_dtype, ctx.x_kind, weight, bn_weight, bn_bias, y, mean,
                                    invstd, kernel_size, stride, pool, steps, bcast, use_bn,
                                    batch_stats_, tau, v_threshold, alpha, detach_reset,
                                    gemm_dtype, has_bias, need)

@@ -26,7 +26,7 @@ from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 
-from . import variants  # noqa: F401  (timm registration)
+from . import fused, variants  # noqa: F401  (variants: timm registration)
 from .checkpoint import load_checkpoint
 from .config import ConfigError, parse_with_config, run_cli
 from .distributed import ShardSampler, init_distributed, is_main
@@ -377,6 +377,7 @@ def _run(args) -> dict:
               f"eval batch {args.val_batch_size or args.batch_size}; {num_epochs} epochs")
         print(precision)
         print(describe_backend(dist.device))
+        print(fused.describe(model, dist.device))
         (out / "args.yaml").write_text(yaml.safe_dump(vars(args), sort_keys=True))
     net = torch.compile(model) if args.compile else model
     if dist.distributed:
