@@ -141,7 +141,9 @@ GPU_PARTS=("kernel self-check, kernel really ran" "sizes, views, T=1, empty" "+i
            "side-stream race (fwd and bwd)" "fp16, T*N > 2^31" "kernel vs torch (fp32/fp16/bf16)"
            "AMP fp16 training, kernel vs torch" "torch.compile fullgraph on CUDA"
            "dispatch/self-check stand-ins (CPU)" "per-call latency" "benchmarks/lif_gpu.py"
-           "benchmarks/train_step.py --device cuda" "torchrun 1 GPU, cifar10/train.py")
+           "benchmarks/train_step.py --device cuda" "torchrun 1 GPU, cifar10/train.py"
+           "fast path on CUDA (fp64 vs reference, AMP, checkpointing)"
+           "benchmarks/memory.py --device cuda")
 if ! grep -q '^CUDA device: yes' "$RESULTS/versions.txt"; then
     echo "no CUDA device: GPU checks skipped"
     for name in "${GPU_PARTS[@]}"; do row "$name" SKIP 0 "no CUDA device"; done
@@ -186,6 +188,10 @@ else
     part "${GPU_PARTS[11]} (no baseline: no spikingjelly)" 240 \
         "$PY" benchmarks/train_step.py --device cuda --configs fp32 amp
 fi
+
+tests "${GPU_PARTS[13]}" 150 tests/test_fast_path.py -k "gpu_"
+part "${GPU_PARTS[14]}" 150 "$PY" benchmarks/memory.py --device cuda --models cifar hst384 \
+    --step-models cifar
 
 torchrun_check() {
     local work

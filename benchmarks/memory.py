@@ -60,26 +60,25 @@ def layer_profile(key: str, size: int, device: str, amp: bool):
     model = _model(key, "ours", device).train()
     x, _ = batch(key, model, size, device)
     layers = [m for embed, stage in model.embeds_and_stages() for m in (embed, *stage)]
-    counts, largest_out = [], [0]
+    calls = {}
+
+    def grab(module, args, kwargs):
+        calls[module] = (args[0].detach(), dict(kwargs))
+
+    hooks = [m.register_forward_pre_hook(grab, with_kwargs=True) for m in layers]
     dtype = torch.float16 if device == "cuda" else torch.bfloat16
-    for layer in layers:
-        def run(layer=layer):
-            out = layer(inputs[layer], **kwargs[layer])
-            largest_out[0] = max(largest_out[0], out.numel())
-        counts.append(run)
-    inputs, kwargs = {}, {}
-    hooks = [m.register_forward_pre_hook(
-        lambda m, a, k: (inputs.__setitem__(m, a[0].detach()), kwargs.__setitem__(m, k)),
-        with_kwargs=True) for m in layers]
     with torch.no_grad(), torch.autocast(device, dtype=dtype, enabled=amp):
         model(x)
     for h in hooks:
         h.remove()
-    per_layer = []
+    per_layer, largest_out = [], 0
     with fused.compact_storage(True), torch.autocast(device, dtype=dtype, enabled=amp):
-        for run in counts:
-            per_layer.append(saved_bytes(run))
-    return max(per_layer) / size, largest_out[0] / size
+        for layer in layers:
+            inp, kwargs = calls[layer]
+            out = []
+            per_layer.append(saved_bytes(lambda: out.append(layer(inp, **kwargs))))
+            largest_out = max(largest_out, out[0].numel())
+    return max(per_layer) / size, largest_out / size
 
 
 def step_time(models_and_inputs, steps: int, device: str) -> dict:
