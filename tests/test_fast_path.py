@@ -309,3 +309,60 @@ def test_compile_fullgraph_fast_path_matches_eager():
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
     for (n, a), (_, b) in zip(fast.named_parameters(), eager.named_parameters()):
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-6, msg=n)
+
+
+# ---------------------------------------------------------------------------------- on a GPU
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+
+
+@cuda
+@pytest.mark.parametrize("family,overrides", CASES[::2], ids=IDS[::2])
+def test_gpu_fast_path_float64_matches_reference(family, overrides):
+    """On CUDA the fused units run in torch ops (and the LIF backend): still the same network."""
+    ref, fast, x = _pair(family, overrides)
+    ref, fast, x = ref.cuda(), fast.cuda(), x.cuda()
+    y = (torch.arange(x.shape[0]) % 5).cuda()
+    grads = []
+    for model in (ref, fast):
+        model.train()
+        logits = model(x)
+        nn.functional.cross_entropy(logits, y).backward()
+        grads.append((logits.detach(), {n: p.grad for n, p in model.named_parameters()}))
+    (la, ga), (lb, gb) = grads
+    _close(lb, la, "logits")
+    top = max(g.abs().max().item() for g in ga.values())
+    for n in ga:
+        err = (gb[n] - ga[n]).abs().max().item() / max(ga[n].abs().max().item(), 1e-4 * top)
+        assert err <= RTOL, f"grad {n}: {err:.2e}"
+    for (n, a), (_, b) in zip(ref.named_buffers(), fast.named_buffers()):
+        if a.dtype != torch.int64:
+            _close(b, a, n)
+    for model in (ref, fast):
+        model.eval()
+    with torch.no_grad():
+        _close(fast(x), ref(x), "eval logits")
+
+
+@cuda
+def test_gpu_fast_path_amp_and_checkpointing():
+    _, fast, x = _pair("cifar", dict(), torch.float32)
+    fast, x = fast.cuda().train(), x.cuda()
+    ckpt = copy.deepcopy(fast)
+    ckpt.set_grad_checkpointing(True)
+    y = (torch.arange(x.shape[0]) % 5).cuda()
+    torch.backends.cudnn.deterministic = True
+    try:
+        res = []
+        for model in (fast, ckpt):
+            with torch.autocast("cuda", dtype=torch.float16):
+                loss = nn.functional.cross_entropy(model(x).float(), y)
+            loss.backward()
+            res.append((loss.detach(), [p.grad for p in model.parameters()]))
+    finally:
+        torch.backends.cudnn.deterministic = False
+    assert torch.isfinite(res[0][0]) and all(torch.isfinite(g).all() for g in res[0][1])
+    torch.testing.assert_close(res[1][0], res[0][0], rtol=1e-5, atol=1e-6)
+    for g, h in zip(res[0][1], res[1][1]):
+        torch.testing.assert_close(h, g, rtol=1e-3, atol=1e-5)
+    for (n, a), (_, b) in zip(fast.named_buffers(), ckpt.named_buffers()):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=n)  # updated once
