@@ -15,8 +15,9 @@ attention cores, stored the same way. Each is a ``torch.library`` custom op with
 and an autograd formula, so ``torch.compile(fullgraph=True)`` sees single opaque nodes.
 
 On CPU the passes are the compiled kernels of :mod:`qkformer.cpu`; elsewhere (CUDA, or no C++
-compiler) the same algorithm runs in torch ops with the LIF of :mod:`qkformer.neuron` (its CuPy
-kernel on CUDA).
+compiler) the same algorithm runs in torch ops with the LIF of :mod:`qkformer.neuron`, backend
+'auto' (its self-checked CuPy kernel on CUDA). A ``MultiStepLIF``'s own ``backend`` setting
+applies to the reference path, where the module itself runs.
 The formulas equal the reference modules' (``nn.BatchNorm*`` in train and eval mode, the
 multistep LIF, ``max_pool2d``) up to floating-point rounding; the tests hold them to the
 reference path in float64.
@@ -164,7 +165,7 @@ def batch_stats(y: Tensor) -> Tuple[Tensor, Tensor]:
     R = y2.shape[0]
     if _kernels(y2) and R > 0:
         f = cpu.kernel("colstats", y2.dtype)
-        parts = cpu.ranges(R)
+        parts = cpu.ranges(R, work=C)
         shift = y2[0].to(_arith(y2.dtype)).contiguous()
         sums = torch.zeros(2, len(parts), C, dtype=torch.float64)
         cpu.for_ranges(parts, lambda i, a, b: f(y2.data_ptr(), C, a, b, shift.data_ptr(),
@@ -219,13 +220,13 @@ def bn_lif_forward(y: Tensor, steps: int, scale: Optional[Tensor], shift: Option
         if pool:
             f = cpu.kernel("bn_pool_lif_fwd", y.dtype)
             y_step = 0 if bcast else g["B"] * g["H"] * g["W"] * C
-            cpu.for_ranges(cpu.ranges(g["B"]), lambda i, a, b: f(
+            cpu.for_ranges(cpu.ranges(g["B"], work=steps * g["H"] * g["W"] * C), lambda i, a, b: f(
                 y.data_ptr(), s.data_ptr(), steps, g["B"], g["H"], g["W"], C, g["Ho"], g["Wo"],
                 y_step, a, b, _ptr(scale), _ptr(shift), tau, v_threshold))
         else:
             f = cpu.kernel("bn_lif_fwd", y.dtype)
             M = g["M"]
-            cpu.for_ranges(cpu.ranges(M), lambda i, a, b: f(
+            cpu.for_ranges(cpu.ranges(M, work=steps * C), lambda i, a, b: f(
                 y.data_ptr(), s.data_ptr(), steps, M, C, 0 if bcast else M * C, a, b,
                 _ptr(scale), _ptr(shift), tau, v_threshold))
         return s
@@ -253,7 +254,7 @@ def bn_lif_backward(grad: Tensor, y: Tensor, steps: int, scale: Optional[Tensor]
         gz = torch.empty(y.shape, dtype=_arith(y.dtype))
         if pool:
             f = cpu.kernel("bn_pool_lif_bwd", y.dtype)
-            parts = cpu.ranges(g["B"])
+            parts = cpu.ranges(g["B"], work=steps * g["H"] * g["W"] * C)
             y_step = 0 if bcast else g["B"] * g["H"] * g["W"] * C
             psum = torch.zeros(len(parts), 2 * C, dtype=torch.float64) if sums else None
             cpu.for_ranges(parts, lambda i, a, b: f(
@@ -263,7 +264,7 @@ def bn_lif_backward(grad: Tensor, y: Tensor, steps: int, scale: Optional[Tensor]
         else:
             f = cpu.kernel("bn_lif_bwd", y.dtype)
             M = g["M"]
-            parts = cpu.ranges(M)
+            parts = cpu.ranges(M, work=steps * C)
             psum = torch.zeros(len(parts), 2 * C, dtype=torch.float64) if sums else None
             cpu.for_ranges(parts, lambda i, a, b: f(
                 grad.data_ptr(), y.data_ptr(), gz.data_ptr(), steps, M, C, 0 if bcast else M * C,
@@ -308,7 +309,7 @@ def _bn_input_grad(gz: Tensor, y: Tensor, a: Optional[Tensor], b: Optional[Tenso
             return out
         R = y.numel() // C
         f = cpu.kernel("bn_bwd_apply", y.dtype)
-        cpu.for_ranges(cpu.ranges(R), lambda i, r0, r1: f(
+        cpu.for_ranges(cpu.ranges(R, work=C), lambda i, r0, r1: f(
             gz.data_ptr(), y.data_ptr(), out.data_ptr(), C, r0, r1, _ptr(a), _ptr(b), _ptr(mu),
             _ptr(d)))
         return out

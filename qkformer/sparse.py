@@ -50,9 +50,9 @@ def enabled(dtype: torch.dtype, device: torch.device) -> bool:
             and cpu.library() is not None)
 
 
-def _count(rows: int, count) -> Tensor:
+def _count(rows: int, cols: int, count) -> Tensor:
     counts = torch.empty(rows, dtype=torch.int32)
-    cpu.for_ranges(cpu.ranges(rows), lambda i, a, b: count(a, b, counts.data_ptr()))
+    cpu.for_ranges(cpu.ranges(rows, work=cols), lambda i, a, b: count(a, b, counts.data_ptr()))
     return counts
 
 
@@ -64,8 +64,8 @@ def _csr(counts: Tensor, cols: int, dtype: torch.dtype, fill) -> CSR:
     # one spare slot: the branch-free fill writes a candidate past the last non-zero
     idx = torch.empty(nnz + 1, dtype=torch.int32)
     val = torch.empty(nnz + 1, dtype=dtype)
-    cpu.for_ranges(cpu.ranges(rows), lambda i, a, b: fill(a, b, rowptr.data_ptr(), idx.data_ptr(),
-                                                           val.data_ptr()))
+    cpu.for_ranges(cpu.ranges(rows, work=cols), lambda i, a, b: fill(
+        a, b, rowptr.data_ptr(), idx.data_ptr(), val.data_ptr()))
     return CSR(rowptr, idx, val, rows, cols)
 
 
@@ -82,7 +82,7 @@ def csr_from_dense(x: Tensor, max_density: Optional[float] = None) -> Optional[C
     x2 = x.contiguous().view(-1, C)
     count, fill = cpu.kernel("csr_count", x2.dtype), cpu.kernel("csr_fill", x2.dtype)
     src = x2.data_ptr()
-    counts = _count(x2.shape[0], lambda a, b, cp: count(src, C, a, b, cp))
+    counts = _count(x2.shape[0], C, lambda a, b, cp: count(src, C, a, b, cp))
     if not _sparse_enough(counts, C, max_density):
         return None
     return _csr(counts, C, x2.dtype, lambda a, b, rp, ip, vp: fill(src, C, a, b, rp, ip, vp))
@@ -101,7 +101,7 @@ def csr_from_packed(stored: Tensor, how, max_density: Optional[float] = None) ->
         count, fill = cpu.kernel("csr_count_bits"), cpu.kernel("csr_fill_bits", dtype)
     else:
         count, fill = cpu.kernel("csr_count_u8"), cpu.kernel("csr_fill_u8", dtype)
-    counts = _count(R, lambda a, b, cp: count(src, C, a, b, cp))
+    counts = _count(R, C, lambda a, b, cp: count(src, C, a, b, cp))
     if not _sparse_enough(counts, C, max_density):
         return None
     return _csr(counts, C, dtype, lambda a, b, rp, ip, vp: fill(src, C, a, b, rp, ip, vp))
@@ -149,7 +149,7 @@ def forward(csr: CSR, x_shape, weight: Tensor, bias: Optional[Tensor], kernel_si
         P *= s
     y = torch.empty(out_shape, dtype=dtype)
     f = cpu.kernel("spconv_fwd", dtype)
-    cpu.for_ranges(cpu.ranges(P), lambda i, a, b_: f(
+    cpu.for_ranges(cpu.ranges(P, work=weight.shape[0] * max(kernel_size, 1) ** 2), lambda i, a, b_: f(
         csr.rowptr.data_ptr(), csr.idx.data_ptr(), csr.val.data_ptr(), geometry.data_ptr(),
         taps.data_ptr(), b.data_ptr() if b is not None else None, y.data_ptr(), a, b_))
     return y

@@ -534,7 +534,7 @@ def test_gpu_amp_training_kernel_vs_torch_backend():
     import timm
 
     torch.manual_seed(0)
-    base = timm.create_model("qkformer_cifar10").cuda()
+    base = timm.create_model("qkformer_cifar10", fast_path=False).cuda()  # per-module backends
     runs = {}
     for name, backend, amp in (("fp32", "torch", False), ("kernel", "auto", True),
                                ("torch", "torch", True)):
@@ -581,7 +581,7 @@ def test_gpu_torch_compile_fullgraph_uses_the_kernel():
     torch._dynamo.reset()
     torch.manual_seed(0)
     model = timm.create_model("qkformer_cifar10", embed_dims=32, depths=(1, 1, 1), num_heads=2,
-                              T=2).cuda()
+                              T=2, fast_path=False).cuda()
     ref = copy.deepcopy(model)
     x, y = torch.randn(4, 3, 32, 32, device="cuda"), torch.tensor([1, 3, 0, 2], device="cuda")
     compiled = torch.compile(model, fullgraph=True, dynamic=False)

@@ -411,7 +411,10 @@ def test_double_backward_raises():
 
 def _tiny_cifar():
     torch.manual_seed(0)
-    return timm.create_model("qkformer_cifar10", embed_dims=32, depths=(1, 1, 1), num_heads=2, T=2)
+    # the reference path: its MultiStepLIF modules are what these tests are about (the fast path
+    # fuses the neurons into its units, tests/test_fast_path.py)
+    return timm.create_model("qkformer_cifar10", embed_dims=32, depths=(1, 1, 1), num_heads=2, T=2,
+                             fast_path=False)
 
 
 @pytest.mark.slow

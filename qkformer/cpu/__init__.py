@@ -191,15 +191,17 @@ def _reset() -> None:
     _functions.clear()
 
 
-MAX_RANGES = 64  # a problem is cut into at most this many row ranges
+MAX_RANGES = 64  # a problem is cut into at most this many row ranges ...
+MIN_WORK = 1 << 18  # ... of at least this many elements each: a call costs some microseconds
 
 
-def ranges(n: int, grain: int = 1) -> list:
-    """``[(a, b), ...]`` covering ``range(n)``: at most :data:`MAX_RANGES`, each a multiple of
-    ``grain`` long (but the last). Depends on ``n`` and ``grain`` only."""
+def ranges(n: int, grain: int = 1, work: int = 1) -> list:
+    """``[(a, b), ...]`` covering ``range(n)`` for items of ``work`` elements each: at most
+    :data:`MAX_RANGES` ranges of at least :data:`MIN_WORK` elements, each a multiple of
+    ``grain`` items long (but the last). Depends on the sizes only, not on the threads."""
     if n <= 0:
         return []
-    step = -(-n // MAX_RANGES)
+    step = max(-(-n // MAX_RANGES), -(-MIN_WORK // max(work, 1)))
     step = -(-step // grain) * grain
     return [(a, min(a + step, n)) for a in range(0, n, step)]
 
