@@ -105,10 +105,6 @@ def saved_bytes(fn) -> int:
     return sum(seen.values())
 
 
-def parameter_bytes(model: torch.nn.Module) -> int:
-    return sum(p.numel() * p.element_size() for p in model.parameters())
-
-
 def calibrate_firing(model: torch.nn.Module, x: torch.Tensor, target: float = 0.15,
                      rounds: int = 8) -> float:
     """Shift the BatchNorm biases so that every LIF after a BatchNorm fires at about ``target``

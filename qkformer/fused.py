@@ -383,7 +383,6 @@ def _spiking_unit(x: Tensor, weight: Tensor, bias: Optional[Tensor], bn_weight: 
             x, weight = x.to(gemm_dtype), weight.to(gemm_dtype)
             bias = bias.to(gemm_dtype) if bias is not None else None
         y = _gemm(x, weight, bias, kernel_size, stride, x_kind if gemm_dtype is None else ANALOG)
-        C = y.shape[-1]
         A = _arith(y.dtype)
         if not use_bn:
             mean = torch.zeros(0, dtype=torch.float64, device=y.device)

@@ -29,6 +29,7 @@ __all__ = ["MAX_DENSITY", "MAX_DENSITY_WEIGHT_GRAD", "CSR", "enabled", "csr_from
 # AVX-512 machine for the model's shapes: the forward breaks even near 0.3-0.4, the weight
 # gradient near 0.25-0.3). QKFORMER_SPARSE_MAX_DENSITY=0 turns the spike-driven products off.
 MAX_DENSITY = float(os.environ.get("QKFORMER_SPARSE_MAX_DENSITY", "0.33"))
+# (The choice must not depend on how the input was kept: compact storage is bit-identical.)
 MAX_DENSITY_WEIGHT_GRAD = min(MAX_DENSITY, 0.25)
 
 

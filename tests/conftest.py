@@ -34,6 +34,34 @@ GOLDEN = {
 }
 
 
+def fire_bn(model: torch.nn.Module, seed: int = 1) -> None:
+    """BN parameters and statistics far from the defaults, biased so that neurons fire (in train
+    and eval mode): comparisons between silent networks would prove nothing."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                n = m.num_features
+                m.running_mean.copy_(torch.randn(n, generator=g) * 0.3)
+                m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
+                m.weight.copy_(torch.rand(n, generator=g) + 0.5)
+                m.bias.copy_(torch.randn(n, generator=g) * 0.5 + 0.5)
+
+
+def saved_bytes(fn) -> int:
+    """Bytes autograd keeps for backward while ``fn()`` runs, each storage counted once."""
+    seen = {}
+
+    def pack(t):
+        s = t.untyped_storage()
+        seen[s.data_ptr()] = max(seen.get(s.data_ptr(), 0), s.nbytes())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(seen.values())
+
+
 @pytest.fixture(scope="session")
 def reference() -> Path:
     missing = [d for d in ("manifests", "golden") if not (REFERENCE / d).is_dir()]

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 import qkformer  # noqa: F401  (registers the variants with timm)
+from conftest import saved_bytes
 
 FAMILIES = {
     "imagenet": ("qkformer_10_384", dict(embed_dims=32, depths=(1, 1, 2), num_heads=2, T=2,
@@ -74,16 +75,7 @@ def test_checkpointed_amp_steps_are_bit_identical():
 
 
 def _saved_bytes(model, x):
-    seen = {}
-
-    def pack(t):
-        s = t.untyped_storage()
-        seen[s.data_ptr()] = max(seen.get(s.data_ptr(), 0), s.nbytes())
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(x)
-    return sum(seen.values())
+    return saved_bytes(lambda: model(x))
 
 
 @pytest.mark.parametrize("fast_path", [True, False], ids=["fast", "reference"])

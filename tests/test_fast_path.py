@@ -17,6 +17,7 @@ import qkformer  # noqa: F401  (registers the variants with timm)
 from qkformer import cpu, fused
 from qkformer.layers import SpikingBlock
 from qkformer.neuron import MultiStepLIF
+from conftest import fire_bn, saved_bytes
 
 RTOL = 1e-9
 
@@ -41,24 +42,11 @@ IDS = [f"{f}-{'-'.join(map(str, k.get('attn_types', ('default',))))}"
        f"{'-fixed' if k.get('legacy_ssa') is False else ''}" for f, k in CASES]
 
 
-def _fire(model: nn.Module, seed: int = 1) -> None:
-    """BN parameters and statistics away from the defaults, so that neurons fire in both modes."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                n = m.num_features
-                m.running_mean.copy_(torch.randn(n, generator=g) * 0.3)
-                m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
-                m.weight.copy_(torch.rand(n, generator=g) + 0.5)
-                m.bias.copy_(torch.randn(n, generator=g) * 0.5 + 0.5)
-
-
 def _pair(family, overrides, dtype=torch.float64):
     name, kwargs, shape = FAMILIES[family]
     torch.manual_seed(0)
     ref = timm.create_model(name, fast_path=False, **{**kwargs, **overrides}).to(dtype)
-    _fire(ref)
+    fire_bn(ref)
     fast = copy.deepcopy(ref)
     fast.set_fast_path(True)
     g = torch.Generator().manual_seed(2)
@@ -189,20 +177,6 @@ def test_compact_storage_is_bit_identical(dtype):
     assert all(torch.equal(a, b) for a, b in zip(res[0][1], res[1][1]))
 
 
-def _saved_bytes(fn):
-    """Bytes autograd keeps for backward while ``fn`` runs, once per storage."""
-    seen = {}
-
-    def pack(t):
-        s = t.untyped_storage()
-        seen[s.data_ptr()] = max(seen.get(s.data_ptr(), 0), s.nbytes())
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return sum(seen.values())
-
-
 def test_compact_storage_keeps_spikes_as_bits():
     torch.manual_seed(0)
     conv, bn, lif = nn.Conv2d(64, 64, 1), nn.BatchNorm2d(64), MultiStepLIF()
@@ -215,12 +189,12 @@ def test_compact_storage_keeps_spikes_as_bits():
 
     y_bytes = 2 * 4 * 8 * 8 * 64 * 4 + 3 * 64 * 8  # the conv output, float, and the statistics
     weights = conv.weight.numel() * 4
-    as_bits = _saved_bytes(run(spikes, fused.SPIKES)) - y_bytes - weights
-    as_bytes = _saved_bytes(run(counts, fused.COUNTS)) - y_bytes - weights
+    as_bits = saved_bytes(run(spikes, fused.SPIKES)) - y_bytes - weights
+    as_bytes = saved_bytes(run(counts, fused.COUNTS)) - y_bytes - weights
     assert as_bits == spikes.numel() // 8
     assert as_bytes == counts.numel()
     with fused.compact_storage(False):
-        assert _saved_bytes(run(spikes, fused.SPIKES)) - y_bytes - weights == spikes.numel() * 4
+        assert saved_bytes(run(spikes, fused.SPIKES)) - y_bytes - weights == spikes.numel() * 4
 
 
 @pytest.mark.parametrize("kind,values", [

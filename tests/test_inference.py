@@ -9,6 +9,7 @@ from torch import nn
 import qkformer  # noqa: F401  (registers the models)
 from qkformer.inference import conv_bn_pairs, fold_batchnorm, prepare_for_inference
 from qkformer.neuron import MultiStepLIF
+from conftest import fire_bn
 
 # One tiny model per family; together they cover QKTA, SSA, the MLP and every SPEDS layout
 # (including the units with a max-pool between BN and LIF).
@@ -22,24 +23,11 @@ TINY = {
 }
 
 
-def _randomise_bn(model: nn.Module, seed: int = 1) -> None:
-    """BN statistics and affine parameters far from the identity, biased so that neurons fire."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                n = m.num_features
-                m.running_mean.copy_(torch.randn(n, generator=g) * 0.3)
-                m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
-                m.weight.copy_(torch.rand(n, generator=g) + 0.5)
-                m.bias.copy_(torch.randn(n, generator=g) * 0.5 + 0.5)
-
-
 def _tiny(family: str, dtype=torch.float64, fast_path: bool = False):
     name, kwargs, shape = TINY[family]
     torch.manual_seed(0)
     model = timm.create_model(name, fast_path=fast_path, **kwargs).to(dtype)
-    _randomise_bn(model)
+    fire_bn(model)
     x = torch.rand(shape, dtype=dtype) * 2
     return model.eval(), x
 

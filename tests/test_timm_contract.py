@@ -14,6 +14,7 @@ from timm.optim import create_optimizer_v2
 from timm.optim._param_groups import param_groups_layer_decay
 
 import qkformer  # noqa: F401  (registers the variants with timm)
+from conftest import saved_bytes
 
 VARIANTS = timm.list_models("qkformer*")
 
@@ -111,20 +112,8 @@ def test_layer_decay_groups_and_weight_decay(name):
 def test_grad_checkpointing_is_real(name):
     model, x = _small(name)
     model.train()
-    seen = []
-
-    def count(t):
-        seen.append(t.untyped_storage().nbytes())
-        return t
-
-    def saved(m):
-        seen.clear()
-        with torch.autograd.graph.saved_tensors_hooks(count, lambda t: t):
-            m(x)
-        return sum(seen)
-
-    full = saved(model)
+    full = saved_bytes(lambda: model(x))
     model.set_grad_checkpointing(True)
-    assert model.grad_checkpointing and saved(model) < full / 5
+    assert model.grad_checkpointing and saved_bytes(lambda: model(x)) < full / 5
     model.set_grad_checkpointing(False)
-    assert saved(model) == full
+    assert saved_bytes(lambda: model(x)) == full

@@ -49,13 +49,13 @@ static inline void vstore(T* p, typename Vec<T>::V v) {
 // CSR construction, in two passes over row ranges: count the non-zeros of each row, then (after
 // the caller's prefix sum) fill indices and values. Sources: dense values, bytes, or bits
 // (element i of the flat tensor in bit i % 8 of byte i / 8).
-template <class T>
-static void count_dense(const T* x, i64 C, i64 r0, i64 r1, int32_t* counts) {
+template <class X>  // X: the stored values (float, double or uint8_t)
+static void count_nonzero(const X* x, i64 C, i64 r0, i64 r1, int32_t* counts) {
     for (i64 r = r0; r < r1; ++r) {
-        const T* xr = x + r * C;
+        const X* xr = x + r * C;
         int32_t n = 0;
 #pragma omp simd reduction(+ : n)
-        for (i64 c = 0; c < C; ++c) n += xr[c] != T(0);
+        for (i64 c = 0; c < C; ++c) n += xr[c] != X(0);
         counts[r] = n;
     }
 }
@@ -70,18 +70,18 @@ static void fill_row(i64 C, const i64* rowptr, i64 r, int32_t* idx, T* val, int3
     std::memcpy(val + rowptr[r], tv, n * sizeof(T));
 }
 
-template <class T>
-static void fill_dense(const T* x, i64 C, i64 r0, i64 r1, const i64* rowptr, int32_t* idx,
-                       T* val) {
+template <class T, class X>  // T: the product's type; X: the stored values
+static void fill_values(const X* x, i64 C, i64 r0, i64 r1, const i64* rowptr, int32_t* idx,
+                        T* val) {
     std::vector<int32_t> ti(C + 1);
     std::vector<T> tv(C + 1);
     for (i64 r = r0; r < r1; ++r) {
-        const T* xr = x + r * C;
+        const X* xr = x + r * C;
         i64 k = 0;
         for (i64 c = 0; c < C; ++c) {
             ti[k] = (int32_t)c;
-            tv[k] = xr[c];
-            k += xr[c] != T(0);
+            tv[k] = (T)xr[c];
+            k += xr[c] != X(0);
         }
         fill_row<T>(C, rowptr, r, idx, val, ti.data(), tv.data());
     }
@@ -91,8 +91,8 @@ static void fill_dense(const T* x, i64 C, i64 r0, i64 r1, const i64* rowptr, int
 // 16 channels at a time: the non-zeros compressed in registers (compress-to-memory is microcoded
 // and slow on some CPUs), stored whole into a row buffer, the row copied out.
 template <>
-void fill_dense<float>(const float* x, i64 C, i64 r0, i64 r1, const i64* rowptr, int32_t* idx,
-                       float* val) {
+void fill_values<float, float>(const float* x, i64 C, i64 r0, i64 r1, const i64* rowptr,
+                               int32_t* idx, float* val) {
     std::vector<int32_t> ti(C + 16);
     std::vector<float> tv(C + 16);
     const __m512i step = _mm512_set1_epi32(16);
@@ -118,33 +118,6 @@ void fill_dense<float>(const float* x, i64 C, i64 r0, i64 r1, const i64* rowptr,
     }
 }
 #endif
-
-static void count_u8(const uint8_t* x, i64 C, i64 r0, i64 r1, int32_t* counts) {
-    for (i64 r = r0; r < r1; ++r) {
-        const uint8_t* xr = x + r * C;
-        int32_t n = 0;
-#pragma omp simd reduction(+ : n)
-        for (i64 c = 0; c < C; ++c) n += xr[c] != 0;
-        counts[r] = n;
-    }
-}
-
-template <class T>
-static void fill_u8(const uint8_t* x, i64 C, i64 r0, i64 r1, const i64* rowptr, int32_t* idx,
-                    T* val) {
-    std::vector<int32_t> ti(C + 1);
-    std::vector<T> tv(C + 1);
-    for (i64 r = r0; r < r1; ++r) {
-        const uint8_t* xr = x + r * C;
-        i64 k = 0;
-        for (i64 c = 0; c < C; ++c) {
-            ti[k] = (int32_t)c;
-            tv[k] = (T)xr[c];
-            k += xr[c] != 0;
-        }
-        fill_row<T>(C, rowptr, r, idx, val, ti.data(), tv.data());
-    }
-}
 
 static inline int bit(const uint8_t* bits, i64 i) { return (bits[i >> 3] >> (i & 7)) & 1; }
 
@@ -469,7 +442,7 @@ extern "C" void qk_csr_prefix(const int32_t* counts, i64 R, i64* rowptr) {
     rowptr[R] = s;
 }
 extern "C" void qk_csr_count_u8(const uint8_t* x, i64 C, i64 r0, i64 r1, int32_t* counts) {
-    count_u8(x, C, r0, r1, counts);
+    count_nonzero<uint8_t>(x, C, r0, r1, counts);
 }
 extern "C" void qk_csr_count_bits(const uint8_t* x, i64 C, i64 r0, i64 r1, int32_t* counts) {
     count_bits(x, C, r0, r1, counts);
@@ -477,15 +450,15 @@ extern "C" void qk_csr_count_bits(const uint8_t* x, i64 C, i64 r0, i64 r1, int32
 
 #define QK_SPARSE(SUF, T)                                                                      \
     extern "C" void qk_csr_count_##SUF(const T* x, i64 C, i64 r0, i64 r1, int32_t* counts) {  \
-        count_dense<T>(x, C, r0, r1, counts);                                                  \
+        count_nonzero<T>(x, C, r0, r1, counts);                                                \
     }                                                                                          \
     extern "C" void qk_csr_fill_##SUF(const T* x, i64 C, i64 r0, i64 r1, const i64* rowptr,   \
                                       int32_t* idx, T* val) {                                  \
-        fill_dense<T>(x, C, r0, r1, rowptr, idx, val);                                         \
+        fill_values<T, T>(x, C, r0, r1, rowptr, idx, val);                                     \
     }                                                                                          \
     extern "C" void qk_csr_fill_u8_##SUF(const uint8_t* x, i64 C, i64 r0, i64 r1,             \
                                          const i64* rowptr, int32_t* idx, T* val) {            \
-        fill_u8<T>(x, C, r0, r1, rowptr, idx, val);                                            \
+        fill_values<T, uint8_t>(x, C, r0, r1, rowptr, idx, val);                               \
     }                                                                                          \
     extern "C" void qk_csr_fill_bits_##SUF(const uint8_t* x, i64 C, i64 r0, i64 r1,           \
                                            const i64* rowptr, int32_t* idx, T* val) {          \
