@@ -3,8 +3,8 @@
     python -m qkformer.demo [--epochs 8] [--output-dir output/demo]
 
 Data: scikit-learn's bundled 8x8 digits (1,797 images, 10 classes), upsampled to 32x32 and
-written as an ImageFolder (``data/digits32``, relative to the working directory). 4 to 6 minutes on
-2 CPU cores, ~99% top-1. Training goes through the real CIFAR-10 path (``cifar10/train.py``'s
+written as an ImageFolder (``data/digits32``, relative to the working directory). About 3 minutes on
+2 CPU cores, ~98-99% top-1. Training goes through the real CIFAR-10 path (``cifar10/train.py``'s
 recipe, the bundled ``--config cifar10``, with a smaller model and a short schedule given as
 overrides); evaluation through the real checkpoint path (``imagenet/test.py``).
 """
