@@ -434,6 +434,9 @@ def _unit_setup(ctx, inputs, output):
                alpha, detach_reset, gemm_dtype, bias is not None)
     ctx.n_inputs = len(inputs)
     ctx.mark_non_differentiable(y, mean, var, invstd)
+    # no gradient flows into y and the statistics: autograd must not build (and page in)
+    # a zero tensor the size of y for every unit
+    ctx.set_materialize_grads(False)
 
 
 _EMPTY = "empty"  # a gradient the backward op was not asked for comes back with 0 elements
@@ -522,6 +525,8 @@ def _(grad, stored, x_format, x_shape, x_dtype, x_kind, weight, bn_weight, bn_bi
 
 
 def _unit_backward(ctx, g_spikes, *_):
+    if g_spikes is None:  # the spikes did not reach the loss
+        return (None,) * ctx.n_inputs
     stored, weight, bn_weight, bn_bias, y, mean, invstd = ctx.saved_tensors
     (kernel_size, stride, pool, steps, bcast, use_bn, batch_stats_, tau, v_threshold, alpha,
      detach_reset, gemm_dtype, has_bias) = ctx.cfg
@@ -660,6 +665,7 @@ def _qk_setup(ctx, inputs, output):
     ctx.save_for_backward(stored, qs)
     ctx.cfg = (num_heads, channel, tau, v_threshold, alpha, detach_reset)
     ctx.mark_non_differentiable(qs)
+    ctx.set_materialize_grads(False)  # (see _unit_setup)
 
 
 @torch.library.custom_op("qkformer::qk_attention_backward", mutates_args=())
@@ -691,6 +697,8 @@ def _(g_out, k, qs, num_heads, channel, tau, v_threshold, alpha, detach_reset):
 
 
 def _qk_backward(ctx, g_out, _):
+    if g_out is None:
+        return (None,) * 7
     stored, qs = ctx.saved_tensors
     num_heads, channel, tau, v_threshold, alpha, detach_reset = ctx.cfg
     k = unpack(stored, ctx.k_how)

@@ -203,12 +203,15 @@ def _setup_context(ctx, inputs, output):
     _, tau, v_threshold, alpha, detach_reset, _, backend = inputs
     h_seq = output[1]
     ctx.mark_non_differentiable(h_seq)
+    ctx.set_materialize_grads(False)  # no zero tensor the size of H for its gradient
     ctx.save_for_backward(h_seq)
     ctx.params = (tau, v_threshold, alpha, detach_reset, backend)
 
 
 @once_differentiable
 def _op_backward(ctx, grad_spikes, _grad_h):
+    if grad_spikes is None:
+        return (None,) * 7
     (h_seq,) = ctx.saved_tensors
     if h_seq.numel() != grad_spikes.numel():
         raise RuntimeError("qkformer::lif_forward ran with save_h=False: no H to differentiate")

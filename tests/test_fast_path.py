@@ -162,6 +162,36 @@ def test_kernels_match_their_torch_mirror(monkeypatch):
         assert torch.allclose(a.double(), b.double(), rtol=RTOL, atol=0), n
 
 
+# channel counts below, at and across the kernels' channel blocks (64 floats / 32 doubles)
+@pytest.mark.parametrize("C", [1, 31, 32, 64, 70, 130])
+@pytest.mark.parametrize("bcast,affine,detach", [(False, True, True), (True, True, False),
+                                                 (False, False, True)])
+def test_bn_lif_kernels_match_their_mirror_on_every_channel_count(monkeypatch, C, bcast, affine,
+                                                                   detach):
+    """bn_lif_forward/backward, kernels against torch ops, float64: spikes equal, g_Z and the
+    BatchNorm sums to rounding, for full channel blocks, partial ones and both together."""
+    if cpu.library() is None:
+        pytest.skip(f"CPU kernels unavailable: {cpu.unavailable_reason()}")
+    g = torch.Generator().manual_seed(C)
+    steps, M = 3, 12
+    y = torch.randn(M if bcast else steps * M, C, generator=g, dtype=torch.float64) * 2
+    grad = torch.randn(steps * M, C, generator=g, dtype=torch.float64)
+    scale = torch.rand(C, generator=g, dtype=torch.float64) + 0.5 if affine else None
+    shift = torch.randn(C, generator=g, dtype=torch.float64) * 0.3 if affine else None
+    args = (steps, scale, shift, 2.0, 0.5)
+    results = []
+    for kernels in (True, False):
+        monkeypatch.setattr(fused, "_kernels", lambda t, k=kernels: k)
+        spikes = fused.bn_lif_forward(y, *args, bcast=bcast)
+        gz, sums = fused.bn_lif_backward(grad, y, *args, 4.0, detach, bcast=bcast, sums=True)
+        results.append((spikes, gz, sums))
+    (s_k, gz_k, sums_k), (s_m, gz_m, sums_m) = results
+    assert 0 < s_m.sum() < s_m.numel()
+    assert torch.equal(s_k, s_m)
+    assert torch.allclose(gz_k, gz_m, rtol=1e-12, atol=1e-12)
+    assert torch.allclose(sums_k, sums_m, rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_compact_storage_is_bit_identical(dtype):
     _, fast, x = _pair("cifar", dict(), dtype)
