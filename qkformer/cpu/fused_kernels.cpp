@@ -19,6 +19,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 typedef int64_t i64;
@@ -235,46 +236,60 @@ static inline typename F::A affine(const typename F::S* y, i64 c, const typename
     return scale ? F::ld(y[c]) * scale[c] + shift[c] : F::ld(y[c]);
 }
 
-// ---------------------------------------------------------------------------------------------
-// BN affine + LIF, forward, rows m in [m0, m1) of y [steps, M, C] -> spikes s [steps, M, C].
+// body(full, c0, width) for each block of channels, full a std::true_type for whole blocks
+// (a compile-time width) and std::false_type for the remainder.
+template <class A, class Body>
+static inline void channel_blocks(i64 C, Body body) {
+    constexpr int LANES = Block<A>::LANES;
+    i64 c0 = 0;
+    for (; c0 + LANES <= C; c0 += LANES) body(std::true_type(), c0, LANES);
+    if (c0 < C) body(std::false_type(), c0, (int)(C - c0));
+}
+
+// BN affine + LIF forward of one block of channels through all steps, from y (this block's
+// first element at step 0; steps y_step apart): spikes into s (steps s_step apart) and/or the
+// charges into h [steps][LANES]; either may be null.
 template <class F, bool FULL>
-static inline void bn_lif_fwd_block(const typename F::S* y, typename F::S* s, i64 steps, i64 M,
-                                    i64 C, i64 y_step, i64 m, i64 c0, int width,
-                                    const typename F::A* scale, const typename F::A* shift,
-                                    typename F::A tau, typename F::A v_th) {
+static inline void charge_block(const typename F::S* y, i64 y_step, i64 steps, int width,
+                                const typename F::A* sc, const typename F::A* sh,
+                                typename F::A tau, typename F::A v_th, typename F::S* s,
+                                i64 s_step, typename F::A* h) {
     typedef typename F::A A;
     constexpr int LANES = Block<A>::LANES;
     LIF_CONSTS(A, tau, v_th, A(0), 1);
     const int w = FULL ? LANES : width;
-    const A* sc = scale ? scale + c0 : nullptr;
-    const A* sh = shift ? shift + c0 : nullptr;
     A v[LANES] = {};
     for (i64 t = 0; t < steps; ++t) {
-        const typename F::S* yr = y + t * y_step + m * C + c0;
-        typename F::S* sr = s + (t * M + m) * C + c0;
+        const typename F::S* yr = y + t * y_step;
+        typename F::S* sr = s ? s + t * s_step : nullptr;
+        A* hb = h ? h + t * LANES : nullptr;
 #pragma omp simd
         for (int l = 0; l < w; ++l) {
             A fired;
-            lif_charge(affine<F>(yr, l, sc, sh), v[l], fired, LIF_ARGS);
-            sr[l] = F::st(fired);
+            const A hl = lif_charge(affine<F>(yr, l, sc, sh), v[l], fired, LIF_ARGS);
+            if (sr) sr[l] = F::st(fired);
+            if (hb) hb[l] = hl;
         }
     }
 }
 
+template <class A>
+static inline const A* at(const A* p, i64 c0) {
+    return p ? p + c0 : nullptr;
+}
+
+// ---------------------------------------------------------------------------------------------
+// BN affine + LIF, forward, rows m in [m0, m1) of y [steps, M, C] -> spikes s [steps, M, C].
 template <class F>
 static void bn_lif_fwd(const typename F::S* y, typename F::S* s, i64 steps, i64 M, i64 C,
                        i64 y_step, i64 m0, i64 m1, const typename F::A* scale,
                        const typename F::A* shift, typename F::A tau, typename F::A v_th) {
-    constexpr int LANES = Block<typename F::A>::LANES;
-    for (i64 m = m0; m < m1; ++m) {
-        i64 c0 = 0;
-        for (; c0 + LANES <= C; c0 += LANES)
-            bn_lif_fwd_block<F, true>(y, s, steps, M, C, y_step, m, c0, LANES, scale, shift, tau,
-                                      v_th);
-        if (c0 < C)
-            bn_lif_fwd_block<F, false>(y, s, steps, M, C, y_step, m, c0, (int)(C - c0), scale,
-                                       shift, tau, v_th);
-    }
+    for (i64 m = m0; m < m1; ++m)
+        channel_blocks<typename F::A>(C, [&](auto full, i64 c0, int w) {
+            charge_block<F, decltype(full)::value>(y + m * C + c0, y_step, steps, w,
+                                                   at(scale, c0), at(shift, c0), tau, v_th,
+                                                   s + m * C + c0, M * C, nullptr);
+        });
 }
 
 // Backward of bn_lif_fwd: H is recomputed from y; g_Z goes to gz ([steps, M, C], or [M, C]
@@ -292,18 +307,8 @@ static inline void bn_lif_bwd_block(const typename F::S* gs, const typename F::S
     constexpr int LANES = Block<A>::LANES;
     LIF_CONSTS(A, tau, v_th, alpha, detach_reset);
     const int w = FULL ? LANES : width;
-    const A* sc = scale ? scale + c0 : nullptr;
-    const A* sh = shift ? shift + c0 : nullptr;
-    A v[LANES] = {};
-    for (i64 t = 0; t < steps; ++t) {
-        const typename F::S* yr = y + t * y_step + m * C + c0;
-        A* hb = hbuf + t * LANES;
-#pragma omp simd
-        for (int l = 0; l < w; ++l) {
-            A fired;
-            hb[l] = lif_charge(affine<F>(yr, l, sc, sh), v[l], fired, LIF_ARGS);
-        }
-    }
+    charge_block<F, FULL>(y + m * C + c0, y_step, steps, w, at(scale, c0), at(shift, c0), tau,
+                          v_th, nullptr, 0, hbuf);
     A carry[LANES] = {}, acc[LANES] = {}, s1[LANES] = {}, s2[LANES] = {};
     for (i64 t = steps - 1; t >= 0; --t) {
         const typename F::S* gr = gs + (t * M + m) * C + c0;
@@ -337,19 +342,13 @@ static void bn_lif_bwd(const typename F::S* gs, const typename F::S* y, typename
                        i64 steps, i64 M, i64 C, i64 y_step, i64 gz_step, i64 m0, i64 m1,
                        const typename F::A* scale, const typename F::A* shift, typename F::A tau,
                        typename F::A v_th, typename F::A alpha, int detach_reset, double* psum) {
-    constexpr int LANES = Block<typename F::A>::LANES;
-    std::vector<typename F::A> hbuf(steps * LANES);
-    for (i64 m = m0; m < m1; ++m) {
-        i64 c0 = 0;
-        for (; c0 + LANES <= C; c0 += LANES)
-            bn_lif_bwd_block<F, true>(gs, y, gz, steps, M, C, y_step, gz_step, m, c0, LANES,
-                                      scale, shift, tau, v_th, alpha, detach_reset, psum,
-                                      hbuf.data());
-        if (c0 < C)
-            bn_lif_bwd_block<F, false>(gs, y, gz, steps, M, C, y_step, gz_step, m, c0,
-                                       (int)(C - c0), scale, shift, tau, v_th, alpha,
-                                       detach_reset, psum, hbuf.data());
-    }
+    std::vector<typename F::A> hbuf(steps * Block<typename F::A>::LANES);
+    for (i64 m = m0; m < m1; ++m)
+        channel_blocks<typename F::A>(C, [&](auto full, i64 c0, int w) {
+            bn_lif_bwd_block<F, decltype(full)::value>(gs, y, gz, steps, M, C, y_step, gz_step, m,
+                                                       c0, w, scale, shift, tau, v_th, alpha,
+                                                       detach_reset, psum, hbuf.data());
+        });
 }
 
 // g_Y = a g_Z + b (y - mu) + d per channel, rows [r0, r1) of [R, C]; b == nullptr: a g_Z;
