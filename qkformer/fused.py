@@ -439,9 +439,6 @@ def _unit_setup(ctx, inputs, output):
     ctx.set_materialize_grads(False)
 
 
-_EMPTY = "empty"  # a gradient the backward op was not asked for comes back with 0 elements
-
-
 _FORMATS = (None, "bits", "u8")  # how x is stored: itself, or packed (see pack())
 
 

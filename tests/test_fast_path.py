@@ -207,6 +207,36 @@ def test_compact_storage_is_bit_identical(dtype):
     assert all(torch.equal(a, b) for a, b in zip(res[0][1], res[1][1]))
 
 
+class _DropsItsFirstGradient(torch.autograd.Function):
+    """s.sum() * w whose backward gives no gradient for s (as some ops do)."""
+
+    @staticmethod
+    def forward(ctx, s, w):
+        return s.sum() * w
+
+    @staticmethod
+    def backward(ctx, g):
+        return None, g
+
+
+@pytest.mark.parametrize("layer", ["unit", "qk", "lif"])
+def test_layers_accept_an_undefined_output_gradient(layer):
+    """The fused layers and the LIF op do not materialise zero gradients for outputs nothing
+    differentiates, so they can be called with none at all: they must then pass none on."""
+    torch.manual_seed(0)
+    conv, bn, lif = nn.Conv2d(8, 8, 1), nn.BatchNorm2d(8), MultiStepLIF()
+    x = torch.rand(2, 3, 4, 8, requires_grad=True)
+    if layer == "unit":
+        out = fused.spiking_unit(x, conv.weight, conv.bias, bn, lif, steps=2)
+    elif layer == "qk":
+        out = fused.qk_attention(x, 2, False, MultiStepLIF(v_threshold=0.5))
+    else:  # the custom op (what torch.compile sees; eager mode uses an autograd.Function)
+        out = torch.ops.qkformer.lif_forward(x, 2.0, 1.0, 4.0, True, True, "torch")[0]
+    w = torch.ones((), requires_grad=True)
+    _DropsItsFirstGradient.apply(out, w).backward()
+    assert w.grad is not None and x.grad is None and conv.weight.grad is None
+
+
 def test_compact_storage_keeps_spikes_as_bits():
     torch.manual_seed(0)
     conv, bn, lif = nn.Conv2d(64, 64, 1), nn.BatchNorm2d(64), MultiStepLIF()
