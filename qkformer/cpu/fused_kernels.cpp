@@ -135,17 +135,18 @@ static void colstats(const typename F::S* x, i64 C, i64 r0, i64 r1, const typena
     }
 }
 
-// Z = Y*scale + shift (scale == nullptr: Z = Y) into z[C].
+// Z = Y*scale + shift of element c (scale == nullptr: Z = Y), and of a row of C into z[C].
+template <class F>
+static inline typename F::A affine(const typename F::S* y, i64 c, const typename F::A* scale,
+                                   const typename F::A* shift) {
+    return scale ? F::ld(y[c]) * scale[c] + shift[c] : F::ld(y[c]);
+}
+
 template <class F>
 static inline void affine_row(const typename F::S* yr, i64 C, const typename F::A* scale,
                               const typename F::A* shift, typename F::A* z) {
-    if (scale) {
 #pragma omp simd
-        for (i64 c = 0; c < C; ++c) z[c] = F::ld(yr[c]) * scale[c] + shift[c];
-    } else {
-#pragma omp simd
-        for (i64 c = 0; c < C; ++c) z[c] = F::ld(yr[c]);
-    }
+    for (i64 c = 0; c < C; ++c) z[c] = affine<F>(yr, c, scale, shift);
 }
 
 // x / tau, as a multiplication where that is the same number (tau a power of two: QKFormer's
@@ -229,12 +230,6 @@ template <class A>
 struct Block {
     static constexpr int LANES = 256 / sizeof(A);
 };
-
-template <class F>
-static inline typename F::A affine(const typename F::S* y, i64 c, const typename F::A* scale,
-                                   const typename F::A* shift) {
-    return scale ? F::ld(y[c]) * scale[c] + shift[c] : F::ld(y[c]);
-}
 
 // body(full, c0, width) for each block of channels, full a std::true_type for whole blocks
 // (a compile-time width) and std::false_type for the remainder.
