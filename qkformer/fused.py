@@ -373,15 +373,18 @@ def _spiking_unit(x: Tensor, weight: Tensor, bias: Optional[Tensor], bn_weight: 
                   running_var: Optional[Tensor], kernel_size: int, stride: int, pool: bool,
                   steps: int, bcast: bool, use_bn: bool, batch_stats_: bool,
                   eps: float, tau: float, v_threshold: float, alpha: float,
-                  detach_reset: bool, x_kind: int,
-                  gemm_dtype: Optional[torch.dtype]) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                  detach_reset: bool, x_kind: int, gemm_dtype: Optional[torch.dtype]
+                  ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     # Functional (autograd needs that): the batch statistics are returned, and the caller
     # updates the running ones. alpha, detach_reset (the surrogate) and x_kind (how to keep x)
-    # are for the backward pass.
+    # are for the backward pass, and so is the weight cast to gemm_dtype (empty when there is
+    # no cast): the backward pass reuses it instead of casting again.
+    w_cast = weight.new_empty(0)
     with torch.autocast(x.device.type, enabled=False):
         if gemm_dtype is not None:
             x, weight = x.to(gemm_dtype), weight.to(gemm_dtype)
             bias = bias.to(gemm_dtype) if bias is not None else None
+            w_cast = weight
         y = _gemm(x, weight, bias, kernel_size, stride, x_kind if gemm_dtype is None else ANALOG)
         A = _arith(y.dtype)
         if not use_bn:
@@ -400,7 +403,7 @@ def _spiking_unit(x: Tensor, weight: Tensor, bias: Optional[Tensor], bn_weight: 
             scale64 = gamma * invstd
             scale, shift = scale64.to(A), (beta - mean * scale64).to(A)
         spikes = bn_lif_forward(y, steps, scale, shift, tau, v_threshold, pool, bcast)
-    return spikes, y, mean.clone(), var.clone(), invstd
+    return spikes, y, mean.clone(), var.clone(), invstd, w_cast
 
 
 @_spiking_unit.register_fake
@@ -419,21 +422,24 @@ def _(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, kernel_siz
         y = x.new_empty((N, Hy, Wy, cout), dtype=dtype)
     _, out_shape = _geometry(y, steps, pool, bcast)
     stats = cout if use_bn else 0
-    return (y.new_empty(out_shape), y, *(x.new_empty(stats, dtype=torch.float64) for _ in range(3)))
+    w_cast = weight.new_empty(weight.shape if gemm_dtype is not None else 0, dtype=dtype)
+    return (y.new_empty(out_shape), y, *(x.new_empty(stats, dtype=torch.float64) for _ in range(3)),
+            w_cast)
 
 
 def _unit_setup(ctx, inputs, output):
     (x, weight, bias, bn_weight, bn_bias, running_mean, running_var, kernel_size, stride, pool,
      steps, bcast, use_bn, batch_stats_, eps, tau, v_threshold, alpha, detach_reset, x_kind,
      gemm_dtype) = inputs
-    _, y, mean, var, invstd = output
+    _, y, mean, var, invstd, w_cast = output
     stored, ctx.x_how = pack(x, x_kind)
     ctx.x_shape, ctx.x_dtype, ctx.x_kind = tuple(x.shape), x.dtype, x_kind
-    ctx.save_for_backward(stored, weight, bn_weight, bn_bias, y, mean, invstd)
+    ctx.save_for_backward(stored, weight, bn_weight, bn_bias, y, mean, invstd,
+                          w_cast if gemm_dtype is not None else None)
     ctx.cfg = (kernel_size, stride, pool, steps, bcast, use_bn, batch_stats_, tau, v_threshold,
                alpha, detach_reset, gemm_dtype, bias is not None)
     ctx.n_inputs = len(inputs)
-    ctx.mark_non_differentiable(y, mean, var, invstd)
+    ctx.mark_non_differentiable(y, mean, var, invstd, w_cast)
     # no gradient flows into y and the statistics: autograd must not build (and page in)
     # a zero tensor the size of y for every unit
     ctx.set_materialize_grads(False)
@@ -445,14 +451,16 @@ _FORMATS = (None, "bits", "u8")  # how x is stored: itself, or packed (see pack(
 @torch.library.custom_op("qkformer::spiking_unit_backward", mutates_args=())
 def _spiking_unit_backward(grad: Tensor, stored: Tensor, x_format: int, x_shape: List[int],
                            x_dtype: torch.dtype, x_kind: int, weight: Tensor,
-                           bn_weight: Optional[Tensor], bn_bias: Optional[Tensor], y: Tensor,
+                           w_cast: Optional[Tensor], bn_weight: Optional[Tensor],
+                           bn_bias: Optional[Tensor], y: Tensor,
                            mean: Tensor, invstd: Tensor, kernel_size: int, stride: int, pool: bool,
                            steps: int, bcast: bool, use_bn: bool, batch_stats_: bool, tau: float,
                            v_threshold: float, alpha: float, detach_reset: bool,
                            gemm_dtype: Optional[torch.dtype], has_bias: bool,
                            need: List[bool]) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients of :func:`_spiking_unit` for (x, weight, bias, bn_weight, bn_bias); those not
-    in ``need`` are empty. ``stored``/``x_format`` hold the unit's input as :func:`pack` kept it."""
+    in ``need`` are empty. ``stored``/``x_format`` hold the unit's input as :func:`pack` kept it;
+    ``w_cast`` is the weight as the forward pass cast it to ``gemm_dtype`` (None: no cast)."""
     A = _arith(y.dtype)
     how = None if x_format == 0 else (_FORMATS[x_format], torch.Size(x_shape), x_dtype)
     with torch.autocast(y.device.type, enabled=False):
@@ -484,7 +492,7 @@ def _spiking_unit_backward(grad: Tensor, stored: Tensor, x_format: int, x_shape:
         else:
             gy = _bn_input_grad(gz, y, None, None, None, None)
         del gz
-        w = weight.to(gemm_dtype) if gemm_dtype is not None else weight
+        w = weight if w_cast is None else w_cast
         gx = gw = gb = None
         if need[0]:
             gx = _input_grad(gy, x_shape, x_dtype, w, kernel_size, stride)
@@ -509,8 +517,8 @@ def _spiking_unit_backward(grad: Tensor, stored: Tensor, x_format: int, x_shape:
 
 
 @_spiking_unit_backward.register_fake
-def _(grad, stored, x_format, x_shape, x_dtype, x_kind, weight, bn_weight, bn_bias, y, mean,
-      invstd, kernel_size, stride, pool, steps, bcast, use_bn, batch_stats_, tau, v_threshold,
+def _(grad, stored, x_format, x_shape, x_dtype, x_kind, weight, w_cast, bn_weight, bn_bias, y,
+      mean, invstd, kernel_size, stride, pool, steps, bcast, use_bn, batch_stats_, tau, v_threshold,
       alpha, detach_reset, gemm_dtype, has_bias, need):
     def like(t, wanted):
         return torch.empty_like(t) if wanted and t is not None else y.new_empty(0)
@@ -524,15 +532,15 @@ def _(grad, stored, x_format, x_shape, x_dtype, x_kind, weight, bn_weight, bn_bi
 def _unit_backward(ctx, g_spikes, *_):
     if g_spikes is None:  # the spikes did not reach the loss
         return (None,) * ctx.n_inputs
-    stored, weight, bn_weight, bn_bias, y, mean, invstd = ctx.saved_tensors
+    stored, weight, bn_weight, bn_bias, y, mean, invstd, w_cast = ctx.saved_tensors
     (kernel_size, stride, pool, steps, bcast, use_bn, batch_stats_, tau, v_threshold, alpha,
      detach_reset, gemm_dtype, has_bias) = ctx.cfg
     need = [bool(n) for n in ctx.needs_input_grad[:5]]
     how = ctx.x_how
     fmt = 0 if how is None else _FORMATS.index(how[0])
     grads = _spiking_unit_backward(g_spikes.contiguous(), stored, fmt, list(ctx.x_shape),
-                                   ctx.x_dtype, ctx.x_kind, weight, bn_weight, bn_bias, y, mean,
-                                   invstd, kernel_size, stride, pool, steps, bcast, use_bn,
+                                   ctx.x_dtype, ctx.x_kind, weight, w_cast, bn_weight, bn_bias, y,
+                                   mean, invstd, kernel_size, stride, pool, steps, bcast, use_bn,
                                    batch_stats_, tau, v_threshold, alpha, detach_reset,
                                    gemm_dtype, has_bias, need)
     grads = tuple(g if n else None for g, n in zip(grads, need))
@@ -598,7 +606,7 @@ def spiking_unit(x: Tensor, weight: Tensor, bias: Optional[Tensor], bn: Optional
     gemm_dtype = None
     if torch.is_autocast_enabled(x.device.type):
         gemm_dtype = torch.get_autocast_dtype(x.device.type)
-    spikes, y, mean, var, _ = _spiking_unit(
+    spikes, y, mean, var, _, _ = _spiking_unit(
         x, weight, bias, bn_w, bn_b, rm, rv, kernel_size,
         stride, pool, steps, bcast, use_bn, batch, eps, lif.tau, lif.v_threshold, lif.alpha,
         lif.detach_reset, x_kind, gemm_dtype)
