@@ -26,12 +26,13 @@ the reference path), and the GEMM peak of this machine (a large torch.mm or 1x1 
 dtype, before and after the runs, the best kept); each configuration's fraction of the limit is
 (FLOPs / time) / peak. Above 100 % means the spike-driven products skipped work.
 
-Memory allocation: every configuration runs with the same allocator settings. By default those
-are glibc's; ``--tune-malloc`` makes glibc keep freed memory for reuse in every configuration
-(no fresh page faults per step: the configuration that allocates most gains most).
+Memory allocation: every configuration runs with the same allocator settings, by default
+those of qkformer's CPU entry points (:func:`qkformer.cpu.memory.keep_freed_memory`: glibc keeps
+freed memory for reuse, so no step pages in its large tensors afresh; the configuration that
+allocates most would gain most). ``--default-malloc``: glibc's own defaults in every configuration.
 
     python benchmarks/train_step.py [--models cifar hst384] [--configs ...] [--steps 3]
-                                    [--rounds 1] [--threads 2] [--tune-malloc] [--quick]
+                                    [--rounds 1] [--threads 2] [--default-malloc] [--quick]
                                     [--device cuda] [--json FILE]
 
 ``--quick``: a tiny model, batch 2, one step (a smoke test; its ratios mean nothing).
@@ -55,12 +56,12 @@ from pathlib import Path
 import torch
 
 from _common import MODELS, REPO, batch, build, calibrate_firing
+from qkformer.cpu import memory
 
 CPU_CONFIGS = ("baseline", "reference", "fp32", "folded", "amp", "compile")
 CUDA_CONFIGS = ("baseline", "reference", "fp32", "folded", "amp", "compile")
 DEFAULT_CONFIGS = ("baseline", "reference", "fp32", "folded", "amp")
 TRAIN_PHASE = {"baseline", "reference", "fp32", "amp", "compile"}
-MALLOC_TUNABLES = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736"
 
 # Targets, each against the baseline of the same run.
 TARGET_TRAIN = 1.4        # fp32 train step, x faster
@@ -206,6 +207,7 @@ def run_worker(args) -> dict:
 
     config, device, key = args.worker, args.device, args.worker_model
     torch.set_num_threads(args.threads)
+    allocator = memory.keep_freed_memory()  # (what the CPU entry points do; off: --default-malloc)
     kind = {"baseline": "original", "reference": "reference"}.get(config, "fast")
     model = build(key, kind, device)
     model.load_state_dict(torch.load(args.state, weights_only=True))
@@ -216,7 +218,8 @@ def run_worker(args) -> dict:
         return torch.autocast(device, dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
     scaler = torch.amp.GradScaler(device) if dtype == torch.float16 else None
-    out = {"config": config, "model": key, "batch": args.batch, "threads": torch.get_num_threads()}
+    out = {"config": config, "model": key, "batch": args.batch, "threads": torch.get_num_threads(),
+           "allocator": allocator}
     if config == "folded":
         eval_model = prepare_for_inference(model)
     elif config == "compile":
@@ -272,8 +275,8 @@ def _spawn(args, key: str, config: str, state: str, steps: int) -> dict:
            "--state", state, "--batch", str(args.batch_for[key]), "--steps", str(steps),
            "--threads", str(args.threads), "--device", args.device]
     env = dict(os.environ)
-    if args.tune_malloc:
-        env["GLIBC_TUNABLES"] = MALLOC_TUNABLES
+    if args.default_malloc:
+        env[memory.ENV] = "0"
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env)
     result = None
@@ -376,8 +379,9 @@ def main(argv=None) -> int:
     p.add_argument("--firing", type=float, default=0.15, help="calibrated firing rate")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--quick", action="store_true", help="tiny model, batch 2: a smoke test")
-    p.add_argument("--tune-malloc", action="store_true",
-                   help="keep freed memory for reuse in every configuration (glibc tunables)")
+    p.add_argument("--default-malloc", action="store_true",
+                   help="glibc's default allocator settings in every configuration (default: "
+                        "freed memory kept for reuse, as qkformer's CPU entry points run)")
     p.add_argument("--force-bf16", action="store_true",
                    help="measure the bf16 configuration also where bf16 is emulated")
     p.add_argument("--json", default=None, help="also write the results here")
@@ -413,7 +417,7 @@ def main(argv=None) -> int:
     print(f"{', '.join(models)}; configurations {', '.join(configs)}; {args.threads} threads, "
           f"device {args.device}, torch {torch.__version__}, 1 warm-up + {args.steps} measured "
           f"steps, {args.rounds} round(s), firing calibrated to {args.firing:.0%}, "
-          f"{'GLIBC_TUNABLES=' + MALLOC_TUNABLES if args.tune_malloc else 'default allocator'}",
+          f"{'default allocator' if args.default_malloc else 'freed memory kept for reuse'}",
           flush=True)
     if args.device == "cpu":
         print(f"bf16: {'native' if native_bf16[0] else 'emulated'} ({native_bf16[1]}); load "

@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader
 from . import fused, variants  # noqa: F401  (variants: timm registration)
 from .checkpoint import extract_state_dict, load_checkpoint, match_variant
 from .config import ConfigError, run_cli
+from .cpu import memory
 from .distributed import ShardSampler, init_distributed, is_main
 from .engine import evaluate, read_checkpoint_file, resolve_amp
 from .neuron import describe_backend
@@ -110,6 +111,7 @@ def _run(args) -> dict:
 
     _check_args(args)
     dist = init_distributed(args.device)
+    allocator = memory.setup_for(dist.device)
     ckpt = read_checkpoint_file(args.checkpoint)
     head = extract_state_dict(ckpt).get("head.bias")
     num_classes = int(head.shape[0]) if head is not None else 1000
@@ -137,6 +139,8 @@ def _run(args) -> dict:
     if is_main():
         print(precision)
         print(describe_backend(dist.device))
+        if allocator:
+            print(allocator)
         print(fused.describe(model, dist.device))
     stats = evaluate(model, loader, dist.device, amp, args.progress, args.max_iters)
     if is_main():

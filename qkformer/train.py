@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 
 from . import fused, variants  # noqa: F401  (variants: timm registration)
 from .checkpoint import load_checkpoint
+from .cpu import memory
 from .config import ConfigError, parse_with_config, run_cli
 from .distributed import ShardSampler, init_distributed, is_main
 from .engine import (NonFiniteLossError, evaluate, read_checkpoint_file, resolve_amp,
@@ -320,6 +321,7 @@ def main(argv: Optional[Sequence[str]] = None, default_config: Optional[str] = N
 def _run(args) -> dict:
     check_args(args)
     dist = init_distributed(args.device)
+    allocator = memory.setup_for(dist.device)
     args.amp, precision = resolve_amp(dist.device, args.amp)
     seed = args.seed + dist.rank
     random.seed(seed)
@@ -377,6 +379,8 @@ def _run(args) -> dict:
               f"eval batch {args.val_batch_size or args.batch_size}; {num_epochs} epochs")
         print(precision)
         print(describe_backend(dist.device))
+        if allocator:
+            print(allocator)
         print(fused.describe(model, dist.device))
         (out / "args.yaml").write_text(yaml.safe_dump(vars(args), sort_keys=True))
     net = torch.compile(model) if args.compile else model

@@ -1,0 +1,50 @@
+"""qkformer.cpu.memory: the CPU entry points' allocator setting really stops the page faults."""
+import os
+import platform
+import subprocess
+import sys
+
+import pytest
+
+from qkformer.cpu import memory
+
+glibc = pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc",
+                           reason="glibc only")
+
+# allocate, touch and free a 64 MiB tensor a few times; print the setting and the page faults
+# of one later cycle (after the first, which pages the memory in whatever the setting)
+_PROBE = """
+import resource, torch
+from qkformer.cpu import memory
+print(memory.setup_for("cpu"))
+def cycle():
+    t = torch.empty(16 * 2 ** 20)
+    t.fill_(1.0)
+for _ in range(2):
+    cycle()
+r0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+cycle()
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - r0)
+"""
+
+
+def _probe(keep: bool):
+    env = dict(os.environ, **{memory.ENV: "1" if keep else "0"})
+    out = subprocess.run([sys.executable, "-c", _PROBE], capture_output=True, text=True, env=env,
+                         check=True).stdout.split("\n")
+    return out[0], int(out[1])
+
+
+@glibc
+def test_freed_memory_is_reused_without_page_faults():
+    line, faults = _probe(keep=True)
+    assert "keeps freed memory" in line
+    assert faults < 200  # 16384 pages of 4 KiB when glibc maps the tensor afresh
+    line, faults = _probe(keep=False)
+    assert line == f"allocator: as it was ({memory.ENV}=0)"
+    assert faults > 8000  # the default really pays them, so the check above means something
+
+
+def test_setup_only_on_cpu():
+    assert memory.setup_for("meta") is None
+    assert memory.setup_for("cuda") is None  # a device name, nothing allocated there
