@@ -724,24 +724,48 @@ def qk_attention(qk: Tensor, num_heads: int, channel: bool, lif) -> Tensor:
     return out
 
 
-def _heads(t: Tensor, num_heads: int) -> Tensor:  # [T, B, N, C] -> [T, B, h, N, d]
-    return t.unflatten(-1, (num_heads, -1)).transpose(2, 3)
+def _ssa_heads(qkv: Tensor, num_heads: int, dtype: torch.dtype) -> Tensor:
+    """[T, B, N, 3C] -> [3, T*B*h, N, d] (q, k, v per head), contiguous, in ``dtype``: one copy,
+    after which every product is a plain batched GEMM and the LIF runs on the head-major
+    scores (T still leading)."""
+    T, B, N, C3 = qkv.shape
+    d = C3 // 3 // num_heads
+    heads = torch.empty((3, T, B, num_heads, N, d), dtype=dtype, device=qkv.device)
+    heads.copy_(qkv.view(T, B, N, 3, num_heads, d).permute(3, 0, 1, 4, 2, 5))
+    return heads.view(3, T * B * num_heads, N, d)
 
 
-def _ssa_scores(q: Tensor, k: Tensor, v: Tensor, num_heads: int, scale: float):
-    """(q (kᵀ v)) * scale per head, [T, B, N, C] (float; integer valued, so exact), and kᵀ v."""
-    A = _arith(q.dtype)
-    qh, kh, vh = (_heads(t.to(A), num_heads) for t in (q, k, v))
-    kv = kh.transpose(-2, -1) @ vh
-    x = (qh @ kv) * scale
-    return x.transpose(2, 3).flatten(-2).contiguous(), kv
+def _tokens_from_heads(t: Tensor, shape, dtype: torch.dtype) -> Tensor:
+    """Head-major [..., T*B*h, N, d] (stacked over a leading axis of 1 or 3) -> token-major
+    ``shape`` [T, B, N, k*C] in ``dtype``."""
+    T, B, N, C = shape
+    k = t.shape[0]
+    h = t.shape[1] // (T * B)
+    out = torch.empty((T, B, N, k, h, C // (k * h)), dtype=dtype, device=t.device)
+    out.permute(3, 0, 1, 4, 2, 5).copy_(t.view(k, T, B, h, N, -1))
+    return out.view(shape)
+
+
+def _ssa_scores(heads: Tensor, scale: float) -> Tuple[Tensor, Tensor]:
+    """(q (kᵀ v)) * scale per head, head-major [T*B*h, N, d] (float; integer valued, so exact
+    in any order), and kᵀ v."""
+    q, k, v = heads
+    kv = torch.bmm(k.transpose(1, 2), v)
+    return torch.bmm(q, kv).mul_(scale), kv
+
+
+def _lif_rows(x: Tensor, steps: int) -> Tensor:  # [T*G, N, d] -> [T, G, N*d] (LIF layout)
+    return x.view(steps, -1, x.shape[1] * x.shape[2])
 
 
 @torch.library.custom_op("qkformer::ssa_attention", mutates_args=())
 def _ssa_attention(qkv: Tensor, num_heads: int, scale: float, tau: float, v_threshold: float,
                    alpha: float, detach_reset: bool) -> Tensor:
-    x, _ = _ssa_scores(*qkv.chunk(3, dim=-1), num_heads, scale)
-    return _lif_only(x, x.shape[0], tau, v_threshold).to(qkv.dtype)
+    T, B, N, C3 = qkv.shape
+    with torch.autocast(qkv.device.type, enabled=False):  # the scores stay exact integers
+        x, _ = _ssa_scores(_ssa_heads(qkv, num_heads, _arith(qkv.dtype)), scale)
+        s = _lif_only(_lif_rows(x, T), T, tau, v_threshold)
+        return _tokens_from_heads(s.view(1, *x.shape), (T, B, N, C3 // 3), qkv.dtype)
 
 
 @_ssa_attention.register_fake
@@ -760,18 +784,24 @@ def _ssa_setup(ctx, inputs, output):
 @torch.library.custom_op("qkformer::ssa_attention_backward", mutates_args=())
 def _ssa_attention_backward(g_s: Tensor, qkv: Tensor, num_heads: int, scale: float, tau: float,
                             v_threshold: float, alpha: float, detach_reset: bool) -> Tensor:
-    q, k, v = qkv.chunk(3, dim=-1)
-    x, kv = _ssa_scores(q, k, v, num_heads, scale)  # recomputed: integer sums, so exactly
-    g_x, _ = bn_lif_backward(g_s, x, x.shape[0], None, None, tau, v_threshold, alpha, detach_reset)
-    A = g_x.dtype
-    gh = _heads(g_x * scale, num_heads)
-    qh, kh, vh = (_heads(t.to(A), num_heads) for t in (q, k, v))
-    g_q = gh @ kv.transpose(-2, -1)
-    g_kv = qh.transpose(-2, -1) @ gh
-    g_k = vh @ g_kv.transpose(-2, -1)
-    g_v = kh @ g_kv
-    grads = [g.transpose(2, 3).flatten(-2) for g in (g_q, g_k, g_v)]
-    return torch.cat(grads, dim=-1).to(qkv.dtype)
+    T, B, N, C3 = qkv.shape
+    A = _arith(qkv.dtype)
+    d = C3 // 3 // num_heads
+    with torch.autocast(qkv.device.type, enabled=False):
+        heads = _ssa_heads(qkv, num_heads, A)
+        x, kv = _ssa_scores(heads, scale)  # recomputed: integer sums, so exactly
+        g_sh = torch.empty((T, B, num_heads, N, d), dtype=A, device=g_s.device)
+        g_sh.copy_(g_s.view(T, B, N, num_heads, d).permute(0, 1, 3, 2, 4))
+        g_x, _ = bn_lif_backward(_lif_rows(g_sh.view(x.shape), T), _lif_rows(x, T), T, None, None,
+                                 tau, v_threshold, alpha, detach_reset)
+        gh = g_x.view(x.shape).mul_(scale)
+        q, k, v = heads
+        grads = torch.empty((3, *x.shape), dtype=A, device=x.device)
+        torch.bmm(gh, kv.transpose(1, 2), out=grads[0])
+        g_kv = torch.bmm(q.transpose(1, 2), gh)
+        torch.bmm(v, g_kv.transpose(1, 2), out=grads[1])
+        torch.bmm(k, g_kv, out=grads[2])
+        return _tokens_from_heads(grads, (T, B, N, C3), qkv.dtype)
 
 
 @_ssa_attention_backward.register_fake
