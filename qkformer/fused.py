@@ -687,13 +687,18 @@ def _qk_attention_backward(g_out: Tensor, k: Tensor, qs: Tensor, num_heads: int,
     else:
         g_a = (g_out * kf).unflatten(-1, (num_heads, -1)).sum(-1)
     g_qs, _ = bn_lif_backward(g_a, qs, T, None, None, tau, v_threshold, alpha, detach_reset)
-    g_qs = g_qs.to(dtype)
+    C = k.shape[-1]
+    out = k.new_empty((*k.shape[:-1], 2 * C))  # [g_q | g_k], written in place (no cat)
+    g_q, g_k = out[..., :C], out[..., C:]
     if channel:
-        g_q = g_qs.unsqueeze(2).expand(k.shape)
+        g_q.copy_(g_qs.unsqueeze(2).expand(k.shape))
+        torch.mul(a.to(g_out.dtype).unsqueeze(2), g_out, out=g_k)
     else:
-        g_q = g_qs.unsqueeze(-1).expand(*g_qs.shape, k.shape[-1] // num_heads).flatten(-2)
-    g_k = _mask(a.to(g_out.dtype), g_out, num_heads, channel).to(dtype)
-    return torch.cat([g_q, g_k], dim=-1)
+        g_q.unflatten(-1, (num_heads, -1)).copy_(g_qs.unsqueeze(-1).expand(
+            *g_qs.shape, C // num_heads))
+        torch.mul(a.to(g_out.dtype).unsqueeze(-1), g_out.unflatten(-1, (num_heads, -1)),
+                  out=g_k.unflatten(-1, (num_heads, -1)))
+    return out
 
 
 @_qk_attention_backward.register_fake
