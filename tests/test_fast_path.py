@@ -273,11 +273,16 @@ def test_pack_round_trip(kind, values, dtype):
 
 @pytest.mark.parametrize("kind,bad", [
     (fused.SPIKES, 2.0), (fused.SPIKES, 0.5), (fused.COUNTS, 256.0), (fused.COUNTS, -1.0),
-    (fused.COUNTS, 2.5), (fused.COUNTS, float("nan")),
+    (fused.COUNTS, 2.5), (fused.COUNTS, float("nan")), (fused.COUNTS, float("inf")),
+    (fused.COUNTS, -float("inf")), (fused.COUNTS, 1e10), (fused.COUNTS, 254.5),
 ])
-def test_pack_falls_back_to_the_exact_values(kind, bad):
-    x = torch.zeros(40)
-    x[17] = bad
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("where", [17, 38])  # in the kernels' vector loop body, in its tail
+def test_pack_falls_back_to_the_exact_values(kind, bad, dtype, where):
+    if dtype == torch.bfloat16 and bad == 254.5:
+        bad = 127.5  # (254.5 rounds to 254 in bfloat16)
+    x = torch.zeros(40, dtype=dtype)
+    x[where] = bad
     stored, how = fused.pack(x, kind)
     assert how is None and stored is x  # nothing lost: the tensor itself is kept
     assert fused.unpack(stored, how) is x
@@ -309,6 +314,26 @@ def test_bf16_autocast_runs_gemms_in_bf16():
     ref = copy.deepcopy(fast).float()
     with torch.no_grad():
         assert (ref(x) - logits.float()).abs().max() < 0.5  # same function, rounded GEMMs
+
+
+def test_ssa_core_ignores_autocast():
+    # its products are integer sums (forward) and float32 gradients (backward): autocast must
+    # not round them to bf16 (the backward products did, before; sparse spikes keep the scores
+    # near the threshold, so the gradients are non-zero)
+    torch.manual_seed(0)
+    lif = MultiStepLIF(tau=2.0, v_threshold=0.5, detach_reset=True)
+    qkv = (torch.rand(2, 1, 300, 48) < 0.15).to(torch.bfloat16)
+    g = torch.randn(2, 1, 300, 16).to(torch.bfloat16)
+    results = []
+    for autocast in (False, True):
+        x = qkv.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = fused.ssa_attention(x, 1, 0.125, lif)
+            out.backward(g)
+        results.append((out, x.grad))
+    assert (results[0][1] != 0).float().mean() > 0.5
+    assert torch.equal(results[0][0], results[1][0])
+    assert torch.equal(results[0][1], results[1][1])
 
 
 def test_custom_ops_pass_torch_library_checks():
