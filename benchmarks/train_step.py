@@ -207,7 +207,7 @@ def run_worker(args) -> dict:
 
     config, device, key = args.worker, args.device, args.worker_model
     torch.set_num_threads(args.threads)
-    allocator = memory.keep_freed_memory()  # (what the CPU entry points do; off: --default-malloc)
+    allocator = memory.setup_for(device)  # what the entry points do (off: --default-malloc)
     kind = {"baseline": "original", "reference": "reference"}.get(config, "fast")
     model = build(key, kind, device)
     model.load_state_dict(torch.load(args.state, weights_only=True))
