@@ -51,7 +51,6 @@ def keep_freed_memory() -> str:
     return _done
 
 
-
 def setup_for(device) -> Optional[str]:
     """What a CPU entry point does for ``device``: :func:`keep_freed_memory` on CPU (its log
     line returned), nothing elsewhere (None)."""
