@@ -640,10 +640,17 @@ def _q_sums(q: Tensor, num_heads: int, channel: bool) -> Tensor:
     return q.unflatten(-1, (num_heads, -1)).sum(-1, dtype=_arith(q.dtype))
 
 
-def _mask(a: Tensor, k: Tensor, num_heads: int, channel: bool) -> Tensor:
+def _mask(a: Tensor, k: Tensor, num_heads: int, channel: bool,
+          out: Optional[Tensor] = None) -> Tensor:
+    """``a`` per head (per channel for QKCA) times ``k``; into ``out`` (shaped like ``k``, any
+    strides) when given."""
     if channel:
-        return a.unsqueeze(2) * k
-    return (a.unsqueeze(-1) * k.unflatten(-1, (num_heads, -1))).flatten(-2)
+        return torch.mul(a.unsqueeze(2), k, out=out)
+    if out is None:
+        return (a.unsqueeze(-1) * k.unflatten(-1, (num_heads, -1))).flatten(-2)
+    torch.mul(a.unsqueeze(-1), k.unflatten(-1, (num_heads, -1)),
+              out=out.unflatten(-1, (num_heads, -1)))
+    return out
 
 
 @torch.library.custom_op("qkformer::qk_attention", mutates_args=())
@@ -692,12 +699,10 @@ def _qk_attention_backward(g_out: Tensor, k: Tensor, qs: Tensor, num_heads: int,
     g_q, g_k = out[..., :C], out[..., C:]
     if channel:
         g_q.copy_(g_qs.unsqueeze(2).expand(k.shape))
-        torch.mul(a.to(g_out.dtype).unsqueeze(2), g_out, out=g_k)
     else:
         g_q.unflatten(-1, (num_heads, -1)).copy_(g_qs.unsqueeze(-1).expand(
             *g_qs.shape, C // num_heads))
-        torch.mul(a.to(g_out.dtype).unsqueeze(-1), g_out.unflatten(-1, (num_heads, -1)),
-                  out=g_k.unflatten(-1, (num_heads, -1)))
+    _mask(a.to(g_out.dtype), g_out, num_heads, channel, out=g_k)
     return out
 
 
@@ -729,20 +734,20 @@ def qk_attention(qk: Tensor, num_heads: int, channel: bool, lif) -> Tensor:
     return out
 
 
-def _ssa_heads(qkv: Tensor, num_heads: int, dtype: torch.dtype) -> Tensor:
-    """[T, B, N, 3C] -> [3, T*B*h, N, d] (q, k, v per head), contiguous, in ``dtype``: one copy,
-    after which every product is a plain batched GEMM and the LIF runs on the head-major
-    scores (T still leading)."""
-    T, B, N, C3 = qkv.shape
-    d = C3 // 3 // num_heads
-    heads = torch.empty((3, T, B, num_heads, N, d), dtype=dtype, device=qkv.device)
-    heads.copy_(qkv.view(T, B, N, 3, num_heads, d).permute(3, 0, 1, 4, 2, 5))
-    return heads.view(3, T * B * num_heads, N, d)
+def _heads_from_tokens(t: Tensor, num_heads: int, k: int, dtype: torch.dtype) -> Tensor:
+    """Token-major [T, B, N, k*C] (k stacked tensors: 3 for q|k|v) -> head-major
+    [k, T*B*h, N, d], contiguous, in ``dtype``: one copy, after which every product is a plain
+    batched GEMM and the LIF runs on the head-major scores (T still leading)."""
+    T, B, N, kC = t.shape
+    d = kC // k // num_heads
+    heads = torch.empty((k, T, B, num_heads, N, d), dtype=dtype, device=t.device)
+    heads.copy_(t.view(T, B, N, k, num_heads, d).permute(3, 0, 1, 4, 2, 5))
+    return heads.view(k, T * B * num_heads, N, d)
 
 
 def _tokens_from_heads(t: Tensor, shape, dtype: torch.dtype) -> Tensor:
-    """Head-major [..., T*B*h, N, d] (stacked over a leading axis of 1 or 3) -> token-major
-    ``shape`` [T, B, N, k*C] in ``dtype``."""
+    """Inverse of :func:`_heads_from_tokens`: [k, T*B*h, N, d] -> token-major ``shape``
+    [T, B, N, k*C] in ``dtype``."""
     T, B, N, C = shape
     k = t.shape[0]
     h = t.shape[1] // (T * B)
@@ -768,7 +773,7 @@ def _ssa_attention(qkv: Tensor, num_heads: int, scale: float, tau: float, v_thre
                    alpha: float, detach_reset: bool) -> Tensor:
     T, B, N, C3 = qkv.shape
     with torch.autocast(qkv.device.type, enabled=False):  # the scores stay exact integers
-        x, _ = _ssa_scores(_ssa_heads(qkv, num_heads, _arith(qkv.dtype)), scale)
+        x, _ = _ssa_scores(_heads_from_tokens(qkv, num_heads, 3, _arith(qkv.dtype)), scale)
         s = _lif_only(_lif_rows(x, T), T, tau, v_threshold)
         return _tokens_from_heads(s.view(1, *x.shape), (T, B, N, C3 // 3), qkv.dtype)
 
@@ -791,13 +796,11 @@ def _ssa_attention_backward(g_s: Tensor, qkv: Tensor, num_heads: int, scale: flo
                             v_threshold: float, alpha: float, detach_reset: bool) -> Tensor:
     T, B, N, C3 = qkv.shape
     A = _arith(qkv.dtype)
-    d = C3 // 3 // num_heads
     with torch.autocast(qkv.device.type, enabled=False):
-        heads = _ssa_heads(qkv, num_heads, A)
+        heads = _heads_from_tokens(qkv, num_heads, 3, A)
         x, kv = _ssa_scores(heads, scale)  # recomputed: integer sums, so exactly
-        g_sh = torch.empty((T, B, num_heads, N, d), dtype=A, device=g_s.device)
-        g_sh.copy_(g_s.view(T, B, N, num_heads, d).permute(0, 1, 3, 2, 4))
-        g_x, _ = bn_lif_backward(_lif_rows(g_sh.view(x.shape), T), _lif_rows(x, T), T, None, None,
+        g_sh = _heads_from_tokens(g_s, num_heads, 1, A)[0]
+        g_x, _ = bn_lif_backward(_lif_rows(g_sh, T), _lif_rows(x, T), T, None, None,
                                  tau, v_threshold, alpha, detach_reset)
         gh = g_x.view(x.shape).mul_(scale)
         q, k, v = heads
