@@ -80,7 +80,9 @@ def describe(model, device) -> str:
                 f"{cpu.unavailable_reason()}{checkpointing})")
     spikes = (f"spike-driven products below {sparse.MAX_DENSITY:.0%} non-zeros"
               if sparse.MAX_DENSITY > 0 else "spike-driven products off")
-    return f"path: fast (fused units, compiled CPU kernels, {spikes}{checkpointing})"
+    threads = (f"{torch.get_num_threads()} OpenMP threads" if cpu.threaded()
+               else "1 thread, built without OpenMP")
+    return f"path: fast (fused units, compiled CPU kernels on {threads}, {spikes}{checkpointing})"
 
 
 def _arith(dtype: torch.dtype) -> torch.dtype:
@@ -106,9 +108,8 @@ def pack(x: Tensor, kind: int) -> Tuple[Tensor, Optional[tuple]]:
     if kind == SPIKES:
         out = torch.empty((n + 7) // 8, dtype=torch.uint8, device=x.device)
         if _kernels(flat):
-            f = cpu.kernel("to_bits", flat.dtype)
-            bad = sum(cpu.for_ranges(cpu.ranges(n, 8),
-                                     lambda i, a, b: f(flat.data_ptr(), out.data_ptr(), n, a, b)))
+            bad = cpu.kernel("to_bits", flat.dtype)(flat.data_ptr(), out.data_ptr(), n,
+                                                     *cpu.Parts(n, 8).args)
         else:
             ok = ((flat == 0) | (flat == 1)).all()
             padded = torch.zeros(out.numel() * 8, dtype=torch.uint8, device=x.device)
@@ -120,9 +121,8 @@ def pack(x: Tensor, kind: int) -> Tuple[Tensor, Optional[tuple]]:
     else:
         out = torch.empty(n, dtype=torch.uint8, device=x.device)
         if _kernels(flat):
-            f = cpu.kernel("to_u8", flat.dtype)
-            bad = sum(cpu.for_ranges(cpu.ranges(n),
-                                     lambda i, a, b: f(flat.data_ptr(), out.data_ptr(), a, b)))
+            bad = cpu.kernel("to_u8", flat.dtype)(flat.data_ptr(), out.data_ptr(),
+                                                   *cpu.Parts(n).args)
         else:
             ok = ((flat >= 0) & (flat <= 255) & (flat == flat.round())).all()
             out = flat.clamp(0, 255).to(torch.uint8)
@@ -142,11 +142,10 @@ def unpack(data: Tensor, how: Optional[tuple]) -> Tensor:
     out = torch.empty(n, dtype=dtype, device=data.device)
     if _kernels(out):
         if fmt == "bits":
-            f = cpu.kernel("from_bits", dtype)
-            cpu.for_ranges(cpu.ranges(n, 8), lambda i, a, b: f(data.data_ptr(), out.data_ptr(), n, a, b))
+            cpu.kernel("from_bits", dtype)(data.data_ptr(), out.data_ptr(), n,
+                                           *cpu.Parts(n, 8).args)
         else:
-            f = cpu.kernel("from_u8", dtype)
-            cpu.for_ranges(cpu.ranges(n), lambda i, a, b: f(data.data_ptr(), out.data_ptr(), a, b))
+            cpu.kernel("from_u8", dtype)(data.data_ptr(), out.data_ptr(), *cpu.Parts(n).args)
     elif fmt == "bits":
         bits = (data.unsqueeze(1) >> torch.arange(8, dtype=torch.uint8, device=data.device)) & 1
         out.copy_(bits.view(-1)[:n])
@@ -164,12 +163,11 @@ def batch_stats(y: Tensor) -> Tuple[Tensor, Tensor]:
     y2 = y.reshape(-1, C)
     R = y2.shape[0]
     if _kernels(y2) and R > 0:
-        f = cpu.kernel("colstats", y2.dtype)
-        parts = cpu.ranges(R, work=C)
+        parts = cpu.Parts(R, work=C)
         shift = y2[0].to(_arith(y2.dtype)).contiguous()
         sums = torch.zeros(2, len(parts), C, dtype=torch.float64)
-        cpu.for_ranges(parts, lambda i, a, b: f(y2.data_ptr(), C, a, b, shift.data_ptr(),
-                                                 sums[0, i].data_ptr(), sums[1, i].data_ptr()))
+        cpu.kernel("colstats", y2.dtype)(y2.data_ptr(), C, *parts.args, shift.data_ptr(),
+                                         sums[0].data_ptr(), sums[1].data_ptr())
         d, d2 = sums.sum(1) / R
         return shift.double() + d, (d2 - d * d).clamp_min(0)
     var, mean = torch.var_mean(y2.to(_arith(y2.dtype)), dim=0, correction=0)
@@ -218,17 +216,16 @@ def bn_lif_forward(y: Tensor, steps: int, scale: Optional[Tensor], shift: Option
         y = y.contiguous()
         s = torch.empty(out_shape, dtype=y.dtype)
         if pool:
-            f = cpu.kernel("bn_pool_lif_fwd", y.dtype)
             y_step = 0 if bcast else g["B"] * g["H"] * g["W"] * C
-            cpu.for_ranges(cpu.ranges(g["B"], work=steps * g["H"] * g["W"] * C), lambda i, a, b: f(
+            cpu.kernel("bn_pool_lif_fwd", y.dtype)(
                 y.data_ptr(), s.data_ptr(), steps, g["B"], g["H"], g["W"], C, g["Ho"], g["Wo"],
-                y_step, a, b, _ptr(scale), _ptr(shift), tau, v_threshold))
+                y_step, *cpu.Parts(g["B"], work=steps * g["H"] * g["W"] * C).args, _ptr(scale),
+                _ptr(shift), tau, v_threshold)
         else:
-            f = cpu.kernel("bn_lif_fwd", y.dtype)
             M = g["M"]
-            cpu.for_ranges(cpu.ranges(M, work=steps * C), lambda i, a, b: f(
-                y.data_ptr(), s.data_ptr(), steps, M, C, 0 if bcast else M * C, a, b,
-                _ptr(scale), _ptr(shift), tau, v_threshold))
+            cpu.kernel("bn_lif_fwd", y.dtype)(
+                y.data_ptr(), s.data_ptr(), steps, M, C, 0 if bcast else M * C,
+                *cpu.Parts(M, work=steps * C).args, _ptr(scale), _ptr(shift), tau, v_threshold)
         return s
     z = _affine_torch(y, scale, shift)
     if pool:
@@ -253,23 +250,21 @@ def bn_lif_backward(grad: Tensor, y: Tensor, steps: int, scale: Optional[Tensor]
         grad = grad.to(y.dtype).contiguous()
         gz = torch.empty(y.shape, dtype=_arith(y.dtype))
         if pool:
-            f = cpu.kernel("bn_pool_lif_bwd", y.dtype)
-            parts = cpu.ranges(g["B"], work=steps * g["H"] * g["W"] * C)
+            parts = cpu.Parts(g["B"], work=steps * g["H"] * g["W"] * C)
             y_step = 0 if bcast else g["B"] * g["H"] * g["W"] * C
             psum = torch.zeros(len(parts), 2 * C, dtype=torch.float64) if sums else None
-            cpu.for_ranges(parts, lambda i, a, b: f(
+            cpu.kernel("bn_pool_lif_bwd", y.dtype)(
                 grad.data_ptr(), y.data_ptr(), gz.data_ptr(), steps, g["B"], g["H"], g["W"], C,
-                g["Ho"], g["Wo"], y_step, a, b, _ptr(scale), _ptr(shift), tau, v_threshold,
-                alpha, int(detach_reset), None if psum is None else psum[i].data_ptr()))
+                g["Ho"], g["Wo"], y_step, *parts.args, _ptr(scale), _ptr(shift), tau,
+                v_threshold, alpha, int(detach_reset), _ptr(psum))
         else:
-            f = cpu.kernel("bn_lif_bwd", y.dtype)
             M = g["M"]
-            parts = cpu.ranges(M, work=steps * C)
+            parts = cpu.Parts(M, work=steps * C)
             psum = torch.zeros(len(parts), 2 * C, dtype=torch.float64) if sums else None
-            cpu.for_ranges(parts, lambda i, a, b: f(
+            cpu.kernel("bn_lif_bwd", y.dtype)(
                 grad.data_ptr(), y.data_ptr(), gz.data_ptr(), steps, M, C, 0 if bcast else M * C,
-                0 if bcast else M * C, a, b, _ptr(scale), _ptr(shift), tau, v_threshold, alpha,
-                int(detach_reset), None if psum is None else psum[i].data_ptr()))
+                0 if bcast else M * C, *parts.args, _ptr(scale), _ptr(shift), tau, v_threshold,
+                alpha, int(detach_reset), _ptr(psum))
         return gz, (psum.sum(0).view(2, C) if sums else None)
     z = _affine_torch(y, scale, shift)
     indices = None
@@ -308,10 +303,9 @@ def _bn_input_grad(gz: Tensor, y: Tensor, a: Optional[Tensor], b: Optional[Tenso
         if a is None and out is gz:
             return out
         R = y.numel() // C
-        f = cpu.kernel("bn_bwd_apply", y.dtype)
-        cpu.for_ranges(cpu.ranges(R, work=C), lambda i, r0, r1: f(
-            gz.data_ptr(), y.data_ptr(), out.data_ptr(), C, r0, r1, _ptr(a), _ptr(b), _ptr(mu),
-            _ptr(d)))
+        cpu.kernel("bn_bwd_apply", y.dtype)(
+            gz.data_ptr(), y.data_ptr(), out.data_ptr(), C, *cpu.Parts(R, work=C).args, _ptr(a),
+            _ptr(b), _ptr(mu), _ptr(d))
         return out
     if a is None:
         return gz.to(y.dtype)

@@ -53,7 +53,7 @@ def enabled(dtype: torch.dtype, device: torch.device) -> bool:
 
 def _count(rows: int, cols: int, count) -> Tensor:
     counts = torch.empty(rows, dtype=torch.int32)
-    cpu.for_ranges(cpu.ranges(rows, work=cols), lambda i, a, b: count(a, b, counts.data_ptr()))
+    count(cpu.Parts(rows, work=cols), counts.data_ptr())
     return counts
 
 
@@ -65,8 +65,7 @@ def _csr(counts: Tensor, cols: int, dtype: torch.dtype, fill) -> CSR:
     # one spare slot: the branch-free fill writes a candidate past the last non-zero
     idx = torch.empty(nnz + 1, dtype=torch.int32)
     val = torch.empty(nnz + 1, dtype=dtype)
-    cpu.for_ranges(cpu.ranges(rows, work=cols), lambda i, a, b: fill(
-        a, b, rowptr.data_ptr(), idx.data_ptr(), val.data_ptr()))
+    fill(cpu.Parts(rows, work=cols), rowptr.data_ptr(), idx.data_ptr(), val.data_ptr())
     return CSR(rowptr, idx, val, rows, cols)
 
 
@@ -83,10 +82,10 @@ def csr_from_dense(x: Tensor, max_density: Optional[float] = None) -> Optional[C
     x2 = x.contiguous().view(-1, C)
     count, fill = cpu.kernel("csr_count", x2.dtype), cpu.kernel("csr_fill", x2.dtype)
     src = x2.data_ptr()
-    counts = _count(x2.shape[0], C, lambda a, b, cp: count(src, C, a, b, cp))
+    counts = _count(x2.shape[0], C, lambda parts, cp: count(src, C, *parts.args, cp))
     if not _sparse_enough(counts, C, max_density):
         return None
-    return _csr(counts, C, x2.dtype, lambda a, b, rp, ip, vp: fill(src, C, a, b, rp, ip, vp))
+    return _csr(counts, C, x2.dtype, lambda parts, *out: fill(src, C, *parts.args, *out))
 
 
 def csr_from_packed(stored: Tensor, how, max_density: Optional[float] = None) -> Optional[CSR]:
@@ -102,10 +101,10 @@ def csr_from_packed(stored: Tensor, how, max_density: Optional[float] = None) ->
         count, fill = cpu.kernel("csr_count_bits"), cpu.kernel("csr_fill_bits", dtype)
     else:
         count, fill = cpu.kernel("csr_count_u8"), cpu.kernel("csr_fill_u8", dtype)
-    counts = _count(R, C, lambda a, b, cp: count(src, C, a, b, cp))
+    counts = _count(R, C, lambda parts, cp: count(src, C, *parts.args, cp))
     if not _sparse_enough(counts, C, max_density):
         return None
-    return _csr(counts, C, dtype, lambda a, b, rp, ip, vp: fill(src, C, a, b, rp, ip, vp))
+    return _csr(counts, C, dtype, lambda parts, *out: fill(src, C, *parts.args, *out))
 
 
 def _geometry(x_shape, kernel_size: int, stride: int, Co: int) -> Tuple[Tensor, tuple]:
@@ -149,10 +148,10 @@ def forward(csr: CSR, x_shape, weight: Tensor, bias: Optional[Tensor], kernel_si
     for s in out_shape[:-1]:
         P *= s
     y = torch.empty(out_shape, dtype=dtype)
-    f = cpu.kernel("spconv_fwd", dtype)
-    cpu.for_ranges(cpu.ranges(P, work=weight.shape[0] * max(kernel_size, 1) ** 2), lambda i, a, b_: f(
+    cpu.kernel("spconv_fwd", dtype)(
         csr.rowptr.data_ptr(), csr.idx.data_ptr(), csr.val.data_ptr(), geometry.data_ptr(),
-        taps.data_ptr(), b.data_ptr() if b is not None else None, y.data_ptr(), a, b_))
+        taps.data_ptr(), b.data_ptr() if b is not None else None, y.data_ptr(),
+        *cpu.Parts(P, work=weight.shape[0] * max(kernel_size, 1) ** 2).args)
     return y
 
 
@@ -175,9 +174,8 @@ def weight_grad(csr: CSR, x_shape, grad_out: Tensor, weight: Tensor, kernel_size
     lanes = 16 if dtype == torch.float32 else 8
     width = -(-Co // (2 * torch.get_num_threads()))
     width = max(lanes, -(-width // lanes) * lanes)
-    slices = [(a, min(a + width, Co)) for a in range(0, Co, width)]
-    f = cpu.kernel("spconv_dw", dtype)
-    cpu.for_ranges(slices, lambda i, a, b: f(
+    slices = cpu.Parts.of([*range(0, Co, width), Co])
+    cpu.kernel("spconv_dw", dtype)(
         csr.rowptr.data_ptr(), csr.idx.data_ptr(), csr.val.data_ptr(), geometry.data_ptr(),
-        dy.data_ptr(), taps.data_ptr(), a, b))
+        dy.data_ptr(), taps.data_ptr(), *slices.args)
     return taps_to_weight(taps, weight).to(weight.dtype)

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -60,3 +61,75 @@ def test_no_compiler_is_reported_not_fatal(tmp_path):
     out = _probe(tmp_path, PATH=str(empty), CXX="")
     assert "library False RuntimeError: no C++ compiler found" in out
     assert "forward (2, 10) True" in out
+
+
+KERNELS_PROBE = """
+import sys, torch
+from qkformer import cpu, fused, sparse
+print("threaded", cpu.threaded())
+g = torch.Generator().manual_seed(0)
+def run():
+    out = {}
+    for dtype in (torch.float32, torch.bfloat16, torch.float64):
+        y = (torch.randn(4, 2, 16, 16, 384, generator=g) * 2).to(dtype)  # 3 parts of rows
+        grad = torch.randn(y.shape, generator=g).to(dtype)
+        C = y.shape[-1]
+        scale, shift = torch.rand(C, generator=g) + 0.5, torch.randn(C, generator=g)
+        if dtype == torch.float64:
+            scale, shift = scale.double(), shift.double()
+        yp = (torch.randn(8, 32, 32, 64, generator=g) * 2).to(dtype)  # pooled: 2 parts of images
+        sp, shp = scale[:64].contiguous(), shift[:64].contiguous()
+        s = fused.bn_lif_forward(y, 4, scale, shift, 2.0, 1.0)
+        out[f"{dtype} stats"] = torch.stack(fused.batch_stats(y))
+        out[f"{dtype} fwd"] = s
+        gz, sums = fused.bn_lif_backward(grad, y, 4, scale, shift, 2.0, 1.0, 4.0, False, sums=True)
+        out[f"{dtype} bwd"], out[f"{dtype} sums"] = gz, sums
+        out[f"{dtype} apply"] = fused._bn_input_grad(gz, y, scale, scale, shift, scale)
+        out[f"{dtype} pool fwd"] = fused.bn_lif_forward(yp, 4, sp, shp, 2.0, 1.0, pool=True)
+        out[f"{dtype} pool bwd"] = torch.cat([t.flatten().double() for t in fused.bn_lif_backward(
+            torch.randn(8, 16, 16, 64, generator=g).to(dtype), yp, 4, sp, shp, 2.0, 1.0, 4.0,
+            True, pool=True, sums=True)])
+        packed, how = fused.pack(s, fused.SPIKES)
+        assert how is not None and torch.equal(fused.unpack(packed, how), s)
+        counts = (s + s).contiguous()
+        packed_u8, how_u8 = fused.pack(counts, fused.COUNTS)
+        assert how_u8 is not None and torch.equal(fused.unpack(packed_u8, how_u8), counts)
+        out[f"{dtype} bits"], out[f"{dtype} bytes"] = packed, packed_u8
+        if sparse.enabled(dtype, y.device):
+            x = s.reshape(8, 16, 16, 384)[:, :, :, :96].contiguous()
+            csr = sparse.csr_from_dense(x, 1.0)
+            w = torch.randn(64, 96, 3, 3, generator=g).to(dtype)
+            out[f"{dtype} spconv"] = sparse.forward(csr, x.shape, w, None, 3, 1)
+            dy = torch.randn(8, 16, 16, 64, generator=g).to(dtype)
+            out[f"{dtype} spconv dw"] = sparse.weight_grad(csr, x.shape, dy, w, 3, 1)
+    return out
+torch.set_num_threads(1)
+one = run()
+g.manual_seed(0)
+torch.set_num_threads(2)
+two = run()
+for k in one:
+    assert torch.equal(one[k], two[k]), f"{k}: 1 and 2 threads differ"
+torch.save(two, sys.argv[1])
+print("same over threads", len(one))
+"""
+
+
+@pytest.mark.slow
+def test_kernel_results_do_not_depend_on_threads_or_openmp(tmp_path):
+    """The parts of a call are fixed by the problem size alone: one thread, two threads and a
+    build without OpenMP give the same bits."""
+    results = {}
+    for openmp in ("1", "0"):
+        path = tmp_path / f"out{openmp}.pt"
+        env = {**os.environ, "QKFORMER_CACHE_DIR": str(tmp_path / f"cache{openmp}"),
+               "QKFORMER_CPU_OPENMP": openmp}
+        proc = subprocess.run([sys.executable, "-c", KERNELS_PROBE, str(path)], cwd=REPO, env=env,
+                              capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert f"threaded {openmp == '1'}" in proc.stdout
+        assert "same over threads" in proc.stdout
+        results[openmp] = torch.load(path)
+    assert results["1"].keys() == results["0"].keys() and len(results["1"]) >= 20
+    for k, v in results["1"].items():
+        assert torch.equal(v, results["0"][k]), f"{k}: the OpenMP build differs"

@@ -14,9 +14,12 @@ machines never hands one machine another's build. Without a compiler (or with
 ``QKFORMER_CPU_KERNELS=0``) :func:`library` returns None and the fast path runs the same
 algorithm in torch ops instead; :func:`unavailable_reason` says why.
 
-Work is split into row ranges, one Python thread per intra-op thread (``torch.get_num_threads``):
-ctypes releases the GIL during the call. The ranges are fixed by the problem size alone, so
-results do not depend on the number of threads.
+Each call cuts its rows into parts fixed by the problem size alone (:class:`Parts`), so results
+do not depend on the number of threads, and the kernel shares them out over
+``torch.get_num_threads()`` OpenMP threads inside the call (ctypes releases the GIL). With GNU
+OpenMP these are torch's own intra-op threads, which spin for a while after each GEMM: threads
+of our own would compete with them for the cores (the LIF backward ran 1.3x slower that way).
+A compiler without OpenMP (or ``QKFORMER_CPU_OPENMP=0``) builds the kernels single-threaded.
 """
 from __future__ import annotations
 
@@ -27,65 +30,59 @@ import platform
 import shutil
 import subprocess
 import tempfile
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Optional
 
 import torch
 
-__all__ = ["library", "unavailable_reason", "kernel", "supports", "for_ranges", "SUFFIX"]
+__all__ = ["library", "unavailable_reason", "threaded", "kernel", "supports", "Parts", "SUFFIX"]
 
 _SOURCES = tuple(Path(__file__).with_name(n) for n in ("fused_kernels.cpp", "sparse_kernels.cpp"))
+_HEADERS = (Path(__file__).with_name("parts.h"),)
 # -fno-trapping-math: no FP exception flags to keep, so clamps and conversions vectorise (the
 # values are the same: contraction, reassociation and the rest of fast-math stay off)
 _FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fno-trapping-math", "-fopenmp-simd",
           "-std=c++17", "-shared", "-fPIC")
+_OPENMP = "-fopenmp"  # the parts of a call on threads; without it they run on the calling thread
 SUFFIX = {torch.float32: "f32", torch.float64: "f64", torch.bfloat16: "bf16"}
 
 _P, _I, _D = ctypes.c_void_p, ctypes.c_int64, ctypes.c_double
 _F = ctypes.c_float
+_PARTS = [_P, _I, ctypes.c_int]  # a problem's parts: bounds, count, threads (see Parts)
 # Argument types per kernel; "A" is the arithmetic type (double for f64, float otherwise).
 _SIGNATURES = {
-    "colstats": ([_P, _I, _I, _I, _P, _P, _P], None),
-    "bn_lif_fwd": ([_P, _P, _I, _I, _I, _I, _I, _I, _P, _P, "A", "A"], None),
-    "bn_lif_bwd": ([_P, _P, _P, _I, _I, _I, _I, _I, _I, _I, _P, _P, "A", "A", "A",
+    "colstats": ([_P, _I, *_PARTS, _P, _P, _P], None),
+    "bn_lif_fwd": ([_P, _P, _I, _I, _I, _I, *_PARTS, _P, _P, "A", "A"], None),
+    "bn_lif_bwd": ([_P, _P, _P, _I, _I, _I, _I, _I, *_PARTS, _P, _P, "A", "A", "A",
                     ctypes.c_int, _P], None),
-    "bn_bwd_apply": ([_P, _P, _P, _I, _I, _I, _P, _P, _P, _P], None),
-    "bn_pool_lif_fwd": ([_P, _P, _I, _I, _I, _I, _I, _I, _I, _I, _I, _I, _P, _P, "A", "A"],
+    "bn_bwd_apply": ([_P, _P, _P, _I, *_PARTS, _P, _P, _P, _P], None),
+    "bn_pool_lif_fwd": ([_P, _P, _I, _I, _I, _I, _I, _I, _I, _I, *_PARTS, _P, _P, "A", "A"],
                         None),
-    "bn_pool_lif_bwd": ([_P, _P, _P, _I, _I, _I, _I, _I, _I, _I, _I, _I, _I, _P, _P, "A", "A",
+    "bn_pool_lif_bwd": ([_P, _P, _P, _I, _I, _I, _I, _I, _I, _I, _I, *_PARTS, _P, _P, "A", "A",
                          "A", ctypes.c_int, _P], None),
-    "to_u8": ([_P, _P, _I, _I], _I),
-    "from_u8": ([_P, _P, _I, _I], None),
-    "to_bits": ([_P, _P, _I, _I, _I], _I),
-    "from_bits": ([_P, _P, _I, _I, _I], None),
-    "csr_count": ([_P, _I, _I, _I, _P], None),
-    "csr_fill": ([_P, _I, _I, _I, _P, _P, _P], None),
-    "csr_fill_u8": ([_P, _I, _I, _I, _P, _P, _P], None),
-    "csr_fill_bits": ([_P, _I, _I, _I, _P, _P, _P], None),
-    "spconv_fwd": ([_P, _P, _P, _P, _P, _P, _P, _I, _I], None),
-    "spconv_dw": ([_P, _P, _P, _P, _P, _P, _I, _I], ctypes.c_int),
+    "to_u8": ([_P, _P, *_PARTS], _I),
+    "from_u8": ([_P, _P, *_PARTS], None),
+    "to_bits": ([_P, _P, _I, *_PARTS], _I),
+    "from_bits": ([_P, _P, _I, *_PARTS], None),
+    "csr_count": ([_P, _I, *_PARTS, _P], None),
+    "csr_fill": ([_P, _I, *_PARTS, _P, _P, _P], None),
+    "csr_fill_u8": ([_P, _I, *_PARTS, _P, _P, _P], None),
+    "csr_fill_bits": ([_P, _I, *_PARTS, _P, _P, _P], None),
+    "spconv_fwd": ([_P, _P, _P, _P, _P, _P, _P, *_PARTS], None),
+    "spconv_dw": ([_P, _P, _P, _P, _P, _P, *_PARTS], ctypes.c_int),
 }
 # dtype-free kernels: name -> signature
 _PLAIN = {
     "csr_prefix": ([_P, _I, _P], None),
-    "csr_count_u8": ([_P, _I, _I, _I, _P], None),
-    "csr_count_bits": ([_P, _I, _I, _I, _P], None),
+    "csr_count_u8": ([_P, _I, *_PARTS, _P], None),
+    "csr_count_bits": ([_P, _I, *_PARTS, _P], None),
 }
 
 _lib: Optional[ctypes.CDLL] = None
 _reason: Optional[str] = None
 _probed = False
+_openmp = False
 _functions: dict = {}
-_pool: Optional[ThreadPoolExecutor] = None
-
-
-def _forget_pool() -> None:  # a forked child (DataLoader worker) has none of the parent's threads
-    global _pool
-    _pool = None
-
-
-os.register_at_fork(after_in_child=_forget_pool)
 
 
 def _cache_dir() -> Path:
@@ -116,13 +113,10 @@ def _cpu_identity() -> str:
     return platform.machine() + platform.processor() + flags
 
 
-def _build() -> ctypes.CDLL:
-    cxx = _compiler()
-    if cxx is None:
-        raise RuntimeError("no C++ compiler found (set CXX, or install g++)")
-    version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
-    key = hashlib.sha256("\0".join([*(f.read_text() for f in _SOURCES), " ".join(_FLAGS), version,
-                                    _cpu_identity()]).encode()).hexdigest()[:16]
+def _build_with(cxx: str, version: str, flags: tuple) -> ctypes.CDLL:
+    key = hashlib.sha256("\0".join([*(f.read_text() for f in _SOURCES + _HEADERS),
+                                    " ".join(flags), version, _cpu_identity()]).encode()
+                         ).hexdigest()[:16]
     folder = _cache_dir()
     target = folder / f"fused_kernels-{key}.so"
     if not target.is_file():
@@ -130,7 +124,7 @@ def _build() -> ctypes.CDLL:
         fd, tmp = tempfile.mkstemp(prefix=".fused_kernels-", suffix=".so", dir=folder)
         os.close(fd)
         try:
-            proc = subprocess.run([cxx, *_FLAGS, *map(str, _SOURCES), "-o", tmp],
+            proc = subprocess.run([cxx, *flags, *map(str, _SOURCES), "-o", tmp],
                                   capture_output=True, text=True)
             if proc.returncode != 0:
                 raise RuntimeError(f"{Path(cxx).name} failed on the CPU kernels: "
@@ -140,6 +134,23 @@ def _build() -> ctypes.CDLL:
             if os.path.exists(tmp):
                 os.unlink(tmp)
     return ctypes.CDLL(str(target))
+
+
+def _build() -> ctypes.CDLL:
+    global _openmp
+    cxx = _compiler()
+    if cxx is None:
+        raise RuntimeError("no C++ compiler found (set CXX, or install g++)")
+    version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
+    if os.environ.get("QKFORMER_CPU_OPENMP", "1") != "0":
+        try:
+            lib = _build_with(cxx, version, _FLAGS + (_OPENMP,))
+            _openmp = True
+            return lib
+        except (RuntimeError, OSError):  # no OpenMP runtime for this compiler: one thread
+            pass
+    _openmp = False
+    return _build_with(cxx, version, _FLAGS)
 
 
 def library() -> Optional[ctypes.CDLL]:
@@ -160,6 +171,11 @@ def library() -> Optional[ctypes.CDLL]:
 def unavailable_reason() -> Optional[str]:
     library()
     return _reason
+
+
+def threaded() -> bool:
+    """Whether the kernels share a call's parts out over threads (built with OpenMP)."""
+    return library() is not None and _openmp
 
 
 def supports(t: torch.Tensor) -> bool:
@@ -188,41 +204,46 @@ def kernel(name: str, dtype: Optional[torch.dtype] = None) -> Callable:
 
 def _reset() -> None:
     """Forget the build and the loaded functions (tests)."""
-    global _lib, _reason, _probed
-    _lib, _reason, _probed = None, None, False
+    global _lib, _reason, _probed, _openmp
+    _lib, _reason, _probed, _openmp = None, None, False, False
     _functions.clear()
 
 
-MAX_RANGES = 64  # a problem is cut into at most this many row ranges ...
+MAX_PARTS = 64  # a problem is cut into at most this many parts ...
 MIN_WORK = 1 << 18  # ... of at least this many elements each: a call costs some microseconds
 
 
-def ranges(n: int, grain: int = 1, work: int = 1) -> list:
-    """``[(a, b), ...]`` covering ``range(n)`` for items of ``work`` elements each: at most
-    :data:`MAX_RANGES` ranges of at least :data:`MIN_WORK` elements, each a multiple of
-    ``grain`` items long (but the last). Depends on the sizes only, not on the threads."""
-    if n <= 0:
-        return []
-    step = max(-(-n // MAX_RANGES), -(-MIN_WORK // max(work, 1)))
-    step = -(-step // grain) * grain
-    return [(a, min(a + step, n)) for a in range(0, n, step)]
+class Parts:
+    """A problem's rows cut into parts, as every kernel takes them (its ``QK_PARTS``
+    arguments, :attr:`args`: the bounds, their count and the threads to share them over).
 
+    At most :data:`MAX_PARTS` parts of at least :data:`MIN_WORK` elements (items of ``work``
+    elements each), each a multiple of ``grain`` items long (but the last). The cut depends on
+    the sizes only, never on the threads, so neither do the results."""
 
-def for_ranges(parts: list, body: Callable[[int, int, int], object]) -> list:
-    """``body(i, a, b)`` for every range ``parts[i] = (a, b)``, shared out over the intra-op
-    threads; returns the results in range order."""
-    global _pool
-    workers = min(torch.get_num_threads(), len(parts))
-    if workers <= 1:
-        return [body(i, a, b) for i, (a, b) in enumerate(parts)]
-    if _pool is None or _pool._max_workers < workers:
-        _pool = ThreadPoolExecutor(workers, thread_name_prefix="qkformer-cpu")
-    out = [None] * len(parts)
+    __slots__ = ("bounds", "_array")
 
-    def run(w: int) -> None:
-        for i in range(w, len(parts), workers):
-            out[i] = body(i, *parts[i])
+    def __init__(self, n: int, grain: int = 1, work: int = 1):
+        if n <= 0:
+            self.bounds = [0]
+        else:
+            step = max(-(-n // MAX_PARTS), -(-MIN_WORK // max(work, 1)))
+            step = -(-step // grain) * grain
+            self.bounds = [*range(0, n, step), n]
+        self._array = (ctypes.c_int64 * len(self.bounds))(*self.bounds)
 
-    for f in [_pool.submit(run, w) for w in range(workers)]:
-        f.result()
-    return out
+    def __len__(self) -> int:
+        return len(self.bounds) - 1
+
+    @property
+    def args(self) -> tuple:
+        # the array itself, not its address: the call's arguments keep it alive
+        return self._array, len(self), torch.get_num_threads()
+
+    @classmethod
+    def of(cls, bounds: list) -> "Parts":
+        """Parts with the given bounds ``[0, ..., n]``."""
+        self = cls.__new__(cls)
+        self.bounds = list(bounds)
+        self._array = (ctypes.c_int64 * len(self.bounds))(*self.bounds)
+        return self

@@ -23,7 +23,7 @@
 #include <type_traits>
 #include <vector>
 
-typedef int64_t i64;
+#include "parts.h"
 
 struct F32 {
     typedef float S;  // storage
@@ -572,56 +572,64 @@ static void from_bits(const uint8_t* in, typename F::S* out, i64 n, i64 n0, i64 
 
 // ---------------------------------------------------------------------------------------------
 // C entry points, one set per storage type: fixed names that qkformer/cpu looks up with ctypes.
+// Each takes the parts of its rows (QK_PARTS, see parts.h); partial sums go one row per part.
 #define QK_KERNELS(SUF, F)                                                                     \
-    extern "C" void qk_colstats_##SUF(const F::S* x, i64 C, i64 r0, i64 r1,                   \
-                                      const F::A* shift, double* sum, double* sq) {            \
-        colstats<F>(x, C, r0, r1, shift, sum, sq);                                             \
+    extern "C" void qk_colstats_##SUF(const F::S* x, i64 C, QK_PARTS, const F::A* shift,      \
+                                      double* sum, double* sq) {                               \
+        QK_EACH_PART({ colstats<F>(x, C, r0, r1, shift, sum + part * C, sq + part * C); });   \
     }                                                                                          \
     extern "C" void qk_bn_lif_fwd_##SUF(const F::S* y, F::S* s, i64 steps, i64 M, i64 C,      \
-                                        i64 y_step, i64 m0, i64 m1, const F::A* scale,         \
+                                        i64 y_step, QK_PARTS, const F::A* scale,               \
                                         const F::A* shift, F::A tau, F::A v_th) {              \
-        bn_lif_fwd<F>(y, s, steps, M, C, y_step, m0, m1, scale, shift, tau, v_th);            \
+        QK_EACH_PART({ bn_lif_fwd<F>(y, s, steps, M, C, y_step, r0, r1, scale, shift, tau, v_th); }); \
     }                                                                                          \
     extern "C" void qk_bn_lif_bwd_##SUF(const F::S* gs, const F::S* y, F::A* gz, i64 steps,   \
-                                        i64 M, i64 C, i64 y_step, i64 gz_step, i64 m0, i64 m1, \
+                                        i64 M, i64 C, i64 y_step, i64 gz_step, QK_PARTS,       \
                                         const F::A* scale, const F::A* shift, F::A tau,        \
                                         F::A v_th, F::A alpha, int detach_reset,               \
                                         double* psum) {                                        \
-        bn_lif_bwd<F>(gs, y, gz, steps, M, C, y_step, gz_step, m0, m1, scale, shift, tau,     \
-                      v_th, alpha, detach_reset, psum);                                        \
+        QK_EACH_PART({                                                                         \
+            bn_lif_bwd<F>(gs, y, gz, steps, M, C, y_step, gz_step, r0, r1, scale, shift, tau,  \
+                          v_th, alpha, detach_reset, psum ? psum + part * 2 * C : nullptr);    \
+        });                                                                                    \
     }                                                                                          \
     extern "C" void qk_bn_bwd_apply_##SUF(const F::A* g, const F::S* y, F::S* out, i64 C,     \
-                                          i64 r0, i64 r1, const F::A* a, const F::A* b,        \
+                                          QK_PARTS, const F::A* a, const F::A* b,              \
                                           const F::A* mu, const F::A* d) {                     \
-        bn_bwd_apply<F>(g, y, out, C, r0, r1, a, b, mu, d);                                    \
+        QK_EACH_PART({ bn_bwd_apply<F>(g, y, out, C, r0, r1, a, b, mu, d); });                 \
     }                                                                                          \
     extern "C" void qk_bn_pool_lif_fwd_##SUF(const F::S* y, F::S* s, i64 steps, i64 B, i64 H, \
-                                             i64 W, i64 C, i64 Ho, i64 Wo, i64 y_step, i64 b0, \
-                                             i64 b1, const F::A* scale, const F::A* shift,     \
+                                             i64 W, i64 C, i64 Ho, i64 Wo, i64 y_step,         \
+                                             QK_PARTS, const F::A* scale, const F::A* shift,   \
                                              F::A tau, F::A v_th) {                            \
-        bn_pool_lif_fwd<F>(y, s, steps, B, H, W, C, Ho, Wo, y_step, b0, b1, scale, shift, tau, \
-                           v_th);                                                              \
+        QK_EACH_PART({                                                                         \
+            bn_pool_lif_fwd<F>(y, s, steps, B, H, W, C, Ho, Wo, y_step, r0, r1, scale, shift,  \
+                               tau, v_th);                                                     \
+        });                                                                                    \
     }                                                                                          \
     extern "C" void qk_bn_pool_lif_bwd_##SUF(const F::S* gs, const F::S* y, F::A* gz,         \
                                              i64 steps, i64 B, i64 H, i64 W, i64 C, i64 Ho,    \
-                                             i64 Wo, i64 y_step, i64 b0, i64 b1,               \
+                                             i64 Wo, i64 y_step, QK_PARTS,                     \
                                              const F::A* scale, const F::A* shift, F::A tau,   \
                                              F::A v_th, F::A alpha, int detach_reset,          \
                                              double* psum) {                                   \
-        bn_pool_lif_bwd<F>(gs, y, gz, steps, B, H, W, C, Ho, Wo, y_step, b0, b1, scale, shift, \
-                           tau, v_th, alpha, detach_reset, psum);                              \
+        QK_EACH_PART({                                                                         \
+            bn_pool_lif_bwd<F>(gs, y, gz, steps, B, H, W, C, Ho, Wo, y_step, r0, r1, scale,    \
+                               shift, tau, v_th, alpha, detach_reset,                          \
+                               psum ? psum + part * 2 * C : nullptr);                          \
+        });                                                                                    \
     }                                                                                          \
-    extern "C" i64 qk_to_u8_##SUF(const F::S* x, uint8_t* out, i64 n0, i64 n1) {              \
-        return to_u8<F>(x, out, n0, n1);                                                       \
+    extern "C" i64 qk_to_u8_##SUF(const F::S* x, uint8_t* out, QK_PARTS) {                    \
+        return QK_COUNT_PARTS({ return to_u8<F>(x, out, r0, r1); });                           \
     }                                                                                          \
-    extern "C" void qk_from_u8_##SUF(const uint8_t* in, F::S* out, i64 n0, i64 n1) {          \
-        from_u8<F>(in, out, n0, n1);                                                           \
+    extern "C" void qk_from_u8_##SUF(const uint8_t* in, F::S* out, QK_PARTS) {                \
+        QK_EACH_PART({ from_u8<F>(in, out, r0, r1); });                                        \
     }                                                                                          \
-    extern "C" i64 qk_to_bits_##SUF(const F::S* x, uint8_t* out, i64 n, i64 n0, i64 n1) {     \
-        return to_bits<F>(x, out, n, n0, n1);                                                  \
+    extern "C" i64 qk_to_bits_##SUF(const F::S* x, uint8_t* out, i64 n, QK_PARTS) {           \
+        return QK_COUNT_PARTS({ return to_bits<F>(x, out, n, r0, r1); });                      \
     }                                                                                          \
-    extern "C" void qk_from_bits_##SUF(const uint8_t* in, F::S* out, i64 n, i64 n0, i64 n1) { \
-        from_bits<F>(in, out, n, n0, n1);                                                      \
+    extern "C" void qk_from_bits_##SUF(const uint8_t* in, F::S* out, i64 n, QK_PARTS) {       \
+        QK_EACH_PART({ from_bits<F>(in, out, n, r0, r1); });                                   \
     }
 
 QK_KERNELS(f32, F32)

@@ -20,7 +20,7 @@
 #include <immintrin.h>  // compress-stores: the CSR fill at memory speed where the CPU has them
 #endif
 
-typedef int64_t i64;
+#include "parts.h"
 
 // 64-byte vectors through GCC's vector extensions: AVX-512 where the CPU has it, two AVX2
 // halves elsewhere, no intrinsics to maintain per instruction set.
@@ -417,10 +417,13 @@ static void dw_blocks(const i64* rowptr, const int32_t* idx, const T* val, const
     }
 }
 
+static bool dw_supported(const Geometry& g) {
+    return g.stride == 1 && g.pad == g.k / 2 && (g.k == 1 || g.k == 3);
+}
+
 template <class T>
-static bool spconv_dw(const i64* rowptr, const int32_t* idx, const T* val, const Geometry& g,
+static void spconv_dw(const i64* rowptr, const int32_t* idx, const T* val, const Geometry& g,
                       const T* dy, T* dw, i64 co0, i64 co1) {
-    if (g.stride != 1 || g.pad != g.k / 2 || (g.k != 1 && g.k != 3)) return false;
     const i64 K = g.k * g.k;
     for (i64 d = 0; d < K; ++d)
         for (i64 c = 0; c < g.C; ++c)
@@ -429,10 +432,11 @@ static bool spconv_dw(const i64* rowptr, const int32_t* idx, const T* val, const
         dw_blocks<T, 1>(rowptr, idx, val, g, dy, dw, co0, co1);
     else
         dw_blocks<T, 9>(rowptr, idx, val, g, dy, dw, co0, co1);
-    return true;
 }
 
 // ---------------------------------------------------------------------------------------------
+// C entry points; QK_PARTS (parts.h): rows for the CSR passes, output pixels for the forward,
+// output channels for the weight gradient.
 extern "C" void qk_csr_prefix(const int32_t* counts, i64 R, i64* rowptr) {
     i64 s = 0;
     for (i64 r = 0; r < R; ++r) {
@@ -441,42 +445,45 @@ extern "C" void qk_csr_prefix(const int32_t* counts, i64 R, i64* rowptr) {
     }
     rowptr[R] = s;
 }
-extern "C" void qk_csr_count_u8(const uint8_t* x, i64 C, i64 r0, i64 r1, int32_t* counts) {
-    count_nonzero<uint8_t>(x, C, r0, r1, counts);
+extern "C" void qk_csr_count_u8(const uint8_t* x, i64 C, QK_PARTS, int32_t* counts) {
+    QK_EACH_PART({ count_nonzero<uint8_t>(x, C, r0, r1, counts); });
 }
-extern "C" void qk_csr_count_bits(const uint8_t* x, i64 C, i64 r0, i64 r1, int32_t* counts) {
-    count_bits(x, C, r0, r1, counts);
+extern "C" void qk_csr_count_bits(const uint8_t* x, i64 C, QK_PARTS, int32_t* counts) {
+    QK_EACH_PART({ count_bits(x, C, r0, r1, counts); });
+}
+
+static inline Geometry geometry_of(const i64* a) {
+    return {a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7], a[8], a[9]};
 }
 
 #define QK_SPARSE(SUF, T)                                                                      \
-    extern "C" void qk_csr_count_##SUF(const T* x, i64 C, i64 r0, i64 r1, int32_t* counts) {  \
-        count_nonzero<T>(x, C, r0, r1, counts);                                                \
+    extern "C" void qk_csr_count_##SUF(const T* x, i64 C, QK_PARTS, int32_t* counts) {        \
+        QK_EACH_PART({ count_nonzero<T>(x, C, r0, r1, counts); });                             \
     }                                                                                          \
-    extern "C" void qk_csr_fill_##SUF(const T* x, i64 C, i64 r0, i64 r1, const i64* rowptr,   \
+    extern "C" void qk_csr_fill_##SUF(const T* x, i64 C, QK_PARTS, const i64* rowptr,         \
                                       int32_t* idx, T* val) {                                  \
-        fill_values<T, T>(x, C, r0, r1, rowptr, idx, val);                                     \
+        QK_EACH_PART({ fill_values<T, T>(x, C, r0, r1, rowptr, idx, val); });                  \
     }                                                                                          \
-    extern "C" void qk_csr_fill_u8_##SUF(const uint8_t* x, i64 C, i64 r0, i64 r1,             \
-                                         const i64* rowptr, int32_t* idx, T* val) {            \
-        fill_values<T, uint8_t>(x, C, r0, r1, rowptr, idx, val);                               \
+    extern "C" void qk_csr_fill_u8_##SUF(const uint8_t* x, i64 C, QK_PARTS, const i64* rowptr, \
+                                         int32_t* idx, T* val) {                               \
+        QK_EACH_PART({ fill_values<T, uint8_t>(x, C, r0, r1, rowptr, idx, val); });            \
     }                                                                                          \
-    extern "C" void qk_csr_fill_bits_##SUF(const uint8_t* x, i64 C, i64 r0, i64 r1,           \
+    extern "C" void qk_csr_fill_bits_##SUF(const uint8_t* x, i64 C, QK_PARTS,                 \
                                            const i64* rowptr, int32_t* idx, T* val) {          \
-        fill_bits<T>(x, C, r0, r1, rowptr, idx, val);                                          \
+        QK_EACH_PART({ fill_bits<T>(x, C, r0, r1, rowptr, idx, val); });                       \
     }                                                                                          \
     extern "C" void qk_spconv_fwd_##SUF(const i64* rowptr, const int32_t* idx, const T* val,  \
                                         const i64* geometry, const T* w, const T* bias, T* y,  \
-                                        i64 p0, i64 p1) {                                      \
-        const Geometry g = {geometry[0], geometry[1], geometry[2], geometry[3], geometry[4],   \
-                            geometry[5], geometry[6], geometry[7], geometry[8], geometry[9]};  \
-        spconv_fwd<T>(rowptr, idx, val, g, w, bias, y, p0, p1);                                \
+                                        QK_PARTS) {                                            \
+        const Geometry g = geometry_of(geometry);                                              \
+        QK_EACH_PART({ spconv_fwd<T>(rowptr, idx, val, g, w, bias, y, r0, r1); });             \
     }                                                                                          \
     extern "C" int qk_spconv_dw_##SUF(const i64* rowptr, const int32_t* idx, const T* val,    \
-                                      const i64* geometry, const T* dy, T* dw, i64 co0,        \
-                                      i64 co1) {                                               \
-        const Geometry g = {geometry[0], geometry[1], geometry[2], geometry[3], geometry[4],   \
-                            geometry[5], geometry[6], geometry[7], geometry[8], geometry[9]};  \
-        return spconv_dw<T>(rowptr, idx, val, g, dy, dw, co0, co1);                            \
+                                      const i64* geometry, const T* dy, T* dw, QK_PARTS) {     \
+        const Geometry g = geometry_of(geometry);                                              \
+        if (!dw_supported(g)) return 0;                                                        \
+        QK_EACH_PART({ spconv_dw<T>(rowptr, idx, val, g, dy, dw, r0, r1); });                  \
+        return 1;                                                                              \
     }
 
 QK_SPARSE(f32, float)
