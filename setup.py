@@ -11,7 +11,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["qkformer", "qkformer.*"]),
-    package_data={"qkformer": ["cuda/*.cu", "cpu/*.cpp", "analysis/*.json", "configs/*.yml"]},
+    package_data={"qkformer": ["cuda/*.cu", "cpu/*.cpp", "cpu/*.h", "analysis/*.json", "configs/*.yml"]},
     install_requires=[
         "torch>=2.4",
         "torchvision",

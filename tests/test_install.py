@@ -32,6 +32,8 @@ CHECK = textwrap.dedent("""
     Path("mine.yml").write_text("epochs: 3\\nlr: 2.0e-3\\n")  # a user's own recipe, cwd-relative
     args = parse_with_config(train.build_parser(), ["-c", "mine.yml", "--data-dir", "d"])
     assert (args.epochs, args.lr) == (3, 2e-3)
+    from qkformer import cpu  # the kernel sources (and their header) are package data too
+    assert cpu.library() is not None, cpu.unavailable_reason()
     print("ok", len(names))
 """)
 
