@@ -3,10 +3,10 @@
 //
 // Compiled on first use by qkformer/cpu/__init__.py (g++ -O3 -march=native, no fast-math:
 // -ffp-contract=off keeps every rounding where the source puts it; -fno-trapping-math only lets
-// branch-free clamps and conversions vectorise) and called through ctypes
-// with raw pointers, one call per range of rows, from one Python thread per intra-op thread.
-// Every kernel works on rows [r0, r1) of its problem, so results never depend on how the rows
-// are shared out; reductions write one partial result per call and the caller sums them in a
+// branch-free clamps and conversions vectorise; -fopenmp shares a call's parts over threads,
+// see parts.h) and called through ctypes with raw pointers, one call per problem.
+// Every kernel works on parts [r0, r1) of its rows, so results never depend on how the parts
+// are shared out; reductions write one partial result per part and the caller sums them in a
 // fixed order.
 //
 // Layouts are token-major: a tensor is [steps, M, C] (C channels innermost), or for the pooled
