@@ -133,3 +133,29 @@ def test_kernel_results_do_not_depend_on_threads_or_openmp(tmp_path):
     assert results["1"].keys() == results["0"].keys() and len(results["1"]) >= 20
     for k, v in results["1"].items():
         assert torch.equal(v, results["0"][k]), f"{k}: the OpenMP build differs"
+
+
+FORK_PROBE = """
+import os, sys, torch
+from qkformer import fused
+torch.set_num_threads(2)
+y = torch.randn(4, 2, 64, 64, 96)  # several parts: an OpenMP team in this process
+scale, shift = torch.rand(96) + 0.5, torch.randn(96)
+expected = fused.bn_lif_forward(y, 4, scale, shift, 2.0, 1.0)
+pid = os.fork()
+if pid == 0:  # a team cannot start here: the kernels must run on this thread, not hang
+    try:
+        torch.save(fused.bn_lif_forward(y, 4, scale, shift, 2.0, 1.0), sys.argv[1])
+    finally:
+        os._exit(0)
+_, status = os.waitpid(pid, 0)
+torch.set_num_threads(1)
+print("child", status, torch.equal(torch.load(sys.argv[1]), expected))
+"""
+
+
+def test_kernels_run_in_a_forked_child(tmp_path):
+    proc = subprocess.run([sys.executable, "-c", FORK_PROBE, str(tmp_path / "child.pt")], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "child 0 True" in proc.stdout

@@ -83,6 +83,17 @@ _reason: Optional[str] = None
 _probed = False
 _openmp = False
 _functions: dict = {}
+_forked = False
+
+
+def _note_fork() -> None:
+    # GNU OpenMP cannot start a team in a forked child once the parent had one (the child waits
+    # for threads it does not have, as torch's own ops do there): one thread in such a child.
+    global _forked
+    _forked = True
+
+
+os.register_at_fork(after_in_child=_note_fork)
 
 
 def _cache_dir() -> Path:
@@ -238,7 +249,7 @@ class Parts:
     @property
     def args(self) -> tuple:
         # the array itself, not its address: the call's arguments keep it alive
-        return self._array, len(self), torch.get_num_threads()
+        return self._array, len(self), 1 if _forked else torch.get_num_threads()
 
     @classmethod
     def of(cls, bounds: list) -> "Parts":
