@@ -18,7 +18,7 @@ Each call cuts its rows into parts fixed by the problem size alone (:class:`Part
 do not depend on the number of threads, and the kernel shares them out over
 ``torch.get_num_threads()`` OpenMP threads inside the call (ctypes releases the GIL). With GNU
 OpenMP these are torch's own intra-op threads, which spin for a while after each GEMM: threads
-of our own would compete with them for the cores (the LIF backward ran 1.3x slower that way).
+of our own would compete with them for the cores (each kernel ran 1.3-2x slower in the model that way).
 A compiler without OpenMP (or ``QKFORMER_CPU_OPENMP=0``) builds the kernels single-threaded.
 """
 from __future__ import annotations
@@ -236,12 +236,15 @@ class Parts:
 
     def __init__(self, n: int, grain: int = 1, work: int = 1):
         if n <= 0:
-            self.bounds = [0]
-        else:
-            step = max(-(-n // MAX_PARTS), -(-MIN_WORK // max(work, 1)))
-            step = -(-step // grain) * grain
-            self.bounds = [*range(0, n, step), n]
-        self._array = (ctypes.c_int64 * len(self.bounds))(*self.bounds)
+            self._use([0])
+            return
+        step = max(-(-n // MAX_PARTS), -(-MIN_WORK // max(work, 1)))
+        step = -(-step // grain) * grain
+        self._use([*range(0, n, step), n])
+
+    def _use(self, bounds: list) -> None:
+        self.bounds = bounds
+        self._array = (ctypes.c_int64 * len(bounds))(*bounds)
 
     def __len__(self) -> int:
         return len(self.bounds) - 1
@@ -255,6 +258,5 @@ class Parts:
     def of(cls, bounds: list) -> "Parts":
         """Parts with the given bounds ``[0, ..., n]``."""
         self = cls.__new__(cls)
-        self.bounds = list(bounds)
-        self._array = (ctypes.c_int64 * len(self.bounds))(*self.bounds)
+        self._use(list(bounds))
         return self
