@@ -6,8 +6,9 @@ from qkformer.attention import QKChannelAttention, QKTokenAttention, SpikingSelf
 from qkformer.neuron import lif_multistep
 
 
-def _spikes(*shape, p=0.3):
-    return (torch.rand(shape) < p).float()
+def _spikes(*shape, p=0.3, seed=None):
+    g = None if seed is None else torch.Generator().manual_seed(seed)
+    return (torch.rand(shape, generator=g) < p).float()
 
 
 def _randomise_bn(module):
@@ -79,9 +80,85 @@ def test_ssa_legacy_couples_the_batch_exactly_as_specified():
         assert torch.equal(out_legacy[0, 0], out_fixed[0, 0])
 
 
-def test_ssa_scale_and_product_order():
-    attn = SpikingSelfAttention(8, 2)
-    assert attn.scale == 0.125  # constant for every head width (docs/original.md Q3)
+def _lif64(x, v_threshold, tau=2.0):
+    """Float64 LIF over the leading (time) axis with a hard reset to 0: the oracle."""
+    v, out = torch.zeros_like(x[0]), torch.empty_like(x)
+    for t in range(x.shape[0]):
+        h = v + (x[t] - v) / tau
+        out[t] = (h >= v_threshold).to(x.dtype)
+        v = h * (1 - out[t])
+    return out
+
+
+def _routing(module, names, C, seed=0):
+    """Each ``<name>`` projection made a fixed channel permutation of its spiking input (weight 3P,
+    BN the identity: the LIF's first charge is 1.5 >= 1 for a 1, 0 for a 0), so the branch outputs
+    are known exactly and the attention core can be checked on its own through the whole forward.
+    Returns the permutation of each branch ("proj" gets the identity)."""
+    g = torch.Generator().manual_seed(seed)
+    perms = {}
+    for name in names:
+        perm = torch.arange(C) if name == "proj" else torch.randperm(C, generator=g)
+        w = torch.zeros(C, C)
+        w[torch.arange(C), perm] = 3.0
+        conv, bn = getattr(module, f"{name}_conv"), getattr(module, f"{name}_bn")
+        conv.weight.data.copy_(w[..., None])
+        if conv.bias is not None:
+            conv.bias.data.zero_()
+        bn.reset_parameters()
+        bn.reset_running_stats()
+        perms[name] = perm
+    return perms
+
+
+def _forward(module, x, fast):
+    """``module`` on ``[T, B, C, H, W]`` through the reference layout or the fused token-major path."""
+    module.token_major = fast
+    with torch.no_grad():
+        if fast:
+            return module(x.permute(0, 1, 3, 4, 2).contiguous()).permute(0, 1, 4, 2, 3)
+        return module(x)
+
+
+@pytest.mark.parametrize("fast", [False, True], ids=["reference", "fused"])
+@pytest.mark.parametrize("cls", [QKTokenAttention, QKChannelAttention])
+def test_qk_attention_equals_closed_form(cls, fast):
+    T, B, C, h, H, W = 3, 2, 16, 4, 3, 5
+    attn = cls(C, num_heads=h).eval()
+    perms = _routing(attn, ("q", "k", "proj"), C)
+    x = _spikes(T, B, C, H, W, p=0.15, seed=1)
+    x64 = x.double().flatten(3)  # [T, B, C, N]
+    q, k = x64[:, :, perms["q"]], x64[:, :, perms["k"]]
+    qh = q.reshape(T, B, h, C // h, H * W)
+    if cls is QKTokenAttention:  # per head: Q summed over the head's channels, one gate per token
+        counts = qh.sum(3, keepdim=True)
+    else:  # per channel: Q summed over the tokens, one gate per channel
+        counts = qh.sum(4, keepdim=True)
+    mask = _lif64(counts, 0.5)
+    expected = (mask.expand_as(qh).reshape(T, B, C, H * W) * k).reshape(T, B, C, H, W)
+    # the case must tell the gates apart: some closed, some open, and K not all-zero under them
+    assert 0 < mask.mean() < 1 and expected.sum() > 0
+    assert torch.equal(_forward(attn, x, fast).double(), expected)
+
+
+@pytest.mark.parametrize("fast", [False, True], ids=["reference", "fused"])
+@pytest.mark.parametrize("kv_first", [True, False], ids=["q(kTv)", "(qkT)v"])
+def test_ssa_scale_and_product_order(kv_first, fast):
+    """Per head LIF_0.5(0.125 * Q Kᵀ V), with 0.125 for every head width (docs/original.md Q3):
+    d = 4 here, where 1/sqrt(d) would be 0.5."""
+    T, B, C, h, H, W = 4, 2, 16, 4, 3, 3
+    attn = SpikingSelfAttention(C, h, legacy_proj_lif=False, kv_first=kv_first).eval()
+    perms = _routing(attn, ("q", "k", "v", "proj"), C)
+    x = _spikes(T, B, C, H, W, p=0.3, seed=2)
+    x64 = x.double().flatten(3)
+
+    def heads(name):  # [T, B, C, N] -> [T, B, h, N, d]
+        return x64[:, :, perms[name]].reshape(T, B, h, C // h, H * W).transpose(3, 4)
+
+    scores = heads("q") @ heads("k").transpose(3, 4) @ heads("v") * 0.125
+    expected = _lif64(scores.transpose(3, 4).reshape(T, B, C, H * W), 0.5).reshape(x.shape)
+    assert 0 < expected.mean() < 1
+    assert torch.equal(_forward(attn, x, fast).double(), expected)
 
 
 def _saved_bytes(module, x):
