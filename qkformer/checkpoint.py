@@ -79,13 +79,20 @@ def read_checkpoint(path: PathLike) -> Any:
         with torch.serialization.safe_globals(SAFE_GLOBALS):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        if "weights_only" in str(e) or "Unsupported global" in str(e):
+        # torch's message advises weights_only=False: never pass that on, only the cause.
+        lines = [ln.strip() for ln in str(e).splitlines()]
+        unsafe = [ln for ln in lines if "GLOBAL" in ln]
+        if unsafe:
             raise UnsafeCheckpointError(
                 f"refusing to load {path}: its pickle needs objects that are not plain tensors or "
                 f"containers, so loading it could execute arbitrary code. Only "
                 f"{[g.__module__ + '.' + g.__qualname__ for g in SAFE_GLOBALS]} are allowed. "
-                f"Details: {str(e).splitlines()[0]}") from e
-        raise ValueError(f"corrupt checkpoint file {path}: {e}") from e
+                f"Details: {unsafe[0].split(' by default')[0]}") from e
+        cause = next((ln for ln in lines if ln and "weights_only" not in ln
+                      and not ln.startswith(("Please file", "Check the documentation", "In PyTorch"))
+                      and not ln.endswith("error:")), "unreadable pickle")
+        raise ValueError(f"corrupt or truncated checkpoint file {path}: not a torch checkpoint "
+                         f"({cause})") from e
     except (RuntimeError, EOFError, OSError) as e:
         raise ValueError(f"corrupt or truncated checkpoint file {path} "
                          f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
