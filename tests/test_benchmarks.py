@@ -1,5 +1,7 @@
 """Smoke tests of the benchmark scripts: each quick mode runs to the end and prints its summary.
 Speeds are not asserted (they depend on the machine and its load)."""
+import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -57,14 +59,38 @@ def test_attention_cost_small(tmp_path):
     assert (tmp_path / "attention_cost.csv").is_file()
 
 
-@pytest.mark.skipif(not (BENCH / "lif_gpu.py").is_file(), reason="no benchmarks/lif_gpu.py")
 def test_lif_gpu_benchmark_runs():
     out = _run("lif_gpu.py", "--iters", "2")
     if not torch.cuda.is_available():
-        assert "no CUDA device: GPU LIF benchmark skipped" in out
+        assert out.strip() == "no CUDA device: GPU LIF benchmark skipped"
+        return
+    # one row per candidate and case: a positive time and finite ratios to the reference
+    rows = re.findall(r"^  (.+?)\s+(\S+) ms\s+(\S+) MiB peak \|\s+(\S+)x time\s+(\S+)x memory",
+                      out, re.M)
+    assert rows and any(name.strip() == "qkformer torch" for name, *_ in rows), out
+    for name, ms, _, time_ratio, mem_ratio in rows:
+        assert float(ms) > 0 and math.isfinite(float(time_ratio)), f"{name}: {out}"
 
 
-@pytest.mark.skipif(not (BENCH / "lif.py").is_file(), reason="no benchmarks/lif.py")
 def test_lif_benchmark_quick():
     out = _run("lif.py", "--quick")
-    assert out.strip()
+    lines = out.splitlines()
+    assert lines[0] == "LIF forward+backward, fp32 CPU, 2 threads, best of 2", out
+    # the quick mode measures one shape: one row with both timings and both ratios
+    rows = [re.search(r"^\s*4x8x16x8x8: spikingjelly\s+(\S+) ms\s+(\S+) MiB \| ours\s+(\S+) ms"
+                      r"\s+(\S+) MiB \| speed-up x(\S+) \(target >= 2\.0\), "
+                      r"memory x(\S+) \(target <= 0\.5\) (PASS|FAIL)$", line) for line in lines[1:]]
+    assert len(rows) == 1 and rows[0], out
+    sj_ms, sj_mib, ours_ms, ours_mib, speedup, memory, verdict = rows[0].groups()
+    sj_ms, ours_ms, speedup = float(sj_ms), float(ours_ms), float(speedup)
+    assert sj_ms > 0 and ours_ms > 0 and math.isfinite(speedup) and speedup > 0
+    # the printed ratio is the ratio of the printed times, within their rounding (0.05 ms each)
+    low, high = (sj_ms - 0.05) / (ours_ms + 0.05), (sj_ms + 0.05) / (ours_ms - 0.05)
+    assert low - 0.005 <= speedup <= high + 0.005, out
+    assert float(sj_mib) >= 0 and float(ours_mib) >= 0
+    # a zero baseline peak has no ratio (printed as nan); otherwise a finite non-negative ratio
+    memory = float(memory)
+    assert (math.isfinite(memory) and memory >= 0) or (math.isnan(memory) and float(sj_mib) == 0)
+    # the verdict follows the targets (unless a printed figure is rounded onto a target)
+    if abs(speedup - 2.0) > 0.005 and not abs(memory - 0.5) <= 0.005:
+        assert verdict == ("PASS" if speedup >= 2.0 and memory <= 0.5 else "FAIL"), out
