@@ -3,6 +3,8 @@ import pytest
 import timm
 import torch
 
+import qkformer  # noqa: F401  (registers the models with timm when this file runs alone)
+
 TINY = dict(embed_dims=32, depths=(1, 1, 1), num_heads=2, num_classes=4, T=2)
 
 
@@ -71,7 +73,16 @@ def test_training_step_under_bf16_autocast(models):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss = torch.nn.functional.cross_entropy(m(x), y)
     loss.backward()
-    assert all(torch.isfinite(p.grad).all() for p in m.parameters() if p.grad is not None)
+    grads = {name: p.grad for name, p in m.named_parameters() if p.requires_grad}
+    assert grads and not [name for name, g in grads.items() if g is None]
+    assert not [name for name, g in grads.items() if not torch.isfinite(g).all()]
+    assert all(g.dtype == torch.float32 for g in grads.values())  # fp32 master weights
+    # the gradient reaches both ends of the network through every spiking stage
+    for name in ("head.weight", "head.bias", "patch_embed1.proj_conv.weight",
+                 "patch_embed1.proj_bn.weight"):
+        assert grads[name].abs().sum() > 0, name
+    # and most parameters (a few units may receive no spikes at this tiny size)
+    assert sum(bool(g.abs().sum() > 0) for g in grads.values()) >= 0.9 * len(grads)
 
 
 def test_legacy_switch_at_model_level():
