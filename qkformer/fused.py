@@ -82,6 +82,8 @@ def describe(model, device) -> str:
               if sparse.MAX_DENSITY > 0 else "spike-driven products off")
     threads = (f"{torch.get_num_threads()} OpenMP threads" if cpu.threaded()
                else "1 thread, built without OpenMP")
+    if cpu.isa() != "native":
+        threads += f", built for {cpu.isa()}"
     return f"path: fast (fused units, compiled CPU kernels on {threads}, {spikes}{checkpointing})"
 
 
@@ -91,6 +93,25 @@ def _arith(dtype: torch.dtype) -> torch.dtype:
 
 def _ptr(t: Optional[Tensor]) -> Optional[int]:
     return None if t is None else t.data_ptr()
+
+
+# The kernels read raw memory by the sizes they are given: everything that reaches them is
+# checked here first (a wrong dtype or size is a ValueError, a strided view is copied).
+def _channels(t: Optional[Tensor], like: Tensor, name: str) -> Optional[Tensor]:
+    """A per-channel vector for ``like`` [..., C]: C values of its arithmetic dtype, on its
+    device (contiguous)."""
+    if t is None:
+        return None
+    C, dtype = like.shape[-1], _arith(like.dtype)
+    if t.numel() != C or t.dtype != dtype or t.device != like.device:
+        raise ValueError(f"{name}: expected {C} values of {dtype} on {like.device}, got "
+                         f"{t.numel()} of {t.dtype} on {t.device}")
+    return t.contiguous().view(C)
+
+
+def _same_shape(t: Tensor, shape, name: str) -> None:
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name}: expected shape {tuple(shape)}, got {tuple(t.shape)}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -139,6 +160,10 @@ def unpack(data: Tensor, how: Optional[tuple]) -> Tensor:
         return data
     fmt, shape, dtype = how
     n = math.prod(shape)
+    if data.dtype != torch.uint8 or data.numel() != ((n + 7) // 8 if fmt == "bits" else n):
+        raise ValueError(f"unpack: {data.numel()} values of {data.dtype} do not hold {fmt} of "
+                         f"shape {tuple(shape)}")
+    data = data.contiguous()
     out = torch.empty(n, dtype=dtype, device=data.device)
     if _kernels(out):
         if fmt == "bits":
@@ -163,6 +188,7 @@ def batch_stats(y: Tensor) -> Tuple[Tensor, Tensor]:
     y2 = y.reshape(-1, C)
     R = y2.shape[0]
     if _kernels(y2) and R > 0:
+        y2 = y2.contiguous()  # reshape keeps a strided view where it can; the kernel reads rows
         parts = cpu.Parts(R, work=C)
         shift = y2[0].to(_arith(y2.dtype)).contiguous()
         sums = torch.zeros(2, len(parts), C, dtype=torch.float64)
@@ -181,6 +207,10 @@ def _pool_out(n: int) -> int:
 def _geometry(y: Tensor, steps: int, pool: bool, bcast: bool):
     """Sizes of the kernels' problem and the spike output shape."""
     C = y.shape[-1]
+    rows = y.shape[0] if pool else y.numel() // max(C, 1)
+    if steps < 1 or (pool and y.dim() != 4) or (not bcast and rows % steps):
+        raise ValueError(f"no BN-LIF problem for {tuple(y.shape)} over {steps} steps "
+                         f"(pool={pool}, bcast={bcast})")
     if pool:
         N, H, W = y.shape[0], y.shape[1], y.shape[2]
         B = N if bcast else N // steps
@@ -212,6 +242,9 @@ def bn_lif_forward(y: Tensor, steps: int, scale: Optional[Tensor], shift: Option
     channel (None: no BatchNorm). Output in ``y``'s dtype."""
     g, out_shape = _geometry(y, steps, pool, bcast)
     C = g["C"]
+    if (scale is None) != (shift is None):
+        raise ValueError("bn_lif_forward: scale and shift go together")
+    scale, shift = _channels(scale, y, "scale"), _channels(shift, y, "shift")
     if _kernels(y):
         y = y.contiguous()
         s = torch.empty(out_shape, dtype=y.dtype)
@@ -243,8 +276,14 @@ def bn_lif_backward(grad: Tensor, y: Tensor, steps: int, scale: Optional[Tensor]
     """Gradient with respect to Z = y * scale + shift (shape of ``y``, arithmetic dtype; summed
     over the steps when ``bcast``), and with ``sums`` the per-channel ``[sum(g_Z),
     sum(g_Z * y)]`` (float64, [2, C]) that the BatchNorm backward needs."""
-    g, _ = _geometry(y, steps, pool, bcast)
+    g, out_shape = _geometry(y, steps, pool, bcast)
     C = g["C"]
+    if (scale is None) != (shift is None):
+        raise ValueError("bn_lif_backward: scale and shift go together")
+    scale, shift = _channels(scale, y, "scale"), _channels(shift, y, "shift")
+    if math.prod(grad.shape) != math.prod(out_shape):
+        raise ValueError(f"bn_lif_backward: a gradient of shape {tuple(grad.shape)} for spikes "
+                         f"of shape {tuple(out_shape)}")
     if _kernels(y):
         y = y.contiguous()
         grad = grad.to(y.dtype).contiguous()
@@ -297,8 +336,15 @@ def _bn_input_grad(gz: Tensor, y: Tensor, a: Optional[Tensor], b: Optional[Tenso
                    mu: Optional[Tensor], d: Optional[Tensor]) -> Tensor:
     """g_Y = a g_Z + b (y - mu) + d per channel (b None: a g_Z; a None: g_Z), in y's dtype."""
     C = y.shape[-1]
+    _same_shape(gz, y.shape, "BN input gradient")
+    a, b, mu, d = (_channels(t, y, n) for t, n in zip((a, b, mu, d), "a b mu d".split()))
+    if b is not None and (a is None or mu is None or d is None):
+        raise ValueError("BN input gradient: b needs a, mu and d")
     if _kernels(y):
         y = y.contiguous()
+        if gz.dtype != _arith(y.dtype):
+            raise ValueError(f"BN input gradient: g_Z in {gz.dtype}, expected {_arith(y.dtype)}")
+        gz = gz.contiguous()
         out = gz if gz.dtype == y.dtype else torch.empty(y.shape, dtype=y.dtype)
         if a is None and out is gz:
             return out
@@ -600,6 +646,13 @@ def spiking_unit(x: Tensor, weight: Tensor, bias: Optional[Tensor], bn: Optional
     gemm_dtype = None
     if torch.is_autocast_enabled(x.device.type):
         gemm_dtype = torch.get_autocast_dtype(x.device.type)
+    if kernel_size == 1:
+        # A 1x1 convolution (padding 0) reads every stride-th pixel: a projection of those
+        # tokens. Exact, and it keeps strided 1x1 convolutions away from oneDNN, whose
+        # channels-last weight gradient for them is wrong (or corrupts the heap) on AVX2 CPUs
+        # for fewer than 8 input channels (docs/performance.md, "oneDNN").
+        x = x[:, ::stride, ::stride, :] if stride > 1 else x
+        kernel_size, stride = 0, 1
     spikes, y, mean, var, _, _ = _spiking_unit(
         x, weight, bias, bn_w, bn_b, rm, rv, kernel_size,
         stride, pool, steps, bcast, use_bn, batch, eps, lif.tau, lif.v_threshold, lif.alpha,

@@ -14,6 +14,7 @@ outputs.
 """
 from __future__ import annotations
 
+import math
 import os
 from typing import NamedTuple, Optional, Tuple
 
@@ -51,6 +52,35 @@ def enabled(dtype: torch.dtype, device: torch.device) -> bool:
             and cpu.library() is not None)
 
 
+def _check_dense(x: Tensor) -> None:
+    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64) or x.dim() == 0:
+        raise ValueError(f"spike-driven products take float32/float64 CPU tensors with a channel "
+                         f"axis, not {x.dtype} on {x.device} of shape {tuple(x.shape)}")
+
+
+def _check_product(csr: CSR, x_shape, weight: Tensor, kernel_size: int, stride: int) -> None:
+    """Raise ValueError unless ``csr``, ``x_shape`` and ``weight`` describe one product the
+    kernels can compute (they read memory by these sizes and check nothing)."""
+    x_shape = tuple(x_shape)
+    C = x_shape[-1] if x_shape else 0
+    if kernel_size < 0 or stride < 1 or (kernel_size > 0 and len(x_shape) != 4):
+        raise ValueError(f"no spike-driven product for kernel {kernel_size}, stride {stride} "
+                         f"on an input of shape {x_shape}")
+    want = (weight.shape[0], C, kernel_size, kernel_size) if kernel_size else None
+    if (want is not None and tuple(weight.shape) != want) or (
+            want is None and weight.numel() != weight.shape[0] * C):
+        raise ValueError(f"weight of shape {tuple(weight.shape)} does not fit an input of "
+                         f"{C} channels and kernel {kernel_size}")
+    rows = math.prod(x_shape[:-1])
+    if (csr.cols != C or csr.rows != rows or csr.rowptr.numel() != rows + 1
+            or csr.rowptr.dtype != torch.int64 or csr.idx.dtype != torch.int32
+            or csr.val.dtype not in (torch.float32, torch.float64)
+            or not all(t.is_contiguous() and t.device.type == "cpu"
+                       for t in (csr.rowptr, csr.idx, csr.val))
+            or csr.idx.numel() < int(csr.rowptr[-1]) or csr.val.numel() < int(csr.rowptr[-1])):
+        raise ValueError(f"CSR of {csr.rows}x{csr.cols} does not describe an input of shape {x_shape}")
+
+
 def _count(rows: int, cols: int, count) -> Tensor:
     counts = torch.empty(rows, dtype=torch.int32)
     count(cpu.Parts(rows, work=cols), counts.data_ptr())
@@ -78,6 +108,7 @@ def csr_from_dense(x: Tensor, max_density: Optional[float] = None) -> Optional[C
     ``max_density`` (default :data:`MAX_DENSITY`; counting is one cheap pass, filling happens only
     for a sparse input)."""
     max_density = MAX_DENSITY if max_density is None else max_density
+    _check_dense(x)
     C = x.shape[-1]
     x2 = x.contiguous().view(-1, C)
     count, fill = cpu.kernel("csr_count", x2.dtype), cpu.kernel("csr_fill", x2.dtype)
@@ -93,9 +124,13 @@ def csr_from_packed(stored: Tensor, how, max_density: Optional[float] = None) ->
     max_density = MAX_DENSITY if max_density is None else max_density
     fmt, shape, dtype = how
     C = shape[-1]
-    R = 1
-    for s in shape[:-1]:
-        R *= s
+    R = math.prod(shape[:-1])
+    need = (R * C + 7) // 8 if fmt == "bits" else R * C
+    if (fmt not in ("bits", "u8") or stored.dtype != torch.uint8 or not stored.is_contiguous()
+            or stored.device.type != "cpu" or stored.numel() != need
+            or dtype not in (torch.float32, torch.float64)):
+        raise ValueError(f"packed input ({fmt}, {stored.numel()} bytes of {stored.dtype}) does "
+                         f"not hold {tuple(shape)} values of {dtype}")
     src = stored.data_ptr()
     if fmt == "bits":
         count, fill = cpu.kernel("csr_count_bits"), cpu.kernel("csr_fill_bits", dtype)
@@ -110,9 +145,7 @@ def csr_from_packed(stored: Tensor, how, max_density: Optional[float] = None) ->
 def _geometry(x_shape, kernel_size: int, stride: int, Co: int) -> Tuple[Tensor, tuple]:
     """The kernels' geometry array and the output shape."""
     if kernel_size == 0:  # a projection over tokens [..., C]
-        R = 1
-        for s in x_shape[:-1]:
-            R *= s
+        R = math.prod(x_shape[:-1])
         g = (R, 1, 1, x_shape[-1], 1, 1, 1, 1, 0, Co)
         return torch.tensor(g, dtype=torch.int64), (*x_shape[:-1], Co)
     N, H, W, C = x_shape
@@ -140,13 +173,14 @@ def taps_to_weight(taps: Tensor, like: Tensor) -> Tensor:
 def forward(csr: CSR, x_shape, weight: Tensor, bias: Optional[Tensor], kernel_size: int,
             stride: int) -> Tensor:
     """The convolution (or projection) of the input ``csr`` describes; output token-major."""
+    _check_product(csr, x_shape, weight, kernel_size, stride)
+    if bias is not None and bias.numel() != weight.shape[0]:
+        raise ValueError(f"bias of {bias.numel()} values for {weight.shape[0]} outputs")
     dtype = csr.val.dtype
     geometry, out_shape = _geometry(x_shape, kernel_size, stride, weight.shape[0])
     taps = weight_to_taps(weight.to(dtype))
     b = bias.to(dtype).contiguous() if bias is not None else None
-    P = 1
-    for s in out_shape[:-1]:
-        P *= s
+    P = math.prod(out_shape[:-1])
     y = torch.empty(out_shape, dtype=dtype)
     cpu.kernel("spconv_fwd", dtype)(
         csr.rowptr.data_ptr(), csr.idx.data_ptr(), csr.val.data_ptr(), geometry.data_ptr(),
@@ -156,8 +190,8 @@ def forward(csr: CSR, x_shape, weight: Tensor, bias: Optional[Tensor], kernel_si
 
 
 def weight_grad_supported(kernel_size: int, stride: int) -> bool:
-    """The weight-gradient kernel covers projections and stride-1 convolutions."""
-    return kernel_size == 0 or stride == 1
+    """The weight-gradient kernel covers projections and stride-1 1x1 and 3x3 convolutions."""
+    return kernel_size == 0 or (stride == 1 and kernel_size in (1, 3))
 
 
 def weight_grad(csr: CSR, x_shape, grad_out: Tensor, weight: Tensor, kernel_size: int,
@@ -165,8 +199,11 @@ def weight_grad(csr: CSR, x_shape, grad_out: Tensor, weight: Tensor, kernel_size
     """Gradient of the product with respect to ``weight`` (shaped like it)."""
     if not weight_grad_supported(kernel_size, stride):
         raise ValueError(f"no sparse weight gradient for kernel {kernel_size}, stride {stride}")
+    _check_product(csr, x_shape, weight, kernel_size, stride)
     dtype = csr.val.dtype
-    geometry, _ = _geometry(x_shape, kernel_size, stride, weight.shape[0])
+    geometry, out_shape = _geometry(x_shape, kernel_size, stride, weight.shape[0])
+    if tuple(grad_out.shape) != tuple(out_shape) or grad_out.device.type != "cpu":
+        raise ValueError(f"output gradient of shape {tuple(grad_out.shape)}, expected {out_shape}")
     Co = weight.shape[0]
     dy = grad_out.to(dtype).contiguous()
     taps = torch.empty((kernel_size * kernel_size if kernel_size else 1, csr.cols, Co), dtype=dtype)
@@ -175,7 +212,9 @@ def weight_grad(csr: CSR, x_shape, grad_out: Tensor, weight: Tensor, kernel_size
     width = -(-Co // (2 * torch.get_num_threads()))
     width = max(lanes, -(-width // lanes) * lanes)
     slices = cpu.Parts.of([*range(0, Co, width), Co])
-    cpu.kernel("spconv_dw", dtype)(
+    done = cpu.kernel("spconv_dw", dtype)(
         csr.rowptr.data_ptr(), csr.idx.data_ptr(), csr.val.data_ptr(), geometry.data_ptr(),
         dy.data_ptr(), taps.data_ptr(), *slices.args)
+    if not done:  # the kernel refused the geometry: taps holds no gradient
+        raise RuntimeError(f"spconv_dw: geometry {geometry.tolist()} not supported")
     return taps_to_weight(taps, weight).to(weight.dtype)

@@ -20,6 +20,11 @@ do not depend on the number of threads, and the kernel shares them out over
 OpenMP these are torch's own intra-op threads, which spin for a while after each GEMM: threads
 of our own would compete with them for the cores (each kernel ran 1.3-2x slower in the model that way).
 A compiler without OpenMP (or ``QKFORMER_CPU_OPENMP=0``) builds the kernels single-threaded.
+
+``QKFORMER_CPU_ISA=avx2`` builds for AVX2 without AVX-512 (x86-64-v3) instead of this CPU, in a
+cache entry of its own: the kernels of an AVX2-only machine, testable on any newer x86 CPU.
+``QKFORMER_REQUIRE_CPU_KERNELS=1`` makes a failed build an error instead of a fallback (CI sets
+it, so the suite cannot pass without running the kernels).
 """
 from __future__ import annotations
 
@@ -35,14 +40,17 @@ from typing import Callable, Optional
 
 import torch
 
-__all__ = ["library", "unavailable_reason", "threaded", "kernel", "supports", "Parts", "SUFFIX"]
+__all__ = ["library", "unavailable_reason", "threaded", "isa", "required", "kernel", "supports",
+           "Parts", "SUFFIX"]
 
 _SOURCES = tuple(Path(__file__).with_name(n) for n in ("fused_kernels.cpp", "sparse_kernels.cpp"))
 _HEADERS = (Path(__file__).with_name("parts.h"),)
 # -fno-trapping-math: no FP exception flags to keep, so clamps and conversions vectorise (the
 # values are the same: contraction, reassociation and the rest of fast-math stay off)
-_FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fno-trapping-math", "-fopenmp-simd",
-          "-std=c++17", "-shared", "-fPIC")
+_FLAGS = ("-O3", "-ffp-contract=off", "-fno-trapping-math", "-fopenmp-simd", "-std=c++17",
+          "-shared", "-fPIC")
+# QKFORMER_CPU_ISA -> the target flags
+_ISA_FLAGS = {"native": ("-march=native",), "avx2": ("-march=x86-64-v3", "-mtune=generic")}
 _OPENMP = "-fopenmp"  # the parts of a call on threads; without it they run on the calling thread
 SUFFIX = {torch.float32: "f32", torch.float64: "f64", torch.bfloat16: "bf16"}
 
@@ -78,6 +86,7 @@ _PLAIN = {
     "csr_count_bits": ([_P, _I, *_PARTS, _P], None),
 }
 
+_DISABLED = "disabled by QKFORMER_CPU_KERNELS=0"
 _lib: Optional[ctypes.CDLL] = None
 _reason: Optional[str] = None
 _probed = False
@@ -147,35 +156,56 @@ def _build_with(cxx: str, version: str, flags: tuple) -> ctypes.CDLL:
     return ctypes.CDLL(str(target))
 
 
+def isa() -> str:
+    """The instruction set the kernels are built for: ``native`` (this CPU) or ``avx2``
+    (``QKFORMER_CPU_ISA``)."""
+    name = os.environ.get("QKFORMER_CPU_ISA", "native").strip().lower() or "native"
+    if name not in _ISA_FLAGS:
+        raise ValueError(f"QKFORMER_CPU_ISA={name!r}: expected one of {sorted(_ISA_FLAGS)}")
+    if name != "native" and platform.machine().lower() not in ("x86_64", "amd64"):
+        raise ValueError(f"QKFORMER_CPU_ISA={name} needs an x86-64 CPU, not {platform.machine()}")
+    return name
+
+
 def _build() -> ctypes.CDLL:
     global _openmp
+    flags = _FLAGS + _ISA_FLAGS[isa()]
     cxx = _compiler()
     if cxx is None:
         raise RuntimeError("no C++ compiler found (set CXX, or install g++)")
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
     if os.environ.get("QKFORMER_CPU_OPENMP", "1") != "0":
         try:
-            lib = _build_with(cxx, version, _FLAGS + (_OPENMP,))
+            lib = _build_with(cxx, version, flags + (_OPENMP,))
             _openmp = True
             return lib
         except (RuntimeError, OSError):  # no OpenMP runtime for this compiler: one thread
             pass
     _openmp = False
-    return _build_with(cxx, version, _FLAGS)
+    return _build_with(cxx, version, flags)
+
+
+def required() -> bool:
+    """Whether a failed build is an error (``QKFORMER_REQUIRE_CPU_KERNELS=1``)."""
+    return os.environ.get("QKFORMER_REQUIRE_CPU_KERNELS", "0") not in ("", "0")
 
 
 def library() -> Optional[ctypes.CDLL]:
     """The compiled kernels, or None when they cannot be built here (see :func:`unavailable_reason`)."""
     global _lib, _reason, _probed
     if not _probed:
-        _probed = True
         if os.environ.get("QKFORMER_CPU_KERNELS", "1") == "0":
-            _reason = "disabled by QKFORMER_CPU_KERNELS=0"
+            _reason = _DISABLED
         else:
+            isa()  # a misspelt QKFORMER_CPU_ISA is an error (every call), not a fallback
             try:
                 _lib = _build()
             except Exception as e:  # no compiler, a failed build, an unloadable file
                 _reason = f"{type(e).__name__}: {e}"
+        _probed = True
+    if _lib is None and required() and _reason != _DISABLED:
+        raise RuntimeError(f"QKFORMER_REQUIRE_CPU_KERNELS is set but the CPU kernels are "
+                           f"unavailable: {_reason}")
     return _lib
 
 
