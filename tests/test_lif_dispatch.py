@@ -1,6 +1,7 @@
 """Backend dispatch of the LIF neuron, on CPU: the kernel's self-check and fallbacks exercised with
 stand-ins for the kernel launchers, the environment variables, the public no-autograd functions,
-the custom ops under torch.compile, and the module structure (no import cycle).
+the custom ops under torch.compile, and the module structure (no import cycle in the package,
+the layering of its modules).
 
 The stand-ins replace ``qkformer.cuda._forward`` / ``_backward`` (the two functions that launch
 the kernels) and ``qkformer.cuda.handles`` (is this a tensor the kernel serves?), and the probe
@@ -571,15 +572,53 @@ def _reaches(graph, start, goal):
     return False
 
 
+def _cycle(graph):
+    """One import cycle as ``[a, b, ..., a]``, or None when the graph is acyclic."""
+    state, stack = {}, []  # state: 1 = on the current path, 2 = finished
+
+    def visit(m):
+        state[m] = 1
+        stack.append(m)
+        for d in sorted(graph.get(m, ())):
+            if state.get(d) == 1:
+                return stack[stack.index(d):] + [d]
+            if d not in state and (found := visit(d)):
+                return found
+        stack.pop()
+        state[m] = 2
+        return None
+
+    for m in sorted(graph):
+        if m not in state and (found := visit(m)):
+            return found
+    return None
+
+
 def test_import_graph_finder_sees_a_cycle(tmp_path):
     pkg = tmp_path / "qkformer"
     (pkg / "cuda").mkdir(parents=True)
     (pkg / "__init__.py").write_text("")
     (pkg / "neuron.py").write_text("from . import cuda as lif_cuda\n")
     (pkg / "cuda" / "__init__.py").write_text("def f():\n    from ..neuron import x\n")
+    (pkg / "model.py").write_text("import qkformer.neuron\n")  # on no cycle
     graph = _import_graph(pkg)
     assert graph["qkformer.neuron"] == {"qkformer.cuda"}
+    assert graph["qkformer.model"] == {"qkformer.neuron"}
     assert _reaches(graph, "qkformer.cuda", "qkformer.neuron")
+    assert _cycle(graph) in (["qkformer.cuda", "qkformer.neuron", "qkformer.cuda"],
+                             ["qkformer.neuron", "qkformer.cuda", "qkformer.neuron"])
+    del graph["qkformer.cuda"]
+    assert _cycle(graph) is None
+
+
+def test_no_import_cycle_in_the_package():
+    package = REPO / "qkformer"
+    graph = _import_graph(package)
+    # every module is in the graph, the subpackages included
+    assert len(graph) == len(list(package.rglob("*.py")))
+    assert {"qkformer.analysis.curves", "qkformer.cpu", "qkformer.data.images"} <= set(graph)
+    cycle = _cycle(graph)
+    assert cycle is None, "import cycle: " + " -> ".join(cycle)
 
 
 def test_no_import_cycle_between_neuron_and_cuda():
@@ -589,3 +628,17 @@ def test_no_import_cycle_between_neuron_and_cuda():
     assert not _reaches(graph, "qkformer.cuda", "qkformer.neuron")  # ... and never the layer
     assert not _reaches(graph, "qkformer.lif_loops", "qkformer.neuron")
     assert not _reaches(graph, "qkformer.lif_loops", "qkformer.cuda")
+
+
+def test_network_modules_never_import_the_drivers():
+    """What builds the network (layers, kernels, the model) stays usable without the command-line
+    drivers: a model import must not pull in training, evaluation or the analysis tools."""
+    graph = _import_graph(REPO / "qkformer")
+    network = ["qkformer.lif_loops", "qkformer.cuda", "qkformer.neuron", "qkformer.functional",
+               "qkformer.fused", "qkformer.attention", "qkformer.layers", "qkformer.model",
+               "qkformer.variants", "qkformer"]
+    drivers = ["qkformer.train", "qkformer.engine", "qkformer.evaluate", "qkformer.demo",
+               "qkformer.config"] + [m for m in graph if m.startswith("qkformer.analysis")]
+    assert "qkformer.model" in graph["qkformer.variants"]  # (the graph has edges)
+    reached = [(a, b) for a in network for b in drivers if _reaches(graph, a, b)]
+    assert not reached, reached
