@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -27,6 +28,16 @@ from .neuron import describe_backend
 from .train import check_data_dir, check_input_size
 
 __all__ = ["build_parser", "main"]
+
+
+def default_workers(cap: int = 4) -> int:
+    """Loader workers: ``cap``, or fewer where fewer cores are available to this process (more
+    workers than cores makes the DataLoader warn, once per loader, and cannot help)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # no affinity masks (macOS, Windows)
+        cores = os.cpu_count() or 1
+    return max(1, min(cap, cores))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -52,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
       help="force mixed precision on/off; default auto: fp16 on CUDA, bf16 on CPUs with native "
            "bf16, else fp32")
     a("--device", default="auto")
-    a("--workers", type=int, default=4)
+    a("--workers", type=int, default=default_workers(),
+      help="data loader processes (at most 4, and at most the cores available)")
     a("--max-iters", dest="max_iters", type=int, default=None)
     a("--progress", action=argparse.BooleanOptionalAction, default=True)
     return p
