@@ -112,7 +112,8 @@ def _routing(module, names, C, seed=0):
 
 
 def _forward(module, x, fast):
-    """``module`` on ``[T, B, C, H, W]`` through the reference layout or the fused token-major path."""
+    """``module`` on ``[T, B, C, H, W]``, through the reference layout or the fused token-major
+    path."""
     module.token_major = fast
     with torch.no_grad():
         if fast:
