@@ -21,6 +21,7 @@ setup(
         "pyyaml",
         "tensorboard",
         "tqdm",
+        "torchdata>=0.11",  # StatefulDataLoader: the data position in step checkpoints
         "safetensors",
         "matplotlib",
         "scikit-learn",  # the bundled 8x8 digits set of the demo

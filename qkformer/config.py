@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Callable, List, Optional, Sequence, TypeVar
 
 import yaml
 
-__all__ = ["ConfigError", "recipe_names", "resolve_config_path", "parse_with_config", "run_cli",
+__all__ = ["ConfigError", "OneLineErrorParser", "recipe_names", "resolve_config_path", "parse_with_config", "run_cli",
            "error_message"]
 
 if TYPE_CHECKING:
@@ -26,6 +26,14 @@ RECIPES = "configs"  # folder of the bundled recipes inside the package
 
 class ConfigError(ValueError):
     pass
+
+
+class OneLineErrorParser(argparse.ArgumentParser):
+    """argparse, but a bad option (``--T 1.5``, an unknown flag) is one ``error:`` line (exit
+    status 2, argparse's) instead of the usage text followed by the message."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 
 
 def _coerce(action: argparse.Action, value):
@@ -99,17 +107,28 @@ R = TypeVar("R")
 
 
 def run_cli(body: Callable[[], R], from_command_line: bool) -> R:
-    """Run a script body: user errors (bad config, missing data, wrong checkpoint) end a command
-    line run with a one-line message instead of a traceback; called from Python they propagate.
-    The process group, if any, is always torn down."""
+    """Run a script body: on the command line every error ends in one line, ``error: ...``, with
+    exit status 1 (Ctrl-C: one line and 130; a preempted training run: its own status, see
+    docs/long_runs.md); ``QKFORMER_TRACEBACK=1`` shows the traceback instead. Called from Python,
+    errors propagate. The process group, if any, is always torn down."""
+    import os
+
     from .distributed import cleanup
 
     try:
         return body()
-    except (ValueError, OSError) as e:  # ConfigError, FileNotFoundError, PermissionError, ...
+    except KeyboardInterrupt:
         if from_command_line:
-            sys.exit(f"error: {error_message(e)}")
+            print("error: interrupted (Ctrl-C)", file=sys.stderr)
+            raise SystemExit(130) from None
         raise
+    except Exception as e:  # ConfigError, OSError, TypeError from a misspelt key, RuntimeError ...
+        if not from_command_line or os.environ.get("QKFORMER_TRACEBACK"):
+            raise
+        text = error_message(e)
+        if not isinstance(e, (ValueError, OSError)):  # the kind says what failed; one line
+            text = " ".join(f"{type(e).__name__}: {text}".split())
+        sys.exit(f"error: {text}")
     finally:
         cleanup()
 

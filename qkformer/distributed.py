@@ -1,10 +1,13 @@
 """torchrun set-up and exact distributed evaluation.
 
-``torchrun --nproc_per_node=N script.py`` sets RANK/WORLD_SIZE/LOCAL_RANK; without them
-everything runs as a single process. NCCL is used on GPU, gloo on CPU.
+``torchrun --nproc_per_node=N script.py`` sets RANK/WORLD_SIZE/LOCAL_RANK; ``srun`` (one task
+per GPU, MASTER_ADDR exported by the job script) sets SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID,
+used when RANK is not set; without either everything runs as a single process. NCCL is used on
+GPU, gloo on CPU.
 """
 from __future__ import annotations
 
+import datetime
 import os
 from dataclasses import dataclass
 
@@ -13,7 +16,23 @@ import torch.distributed as dist
 from torch.utils.data import Sampler
 
 __all__ = ["DistInfo", "init_distributed", "is_main", "all_reduce_sum", "ShardSampler",
-           "barrier", "cleanup"]
+           "barrier", "cleanup", "any_rank", "gather_objects", "DIST_TIMEOUT_S"]
+
+# A collective that waits longer than this fails instead of hanging: a rank that died leaves its
+# peers blocked in their next all-reduce (QKFORMER_DIST_TIMEOUT_S overrides it).
+DIST_TIMEOUT_S = 600
+
+
+def _slurm_env() -> None:
+    """Launched by srun without torchrun: take rank and world size from SLURM's variables."""
+    if "RANK" in os.environ or int(os.environ.get("SLURM_NTASKS", "1")) <= 1:
+        return
+    if "SLURM_PROCID" not in os.environ or "MASTER_ADDR" not in os.environ:
+        return
+    os.environ["RANK"] = os.environ["SLURM_PROCID"]
+    os.environ["WORLD_SIZE"] = os.environ["SLURM_NTASKS"]
+    os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
+    os.environ.setdefault("MASTER_PORT", "29500")
 
 
 @dataclass
@@ -29,7 +48,9 @@ class DistInfo:
 
 
 def init_distributed(device: str = "auto") -> DistInfo:
-    """Initialise the process group when launched by torchrun, and pick this rank's device."""
+    """Initialise the process group when launched by torchrun (or srun), and pick this rank's
+    device."""
+    _slurm_env()
     rank = int(os.environ.get("RANK", 0))
     world = int(os.environ.get("WORLD_SIZE", 1))
     local = int(os.environ.get("LOCAL_RANK", 0))
@@ -45,7 +66,9 @@ def init_distributed(device: str = "auto") -> DistInfo:
         dev = torch.device("cuda", local if dev.index is None else dev.index)
         torch.cuda.set_device(dev)
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
+        timeout = float(os.environ.get("QKFORMER_DIST_TIMEOUT_S", DIST_TIMEOUT_S))
+        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo",
+                                timeout=datetime.timedelta(seconds=timeout))
     return DistInfo(rank, world, local, dev)
 
 
@@ -69,6 +92,22 @@ def all_reduce_sum(values, device) -> torch.Tensor:
     if dist.is_initialized():
         dist.all_reduce(t)
     return t
+
+
+def any_rank(flag: bool, device) -> bool:
+    """True on every rank when ``flag`` is true on at least one (all ranks then act alike)."""
+    if not dist.is_initialized():
+        return bool(flag)
+    return bool(all_reduce_sum([float(bool(flag))], device).item() > 0)
+
+
+def gather_objects(obj) -> list:
+    """``[obj of rank 0, obj of rank 1, ...]`` on every rank (``[obj]`` without a group)."""
+    if not dist.is_initialized():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
 
 
 class ShardSampler(Sampler):

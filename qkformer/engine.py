@@ -26,11 +26,12 @@ from .distributed import all_reduce_sum, is_main
 
 __all__ = ["NonFiniteLossError", "autocast_for", "resolve_amp", "cpu_bf16_native",
            "train_one_epoch", "evaluate", "save_checkpoint", "resume_checkpoint",
-           "read_checkpoint_file", "rng_state", "set_rng_state"]
+           "read_checkpoint_file", "rng_state", "set_rng_state", "check_training_checkpoint",
+           "restore_training_state"]
 
 
 class NonFiniteLossError(RuntimeError):
-    pass
+    """A loss (training or evaluation) that is NaN or infinite."""
 
 
 # CPU features with which oneDNN computes bf16 natively (dot-product / matrix instructions);
@@ -101,8 +102,9 @@ def autocast_for(device: torch.device, amp: bool):
 
 
 def _fault(kind: str, step: int) -> bool:
-    """Fault injection for the tests (``QKFORMER_FAULT=kill@7`` or ``nan@3``): real failures at a
-    chosen global step, so recovery paths are exercised end to end."""
+    """Fault injection for the tests (``QKFORMER_FAULT=kill@7``, ``nan@3`` or ``slow@1``, which
+    touches the file ``QKFORMER_FAULT_MARK`` and sleeps a minute): real failures at a chosen
+    global step (epoch x batches per epoch + batch), so recovery paths are exercised end to end."""
     spec = os.environ.get("QKFORMER_FAULT", "")
     return any(f == f"{kind}@{step}" for f in spec.split(","))
 
@@ -116,22 +118,35 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, 
                     device: torch.device, epoch: int, *, scheduler=None, scaler=None,
                     amp: bool = False, accum_iter: int = 1, mixup_fn=None,
                     max_iters: Optional[int] = None, clip_grad: Optional[float] = None,
-                    progress: bool = True) -> Dict[str, float]:
+                    progress: bool = True, start_iter: int = 0,
+                    sums: Optional[tuple] = None,
+                    on_update: Optional[Callable[[int, tuple], None]] = None) -> Dict[str, float]:
     """One epoch. The lr is set per optimizer update (``scheduler.step_update``) for per-iteration
     schedules; per-epoch schedules are stepped by the caller. With DDP, gradient all-reduce is
-    skipped (``no_sync``) on accumulation steps that do not update."""
+    skipped (``no_sync``) on accumulation steps that do not update.
+
+    A resumed epoch starts at batch ``start_iter`` (an update boundary; ``loader`` already
+    positioned there) with the running loss ``sums`` of the batches before it.
+    ``on_update(batches_done, sums)`` is called after every optimizer update (step checkpoints,
+    preemption)."""
     model.train()
     n_iters = len(loader) if max_iters is None else min(len(loader), max_iters)
     updates_per_epoch = math.ceil(n_iters / accum_iter)
     loss_sum, n_seen = torch.zeros((), dtype=torch.float64), 0
-    bar = _progress(loader, n_iters, f"epoch {epoch}", progress)
+    if sums is not None:
+        loss_sum, n_seen = torch.tensor(sums[0], dtype=torch.float64), int(sums[1])
+    bar = _progress(loader, n_iters - start_iter, f"epoch {epoch}", progress)
     optimizer.zero_grad(set_to_none=True)
-    for it, (images, targets) in enumerate(bar):
+    for it, (images, targets) in enumerate(bar if start_iter < n_iters else (), start=start_iter):
         if it >= n_iters:
             break
         step = epoch * n_iters + it
         if _fault("kill", step):
             os.kill(os.getpid(), signal.SIGKILL)
+        if _fault("slow", step):  # a long step, for signals that must arrive inside one
+            if os.environ.get("QKFORMER_FAULT_MARK"):
+                open(os.environ["QKFORMER_FAULT_MARK"], "w").close()
+            time.sleep(60)
         images = images.to(device, non_blocking=True)
         targets = targets.to(device, non_blocking=True)
         if mixup_fn is not None:
@@ -164,6 +179,8 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, 
         loss_sum += loss_value * images.shape[0]
         n_seen += images.shape[0]
         bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
+        if update and on_update is not None:
+            on_update(it + 1, (loss_sum.item(), n_seen))
     total = all_reduce_sum([loss_sum.item(), n_seen], device)
     return {"train_loss": (total[0] / max(total[1], 1)).item(),
             "lr": optimizer.param_groups[0]["lr"], "train_images": int(total[1])}
@@ -195,6 +212,12 @@ def evaluate(model: nn.Module, loader, device: torch.device, amp: bool = False,
     elapsed = time.perf_counter() - start
     c1, c5, ls, count = all_reduce_sum([correct1, correct5, loss_sum, n], device).tolist()
     count = max(count, 1)
+    if not math.isfinite(ls):  # an accuracy of such a model means nothing
+        bad = sum(int((~torch.isfinite(t)).sum()) for t in _unwrap(model).state_dict().values()
+                  if t.is_floating_point())
+        why = (f"{bad:,} of the model's weights are not finite" if bad
+               else "the model's outputs are not finite")
+        raise NonFiniteLossError(f"evaluation loss is {ls}: {why}")
     return {"acc1": 100.0 * c1 / count, "acc5": 100.0 * c5 / count, "loss": ls / count,
             "images": int(count), "images_per_s": n / max(elapsed, 1e-9)}
 
@@ -226,10 +249,16 @@ def _unwrap(model: nn.Module) -> nn.Module:
 
 def save_checkpoint(path, model, optimizer, epoch: int, args, scaler=None, scheduler=None,
                     **extra) -> None:
-    """Rank 0 writes the released layout (plus resume state) atomically."""
+    """Rank 0 writes the released layout (plus resume state) atomically; a full disk or a
+    read-only folder is a :class:`~qkformer.run_state.CheckpointWriteError` naming the folder and
+    the bytes needed, with the previous file left in place."""
     if not is_main():
         return
-    atomic_save({
+    from pathlib import Path
+
+    from .run_state import write_or_explain
+
+    state = {
         "model": _unwrap(model).state_dict(),
         "optimizer": optimizer.state_dict(),
         "epoch": epoch,
@@ -238,7 +267,11 @@ def save_checkpoint(path, model, optimizer, epoch: int, args, scaler=None, sched
         "scheduler": scheduler.state_dict() if scheduler is not None else None,
         "rng": rng_state(),
         **extra,
-    }, path)
+    }
+    write_or_explain(lambda: atomic_save(state, path), Path(path), state)
+    mask = os.umask(0)  # the temporary file is private: give the result the umask's permissions
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
 
 
 def read_checkpoint_file(path):
@@ -252,14 +285,20 @@ def read_checkpoint_file(path):
         raise ValueError(f"{path} is not a checkpoint file ({type(e).__name__}: {e})") from e
 
 
-def resume_checkpoint(path, model, optimizer=None, scaler=None, scheduler=None) -> dict:
-    """Restore everything :func:`save_checkpoint` wrote; returns the checkpoint dict."""
-    ckpt = read_checkpoint_file(path)
+def check_training_checkpoint(ckpt, path) -> dict:
+    """``ckpt`` if it is a training checkpoint (has 'epoch' and the weights), else a ValueError."""
     if not (isinstance(ckpt, dict) and "epoch" in ckpt and ({"model", "state_dict"} & set(ckpt))):
         found = sorted(ckpt)[:8] if isinstance(ckpt, dict) else type(ckpt).__name__
         raise ValueError(f"{path} is not a training checkpoint (no 'epoch' and 'model' entries; "
                          f"found {found}): --resume continues a run, --finetune starts from "
                          f"weights")
+    return ckpt
+
+
+def restore_training_state(ckpt: dict, model, optimizer=None, scaler=None, scheduler=None,
+                           rng: Optional[dict] = None) -> dict:
+    """Load what :func:`save_checkpoint` wrote into the objects of a run; ``rng``: this rank's
+    RNG states when they differ from rank 0's (``ckpt['rng']``)."""
     load_checkpoint(_unwrap(model), ckpt, strict=True)
     if optimizer is not None and ckpt.get("optimizer"):
         optimizer.load_state_dict(ckpt["optimizer"])
@@ -267,6 +306,12 @@ def resume_checkpoint(path, model, optimizer=None, scaler=None, scheduler=None) 
         scaler.load_state_dict(ckpt["scaler"])
     if scheduler is not None and ckpt.get("scheduler"):
         scheduler.load_state_dict(ckpt["scheduler"])
-    if ckpt.get("rng"):
-        set_rng_state(ckpt["rng"])
+    if rng or ckpt.get("rng"):
+        set_rng_state(rng or ckpt["rng"])
     return ckpt
+
+
+def resume_checkpoint(path, model, optimizer=None, scaler=None, scheduler=None) -> dict:
+    """Restore everything :func:`save_checkpoint` wrote; returns the checkpoint dict."""
+    ckpt = check_training_checkpoint(read_checkpoint_file(path), path)
+    return restore_training_state(ckpt, model, optimizer, scaler, scheduler)

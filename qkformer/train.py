@@ -11,10 +11,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import random
 import time
 from pathlib import Path
 from typing import Optional, Sequence
+
+import signal
+import warnings
 
 import numpy as np
 import torch
@@ -24,16 +29,25 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.layers import trunc_normal_
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
-from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
+from torch.utils.data import DataLoader, DistributedSampler
+from torchdata.stateful_dataloader import StatefulDataLoader
 
 from . import fused, variants  # noqa: F401  (variants: timm registration)
 from .checkpoint import load_checkpoint
 from .cpu import memory
-from .config import ConfigError, parse_with_config, run_cli
-from .distributed import ShardSampler, init_distributed, is_main
-from .engine import (NonFiniteLossError, evaluate, read_checkpoint_file, resolve_amp,
-                     resume_checkpoint, save_checkpoint, train_one_epoch)
+from .config import ConfigError, OneLineErrorParser, parse_with_config, run_cli
+from .distributed import (ShardSampler, any_rank, gather_objects, init_distributed, is_main)
+from .engine import (NonFiniteLossError, check_training_checkpoint, evaluate,
+                     read_checkpoint_file, resolve_amp, restore_training_state, resume_checkpoint,
+                     rng_state, save_checkpoint, train_one_epoch)
+from . import run_state
+from .run_state import (EXIT_PREEMPTED, Preemption, RunLock, SeededSamples, check_output_dir,
+                        prune_steps, remove_partial_files, resume_candidates, step_checkpoint_path)
 from .neuron import describe_backend
+
+# torchdata calls a deprecated torch function on every new iterator; the warning says nothing
+# about this run.
+warnings.filterwarnings("ignore", message="'set_vital' is deprecated")
 
 __all__ = ["build_parser", "main", "check_args", "build_model", "build_datasets"]
 
@@ -41,8 +55,8 @@ DATASETS = ("imagenet", "cifar10", "cifar100", "cifar10_dvs", "dvs128_gesture")
 
 
 def build_parser(description: str = "Train QKFormer") -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=description,
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = OneLineErrorParser(description=description,
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument
     # data
     a("--dataset", choices=DATASETS, default="imagenet")
@@ -105,7 +119,18 @@ def build_parser(description: str = "Train QKFormer") -> argparse.ArgumentParser
     a("--seed", type=int, default=0)
     a("--device", default="auto")
     a("--output-dir", dest="output_dir", default="output/run")
-    a("--resume", default="", help="checkpoint to resume from, or 'auto' (output dir's last)")
+    a("--resume", default="", help="checkpoint to resume from, or 'auto': the output folder's "
+                                   "newest complete checkpoint (epoch or step)")
+    a("--overwrite", action="store_true",
+      help="start over in an output folder that holds an earlier run's checkpoints (deletes them)")
+    a("--save-every", dest="save_every", type=int, default=0,
+      help="write a step checkpoint every N optimizer updates (0: off)")
+    a("--save-every-min", dest="save_every_min", type=float, default=30.0,
+      help="write a step checkpoint when this many minutes passed since the last one (0: off)")
+    a("--keep-last", dest="keep_last", type=int, default=2, help="step checkpoints to keep")
+    a("--preempt-signals", dest="preempt_signals", nargs="+", default=["SIGTERM", "SIGUSR1"],
+      help="signals that stop the run after the current update with a step checkpoint and exit "
+           f"status {EXIT_PREEMPTED} ('none': no handler)")
     a("--eval-only", dest="eval_only", action="store_true")
     a("--max-iters", dest="max_iters", type=int, default=None,
       help="cap iterations per epoch (quick runs and tests)")
@@ -148,13 +173,16 @@ _CHECKS = (
     ("max_iters", _at_least_1, "at least 1"),
     ("mixup_off_epoch", lambda v: v >= 0, "0 or more"),
     ("recount", _at_least_1, "at least 1"),
-    ("lr", lambda v: v > 0, "positive"),
-    ("blr", lambda v: v > 0, "positive"),
-    ("min_lr", lambda v: v >= 0, "0 or more"),
-    ("warmup_lr", lambda v: v >= 0, "0 or more"),
-    ("weight_decay", lambda v: v >= 0, "0 or more"),
+    ("lr", lambda v: math.isfinite(v) and v > 0, "positive and finite"),
+    ("blr", lambda v: math.isfinite(v) and v > 0, "positive and finite"),
+    ("min_lr", lambda v: math.isfinite(v) and v >= 0, "0 or more and finite"),
+    ("warmup_lr", lambda v: math.isfinite(v) and v >= 0, "0 or more and finite"),
+    ("weight_decay", lambda v: math.isfinite(v) and v >= 0, "0 or more and finite"),
+    ("save_every", lambda v: v >= 0, "0 or more"),
+    ("save_every_min", lambda v: math.isfinite(v) and v >= 0, "0 or more minutes"),
+    ("keep_last", _at_least_1, "at least 1"),
     ("layer_decay", lambda v: 0 < v <= 1, "in (0, 1]"),
-    ("clip_grad", lambda v: v > 0, "positive"),
+    ("clip_grad", lambda v: math.isfinite(v) and v > 0, "positive and finite"),
     ("smoothing", lambda v: 0 <= v < 1, "in [0, 1)"),
     ("mixup", lambda v: v >= 0, "0 or more"),
     ("cutmix", lambda v: v >= 0, "0 or more"),
@@ -165,8 +193,11 @@ _CHECKS = (
     ("embed_dims", _at_least_1, "at least 1"),
     ("depths", lambda v: v >= 0, "0 or more"),
     ("num_heads", _at_least_1, "at least 1"),
-    ("mlp_ratio", lambda v: v > 0, "positive"),
+    ("mlp_ratio", lambda v: math.isfinite(v) and v > 0, "positive and finite"),
 )
+
+# More workers than this per process cannot help and exhausts processes and shared memory.
+MAX_WORKERS = 64
 
 
 def _flag(dest: str) -> str:
@@ -188,6 +219,15 @@ def check_args(args) -> None:
         for v in (value if isinstance(value, (list, tuple)) else [value]):
             if v is not None and not ok(v):
                 raise ConfigError(f"{_flag(dest)} {v} is invalid: it must be {want}")
+    if args.workers > MAX_WORKERS:
+        raise ConfigError(f"--workers {args.workers} is invalid: at most {MAX_WORKERS} loader "
+                          f"processes per training process (this machine has "
+                          f"{os.cpu_count()} CPUs)")
+    for name in args.preempt_signals:
+        if name.lower() != "none" and not isinstance(getattr(signal, name.upper(), None),
+                                                     signal.Signals):
+            raise ConfigError(f"--preempt-signals: {name} is not a signal name here "
+                              f"(e.g. SIGTERM SIGUSR1, or none)")
     # The step schedule runs warmup first, then a cosine over the remaining epochs.
     if args.sched_on == "step" and args.warmup_epochs >= args.epochs:
         raise ConfigError(f"--warmup-epochs {args.warmup_epochs} must be smaller than --epochs "
@@ -257,20 +297,50 @@ def build_datasets(args):
 
 
 def _loaders(args, train, val, dist):
+    """The training loader is a StatefulDataLoader: its ``state_dict()`` is the position in the
+    epoch, saved in step checkpoints. The order is DistributedSampler's (a permutation from
+    ``--seed`` and the epoch, also for one process), augmentation is seeded per sample
+    (:class:`~qkformer.run_state.SeededSamples`): both are functions of the position only."""
     g = torch.Generator()
-    if dist.distributed:
-        sampler = DistributedSampler(train, dist.world_size, dist.rank, shuffle=True,
-                                     seed=args.seed, drop_last=True)
-    else:
-        sampler = RandomSampler(train, generator=g)
-    train_loader = DataLoader(train, batch_size=args.batch_size, sampler=sampler,
-                              num_workers=args.workers, drop_last=True, generator=g,
-                              pin_memory=dist.device.type == "cuda",
-                              persistent_workers=False)
+    train = SeededSamples(train, args.seed)
+    sampler = DistributedSampler(train, dist.world_size, dist.rank, shuffle=True,
+                                 seed=args.seed, drop_last=True)
+    train_loader = StatefulDataLoader(train, batch_size=args.batch_size, sampler=sampler,
+                                      num_workers=args.workers, drop_last=True, generator=g,
+                                      pin_memory=dist.device.type == "cuda",
+                                      persistent_workers=False)
     val_loader = DataLoader(val, batch_size=args.val_batch_size or args.batch_size,
                             sampler=ShardSampler(len(val), dist.rank, dist.world_size),
                             num_workers=args.workers, pin_memory=dist.device.type == "cuda")
     return train_loader, val_loader, g
+
+
+def check_readable(dataset, what: str) -> None:
+    """Every image file of an image-folder data set can be opened, and one image per class
+    decodes, before the first step (an unreadable file would otherwise stop the run mid-epoch)."""
+    samples = getattr(dataset, "samples", None)
+    if not samples:
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    def unreadable(path):
+        try:
+            with open(path, "rb") as f:
+                return None if f.read(1) else f"{path} is empty"
+        except OSError as e:
+            return f"{path}: {e.strerror or e}"
+
+    with ThreadPoolExecutor(16) as pool:
+        bad = [m for m in pool.map(unreadable, (p for p, _ in samples), chunksize=256) if m]
+    if bad:
+        raise ValueError(f"{len(bad)} unreadable {what} image file(s), e.g. {bad[0]}")
+    first = {}
+    for i, (_, target) in enumerate(samples):
+        first.setdefault(target, i)
+    loader = getattr(dataset, "loader", None)
+    for i in first.values():
+        if loader is not None:
+            loader(samples[i][0])  # raises CorruptImageError naming the file
 
 
 def _loss_and_mixup(args, num_classes: int):
@@ -321,13 +391,66 @@ def main(argv: Optional[Sequence[str]] = None, default_config: Optional[str] = N
 def _run(args) -> dict:
     check_args(args)
     dist = init_distributed(args.device)
+    out = Path(args.output_dir)
+    lock = None
+    if not args.eval_only and is_main():
+        # before anything is written: one run per folder, and no silent overwrite of another's
+        out.mkdir(parents=True, exist_ok=True)
+        lock = RunLock(out).acquire()
+    names = [n.upper() for n in args.preempt_signals if n.lower() != "none"]
+    preempt = Preemption(tuple(names)) if not args.eval_only else None
+    try:
+        if lock is not None:
+            check_output_dir(out, args.resume, args.overwrite)
+            for p in remove_partial_files(out):
+                print(f"removed {p.name}: the partial file of an interrupted checkpoint write")
+        return _train(args, dist, out, preempt)
+    finally:
+        if preempt is not None:
+            preempt.restore()
+        if lock is not None:
+            lock.release()
+
+
+def _pick_resume(args, out: Path):
+    """``(checkpoint dict, path)`` to continue from, or ``(None, None)`` for a fresh start.
+    ``--resume auto`` takes the newest complete checkpoint; one that cannot be read (truncated,
+    foreign) is reported and the previous one is taken; existing but unusable work is an error,
+    never a silent restart from scratch."""
+    if not args.resume:
+        return None, None
+    if args.resume != "auto":
+        if not Path(args.resume).is_file():
+            raise FileNotFoundError(f"--resume checkpoint not found: {args.resume}")
+        return check_training_checkpoint(read_checkpoint_file(args.resume), args.resume), \
+            Path(args.resume)
+    skipped = []
+    for path in resume_candidates(out):
+        try:
+            ckpt = check_training_checkpoint(read_checkpoint_file(path), path)
+        except ValueError as e:
+            skipped.append(f"{path.name}: {e}")
+            if is_main():
+                print(f"warning: cannot resume from {path}: {e}; trying the previous checkpoint")
+            continue
+        return ckpt, path
+    if skipped:
+        raise ValueError(f"--resume auto: no usable checkpoint in {out} ({'; '.join(skipped)}); "
+                         f"refusing to start over on top of them (--overwrite does)")
+    return None, None
+
+
+class _Preempted(Exception):
+    pass
+
+
+def _train(args, dist, out: Path, preempt) -> dict:
     allocator = memory.setup_for(dist.device)
     args.amp, precision = resolve_amp(dist.device, args.amp)
     seed = args.seed + dist.rank
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-    out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     train, val = build_datasets(args)
     from .data.images import dataset_num_classes
@@ -337,6 +460,9 @@ def _run(args) -> dict:
         raise ValueError(f"--num-classes {num_classes} but the training data has "
                          f"{dataset_num_classes(train)} classes")
     args.num_classes = num_classes
+    if not args.eval_only:
+        check_readable(train, "training")
+    check_readable(val, "validation")
     train_loader, val_loader, generator = _loaders(args, train, val, dist)
     model = build_model(args, num_classes).to(dist.device)
     if args.finetune:
@@ -349,6 +475,7 @@ def _run(args) -> dict:
     if n_iters == 0:
         raise ValueError(f"training set of {len(train)} images is smaller than one batch of "
                          f"{args.batch_size}")
+    updates_per_epoch = -(-n_iters // args.accum_iter)
     optimizer = create_optimizer_v2(model, args.opt, lr=args.lr, weight_decay=args.weight_decay,
                                     layer_decay=args.layer_decay)
     prefix = args.sched_on == "step"
@@ -356,19 +483,32 @@ def _run(args) -> dict:
         optimizer, "cosine", num_epochs=args.epochs - (args.warmup_epochs if prefix else 0),
         cooldown_epochs=args.cooldown_epochs, min_lr=args.min_lr, warmup_lr=args.warmup_lr,
         warmup_epochs=args.warmup_epochs, warmup_prefix=prefix, step_on_epochs=not prefix,
-        updates_per_epoch=-(-n_iters // args.accum_iter))
+        updates_per_epoch=updates_per_epoch)
     scaler = torch.amp.GradScaler("cuda") if args.amp and dist.device.type == "cuda" else None
     loss_fn, mixup_fn = _loss_and_mixup(args, num_classes)
     amp_eval = args.amp if args.amp_eval is None else args.amp_eval
 
-    start_epoch, best = 0, 0.0
-    resume = str(out / "checkpoint-last.pth") if args.resume == "auto" else args.resume
-    if resume and Path(resume).is_file():
-        ckpt = resume_checkpoint(resume, model, optimizer, scaler, scheduler)
-        start_epoch, best = ckpt["epoch"] + 1, ckpt.get("best_acc1", 0.0)
-        print(f"resumed from {resume} at epoch {start_epoch}")
-    elif args.resume and args.resume != "auto":
-        raise FileNotFoundError(f"--resume checkpoint not found: {args.resume}")
+    start_epoch, start_iter, sums, best, loader_state = 0, 0, None, 0.0, None
+    ckpt, resumed = _pick_resume(args, out)
+    if ckpt is not None:
+        step = ckpt.get("step") or None
+        ranks = (step or {}).get("ranks") or ckpt.get("ranks")
+        if step is not None and ranks is not None and len(ranks) != dist.world_size:
+            raise ValueError(f"{resumed} is a step checkpoint of {len(ranks)} processes; resume "
+                             f"it with {len(ranks)} (or resume from an epoch checkpoint)")
+        mine = ranks[dist.rank] if ranks is not None and len(ranks) == dist.world_size else None
+        restore_training_state(ckpt, model, optimizer, scaler, scheduler,
+                               rng=mine["rng"] if mine else None)
+        best = ckpt.get("best_acc1", 0.0)
+        if step is not None:
+            start_epoch, start_iter, sums = ckpt["epoch"], step["batches"], tuple(step["sums"])
+            loader_state = mine["loader"] if mine else None
+            where = f"epoch {start_epoch}, batch {start_iter} of {n_iters}"
+        else:
+            start_epoch = ckpt["epoch"] + 1
+            where = f"epoch {start_epoch}"
+        if is_main():
+            print(f"resumed from {resumed} at {where}")
 
     if is_main():
         print(f"model {args.model}: {sum(p.numel() for p in model.parameters()):,} parameters, "
@@ -382,7 +522,8 @@ def _run(args) -> dict:
         if allocator:
             print(allocator)
         print(fused.describe(model, dist.device))
-        (out / "args.yaml").write_text(yaml.safe_dump(vars(args), sort_keys=True))
+        if not args.eval_only:
+            (out / "args.yaml").write_text(yaml.safe_dump(vars(args), sort_keys=True))
     net = torch.compile(model) if args.compile else model
     if dist.distributed:
         net = torch.nn.parallel.DistributedDataParallel(
@@ -396,36 +537,83 @@ def _run(args) -> dict:
     log = _Logger(out, is_main())
     last = out / "checkpoint-last.pth"
     stats = {}
-    for epoch in range(start_epoch, num_epochs):
-        generator.manual_seed(args.seed * 100_003 + epoch)  # data order and worker seeds
-        if isinstance(train_loader.sampler, DistributedSampler):
-            train_loader.sampler.set_epoch(epoch)
-        if mixup_fn is not None and args.mixup_off_epoch is not None:
-            mixup_fn.mixup_enabled = epoch < args.mixup_off_epoch  # targets stay smoothed
-        t0 = time.perf_counter()
-        try:
-            tr = train_one_epoch(net, train_loader, optimizer, loss_fn, dist.device, epoch,
-                                 scheduler=scheduler, scaler=scaler, amp=args.amp,
-                                 accum_iter=args.accum_iter, mixup_fn=mixup_fn,
-                                 max_iters=n_iters, clip_grad=args.clip_grad,
-                                 progress=args.progress)
-        except NonFiniteLossError as e:
-            kept = f"; the last good checkpoint is kept at {last}" if last.exists() else ""
-            raise SystemExit(f"error: {e}: stopping{kept}") from None
-        scheduler.step(epoch + 1)
-        ev = evaluate(net, val_loader, dist.device, amp_eval, args.progress)
-        best = max(best, ev["acc1"])
-        stats = {"epoch": epoch, **tr, **{f"test_{k}": v for k, v in ev.items()},
-                 "best_acc1": best, "epoch_time_s": time.perf_counter() - t0}
-        log(stats)
+    last_save = time.monotonic()
+    epoch = start_epoch
+
+    def save_step(done: int, run_sums: tuple) -> Path:
+        """A step checkpoint after ``done`` batches of ``epoch``: rank 0 writes every rank's
+        RNG and loader position."""
+        update = epoch * updates_per_epoch + -(-done // args.accum_iter)
+        ranks = gather_objects({"rng": rng_state(), "loader": train_loader.state_dict()})
+        path = step_checkpoint_path(out, update)
+        save_checkpoint(path, net, optimizer, epoch, args, scaler, scheduler, best_acc1=best,
+                        step={"update": update, "batches": done, "sums": list(run_sums),
+                              "ranks": ranks})
         if is_main():
-            print(f"epoch {epoch}: loss {tr['train_loss']:.4f} lr {tr['lr']:.3g} | "
-                  f"acc1 {ev['acc1']:.2f} acc5 {ev['acc5']:.2f} (best {best:.2f}) "
-                  f"{stats['epoch_time_s']:.1f}s")
-        save_checkpoint(last, net, optimizer, epoch, args, scaler, scheduler, best_acc1=best)
-        if ev["acc1"] >= best and is_main():
-            save_checkpoint(out / "checkpoint-best.pth", net, optimizer, epoch, args, scaler,
-                            scheduler, best_acc1=best)
+            prune_steps(out, args.keep_last)
+        return path
+
+    def on_update(done: int, run_sums: tuple) -> None:
+        nonlocal last_save
+        update = epoch * updates_per_epoch + -(-done // args.accum_iter)
+        due = bool(args.save_every) and update % args.save_every == 0
+        due = due or (args.save_every_min > 0
+                      and time.monotonic() - last_save >= args.save_every_min * 60)
+        stop = preempt is not None and preempt.requested is not None
+        if dist.distributed:  # every rank saves and stops at the same update
+            due, stop = any_rank(due, dist.device), any_rank(stop, dist.device)
+        if (due and done < n_iters) or stop:  # at the epoch's end the epoch checkpoint follows
+            path = save_step(done, run_sums)
+            last_save = time.monotonic()
+            if stop:
+                raise _Preempted(f"stopped on {preempt.requested or 'a signal on another rank'} "
+                                 f"at epoch {epoch}, batch {done}: step checkpoint {path} "
+                                 f"written; continue with --resume auto")
+
+    try:
+        for epoch in range(start_epoch, num_epochs):
+            generator.manual_seed(args.seed * 100_003 + epoch)  # the loader's base seed
+            train_loader.sampler.set_epoch(epoch)
+            train_loader.dataset.epoch = epoch  # per-sample augmentation seeds
+            if mixup_fn is not None and args.mixup_off_epoch is not None:
+                mixup_fn.mixup_enabled = epoch < args.mixup_off_epoch  # targets stay smoothed
+            first = start_iter if epoch == start_epoch else 0
+            if first and loader_state is not None and first < n_iters:
+                train_loader.load_state_dict(loader_state)  # the next iter() continues there
+            t0 = time.perf_counter()
+            try:
+                tr = train_one_epoch(net, train_loader, optimizer, loss_fn, dist.device, epoch,
+                                     scheduler=scheduler, scaler=scaler, amp=args.amp,
+                                     accum_iter=args.accum_iter, mixup_fn=mixup_fn,
+                                     max_iters=n_iters, clip_grad=args.clip_grad,
+                                     progress=args.progress, start_iter=first,
+                                     sums=sums if first else None, on_update=on_update)
+            except NonFiniteLossError as e:
+                kept = f"; the last good checkpoint is kept at {last}" if last.exists() else ""
+                raise SystemExit(f"error: {e}: stopping{kept}") from None
+            scheduler.step(epoch + 1)
+            ev = evaluate(net, val_loader, dist.device, amp_eval, args.progress)
+            best = max(best, ev["acc1"])
+            stats = {"epoch": epoch, **tr, **{f"test_{k}": v for k, v in ev.items()},
+                     "best_acc1": best, "epoch_time_s": time.perf_counter() - t0}
+            log(stats)
+            if is_main():
+                print(f"epoch {epoch}: loss {tr['train_loss']:.4f} lr {tr['lr']:.3g} | "
+                      f"acc1 {ev['acc1']:.2f} acc5 {ev['acc5']:.2f} (best {best:.2f}) "
+                      f"{stats['epoch_time_s']:.1f}s")
+            save_checkpoint(last, net, optimizer, epoch, args, scaler, scheduler, best_acc1=best)
+            last_save = time.monotonic()
+            if ev["acc1"] >= best and is_main():
+                save_checkpoint(out / "checkpoint-best.pth", net, optimizer, epoch, args, scaler,
+                                scheduler, best_acc1=best)
+            stop = preempt is not None and preempt.requested is not None
+            if any_rank(stop, dist.device) and epoch + 1 < num_epochs:
+                raise _Preempted(f"stopped on a signal after epoch {epoch}: {last} written; "
+                                 f"continue with --resume auto")
+    except _Preempted as e:
+        if is_main():
+            print(str(e), flush=True)
+        raise SystemExit(EXIT_PREEMPTED) from None
     return stats
 
 
