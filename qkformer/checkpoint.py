@@ -6,6 +6,14 @@ Released QKFormer checkpoints are MAE-style dicts ``{'model', 'optimizer', 'epoc
 so no key conversion is needed beyond stripping wrapper prefixes (``module.`` from DDP,
 ``_orig_mod.`` from ``torch.compile``).
 
+The STEP benchmark's QKFormer files (``.pth.tar`` dicts written by timm 0.5's
+``CheckpointSaver``: ``epoch, arch, state_dict, optimizer, version, args, amp_scaler, metric``)
+are read too: their MLP keys ``fc_conv1/fc_bn1/...`` become ``fc1_``/``mlp1_`` (ImageNet/CIFAR
+family), the ImageNet stage-3 ``ssa`` becomes ``attn``, and the BrainCog neuron entries
+(``*_lif.threshold``, ``*_lif.act_fun.alpha``) are checked against this package's LIF and
+dropped; a file whose neurons differ is refused. STEP's SSA ``proj_lif`` runs per sample, so a
+model loading such weights is switched to ``legacy_ssa=False`` (one log line says so).
+
 Files are unpickled with ``weights_only=True``: only tensors, plain containers and the
 allow-listed ``argparse.Namespace`` are rebuilt. A file that needs anything else (arbitrary code)
 is refused, never executed.
@@ -19,6 +27,10 @@ CLI::
     python -m qkformer.checkpoint export IN.pth OUT.safetensors
     python -m qkformer.checkpoint inspect FILE
     python -m qkformer.checkpoint export-hub IN.pth OUT_DIR --model NAME [--model-kwargs JSON]
+    python -m qkformer.checkpoint convert IN OUT --model NAME [--model-kwargs JSON]
+
+``convert`` writes any readable layout as this package's ``.pth`` (``{'model', 'args'}``), as
+``.safetensors`` or, for an OUT without a suffix, as an ``export-hub`` folder.
 
 ``export-hub`` writes a Hugging Face Hub folder (``model.safetensors``, timm's ``config.json``,
 ``README.md``) that ``timm.create_model('local-dir:OUT_DIR', pretrained=True)`` loads, and that
@@ -29,8 +41,11 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import logging
+import math
 import os
 import pickle
+import re
 import shutil
 import sys
 import tempfile
@@ -42,7 +57,10 @@ from torch import nn
 
 __all__ = ["SAFE_GLOBALS", "UnsafeCheckpointError", "CheckpointMismatchError", "read_checkpoint",
            "extract_state_dict", "checkpoint_filter_fn", "load_checkpoint", "match_variant",
-           "save_safetensors", "atomic_save", "export_hub"]
+           "save_safetensors", "atomic_save", "export_hub", "convert", "is_step_checkpoint",
+           "describe_fit"]
+
+_logger = logging.getLogger(__name__)
 
 # Exactly what the released files need beyond tensors and builtins.
 SAFE_GLOBALS = [argparse.Namespace]
@@ -69,15 +87,20 @@ def read_checkpoint(path: PathLike) -> Any:
         raise FileNotFoundError(f"checkpoint not found: {path}")
     if path.suffix == ".safetensors":
         from safetensors import SafetensorError
+        from safetensors import safe_open
         from safetensors.torch import load_file
 
         try:
-            return load_file(str(path), device="cpu")
+            tensors = load_file(str(path), device="cpu")
+            with safe_open(str(path), "pt") as f:
+                meta = f.metadata() or {}
         except (SafetensorError, OSError, ValueError) as e:
             raise ValueError(f"corrupt or truncated safetensors file {path}: {e}") from e
+        return _PerSampleSSA(tensors) if meta.get("legacy_ssa") == "false" else tensors
     try:
         with torch.serialization.safe_globals(SAFE_GLOBALS):
-            return torch.load(path, map_location="cpu", weights_only=True)
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        return _with_our_args(ckpt) if is_step_checkpoint(ckpt) else ckpt
     except pickle.UnpicklingError as e:
         # torch's message advises weights_only=False: never pass that on, only the cause.
         lines = [ln.strip() for ln in str(e).splitlines()]
@@ -119,6 +142,9 @@ def extract_state_dict(ckpt: Any, use_ema: Optional[bool] = False) -> StateDict:
     """
     if not isinstance(ckpt, Mapping):
         raise ValueError(f"checkpoint is a {type(ckpt).__name__}, not a dict")
+    if isinstance(ckpt, _PerSampleSSA):  # already ours (a second pass, e.g. timm's filter)
+        return ckpt
+    outer = ckpt
     keys = (_EMA_KEYS if use_ema is not False else ()) + _STATE_DICT_KEYS
     for key in keys:
         inner = ckpt.get(key)
@@ -132,7 +158,175 @@ def extract_state_dict(ckpt: Any, use_ema: Optional[bool] = False) -> StateDict:
         found = sorted(k for k, v in ckpt.items() if not isinstance(v, torch.Tensor))[:8]
         raise ValueError(f"no state_dict found in checkpoint: expected one of {keys} or a bare "
                          f"state_dict; found non-tensor entries {found}")
-    return _strip_prefixes(ckpt)
+    state_dict = _strip_prefixes(ckpt)
+    if _is_step_state_dict(state_dict):
+        return _from_step(state_dict, outer.get("args"))
+    if outer.get("legacy_ssa") is False:  # written by `convert` from weights that need it
+        return _PerSampleSSA(state_dict)
+    return state_dict
+
+
+# -- the STEP benchmark's layout ---------------------------------------------------------------
+# This package's neuron: MultiStepLIF's defaults; the attention-mask neurons fire at 0.5 (the
+# tests hold these equal to the models' neurons). STEP stores threshold and surrogate alpha per
+# neuron; tau only in its args.
+LIF_TAU, LIF_THRESHOLD, MASK_THRESHOLD, SURROGATE_ALPHA = 2.0, 1.0, 0.5, 4.0
+_STEP_NEURON = re.compile(r"^(?P<module>.*_lif\d*)\.(?P<what>threshold|act_fun\.alpha)$")
+_STEP_MLP = re.compile(r"\.mlp\.fc_(conv|bn)(\d)\.")
+_STEP_SSA = re.compile(r"^(stage\d+\.\d+)\.ssa\.")
+_STEP_CIFAR_HEADS = 8  # STEP's CIFAR model, like the original, ignores its num_heads
+
+
+class _PerSampleSSA(dict):
+    """A state_dict in our keys whose weights need the per-sample SSA ``proj_lif``
+    (``legacy_ssa=False``): STEP's, or one that ``convert`` wrote for such a model. The mark is
+    the class, so it survives the copies timm makes of a pretrained cfg; ``num_heads`` is the
+    head count the weights were trained with, where the file tells it."""
+
+    source = "these weights were saved for a model with legacy_ssa=False"
+    num_heads: Optional[int] = None
+
+
+@functools.lru_cache(maxsize=None)
+def _step_marked(num_heads: Optional[int]) -> type:
+    return type("_StepStateDict", (_PerSampleSSA,), dict(
+        source="these are STEP weights, whose SSA proj_lif runs over T for each sample",
+        num_heads=num_heads))
+
+
+def _is_step_state_dict(state_dict: Mapping[str, Any]) -> bool:
+    return any(_STEP_NEURON.match(k) or ".mlp.fc_conv1." in k for k in state_dict)
+
+
+def is_step_checkpoint(ckpt: Any) -> bool:
+    """Whether ``ckpt`` (a read checkpoint) holds STEP's QKFormer weights (BrainCog neuron
+    entries, ``fc_conv1``-style MLP keys)."""
+    if not isinstance(ckpt, Mapping):
+        return False
+    inner = ckpt.get("state_dict")
+    return _is_step_state_dict(inner if isinstance(inner, Mapping) else ckpt)
+
+
+def _step_keys(state_dict: Mapping[str, torch.Tensor]):
+    """(our keys -> tensors, the neuron entries) of a STEP state_dict, and whether it is the
+    ImageNet model."""
+    imagenet = "patch_embed1.proj2_conv.weight" in state_dict
+    prefix = "fc" if imagenet else "mlp"
+    ours, neurons = {}, {}
+    for k, v in state_dict.items():
+        if _STEP_NEURON.match(k):
+            neurons[k] = v
+            continue
+        k = _STEP_MLP.sub(lambda m: f".mlp.{prefix}{m[2]}_{m[1]}.", k)
+        ours[_STEP_SSA.sub(r"\1.attn.", k) if imagenet else k] = v
+    return ours, neurons, imagenet
+
+
+def _from_step(state_dict: Mapping[str, torch.Tensor], args: Any) -> _PerSampleSSA:
+    """STEP's keys -> ours, after checking its neurons against this package's LIF."""
+    meta = vars(args) if isinstance(args, argparse.Namespace) else {}
+    ours, neurons, imagenet = _step_keys(state_dict)
+    problems = []
+    if meta.get("node_type") not in (None, "LIFNode"):
+        problems.append(f"args.node_type is {meta['node_type']!r} (expected 'LIFNode')")
+    tau = meta.get("tau")
+    if isinstance(tau, (int, float)) and not math.isclose(float(tau), LIF_TAU):
+        problems.append(f"args.tau is {tau} (expected {LIF_TAU})")
+    for k, v in neurons.items():
+        m = _STEP_NEURON.match(k)
+        want = (SURROGATE_ALPHA if m["what"] != "threshold" else
+                MASK_THRESHOLD if m["module"].endswith("attn_lif") else LIF_THRESHOLD)
+        if v.numel() != 1 or not math.isclose(float(v.reshape(-1)[0]), want):
+            got = float(v.reshape(-1)[0]) if v.numel() == 1 else tuple(v.shape)
+            problems.append(f"{k} is {got} (expected {want})")
+    if problems:
+        more = f"; ... and {len(problems) - 5} more" if len(problems) > 5 else ""
+        raise CheckpointMismatchError(
+            f"refusing these STEP weights: their neurons differ from this package's LIF (tau "
+            f"{LIF_TAU}, threshold {LIF_THRESHOLD}, {MASK_THRESHOLD} for the attention-mask "
+            f"neurons, sigmoid surrogate alpha {SURROGATE_ALPHA}), so the network would compute "
+            f"something else: {'; '.join(problems[:5])}{more}")
+    heads = meta.get("num_heads") if imagenet else _STEP_CIFAR_HEADS
+    return _step_marked(heads if isinstance(heads, int) else None)(ours)
+
+
+def _stage_depths(state_dict: Mapping[str, Any]) -> Tuple[int, ...]:
+    blocks = {}
+    for k in state_dict:
+        m = re.match(r"stage(\d+)\.(\d+)\.", k)
+        if m:
+            blocks.setdefault(int(m[1]), set()).add(int(m[2]))
+    return tuple(len(blocks[i]) for i in sorted(blocks))
+
+
+def _step_arch(ckpt: Mapping[str, Any]) -> Dict[str, Any]:
+    """A STEP checkpoint's network in this package's vocabulary: a registered variant of its
+    family and the architecture arguments that make it this network (what our scripts' model
+    flags and saved args take)."""
+    import timm
+
+    step_args = ckpt.get("args")
+    meta = vars(step_args) if isinstance(step_args, argparse.Namespace) else {}
+    ours, _, imagenet = _step_keys(_strip_prefixes(ckpt["state_dict"]))
+    depths = _stage_depths(ours)
+    widths = tuple(int(ours[f"patch_embed{i}.proj_res_bn.weight"].shape[0])
+                   for i in range(1, len(depths) + 1))
+    prefix = "fc" if imagenet else "mlp"
+    hidden = ours[f"stage1.0.mlp.{prefix}1_conv.weight"].shape[0]
+    num_classes = int(ours["head.bias"].shape[0]) if "head.bias" in ours else 0
+    heads = meta.get("num_heads") if imagenet else _STEP_CIFAR_HEADS
+    family = "imagenet" if imagenet else "cifar"
+    names = [n for n in timm.list_models("qkformer_*") if _variant_info(n)[0] == family]
+    same = [n for n in names if _variant_info(n)[1] == num_classes]
+    width = [n for n in same + names if _variant_info(n)[2] == widths]
+    arch = dict(model=(width + same + names + [None])[0], embed_dims=list(widths),
+                depths=list(depths), mlp_ratio=hidden / widths[0], num_classes=num_classes,
+                legacy_ssa=False)
+    if isinstance(heads, int):
+        arch["num_heads"] = [heads]
+    if isinstance(meta.get("step"), int):
+        arch["T"] = meta["step"]
+    if isinstance(meta.get("img_size"), int):
+        arch["input_size"] = meta["img_size"]
+    data = str(meta.get("dataset", "")).split("/")[-1].lower()
+    if data:
+        arch["dataset"] = "imagenet" if data.startswith("imagenet") else data
+    return arch
+
+
+def _with_our_args(ckpt: Mapping[str, Any]) -> Dict[str, Any]:
+    """A STEP checkpoint whose ``args`` speak our vocabulary (scripts that rebuild the model
+    from a checkpoint's args read them); STEP's own stay under ``step_args``."""
+    out = dict(ckpt)
+    if isinstance(ckpt.get("state_dict"), Mapping):
+        try:
+            out["args"] = argparse.Namespace(**_step_arch(ckpt))
+        except (KeyError, IndexError):  # not the QKFormer network: the key mapping reports it
+            out.pop("args", None)
+        out["step_args"] = ckpt.get("args")
+    return out
+
+
+def _use_per_sample_ssa(model: nn.Module, state_dict: Mapping[str, Any]) -> None:
+    """Switch ``model`` to the per-sample SSA when ``state_dict`` needs it (one log line)."""
+    if not isinstance(state_dict, _PerSampleSSA):
+        return
+    legacy = [m for m in model.modules() if getattr(m, "legacy_proj_lif", False)]
+    for m in legacy:
+        m.legacy_proj_lif = False
+    if legacy:
+        _logger.warning("switching the model to legacy_ssa=False (per-sample SSA proj_lif): %s",
+                        state_dict.source)
+
+
+def _check_heads(model: nn.Module, state_dict: Mapping[str, Any], what: str, name: str) -> None:
+    heads = getattr(state_dict, "num_heads", None)
+    found = sorted({m.num_heads for m in model.modules()
+                    if hasattr(m, "num_heads") and hasattr(m, "token_major")})
+    if heads is not None and found and found != [heads]:
+        raise CheckpointMismatchError(
+            f"{what} were trained with {heads} attention heads in every stage, but {name} has "
+            f"{found}: build it with num_heads={heads}")
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -165,7 +359,7 @@ def _fit(model_sd: Mapping[str, torch.Tensor], state_dict: StateDict, strict: bo
     report = _mismatch_report({k: v for k, v in model_sd.items() if k not in exempt},
                               {k: v for k, v in state_dict.items() if k not in exempt})
     if report and strict:
-        fits = match_variant(state_dict)
+        fits = describe_fit(state_dict)
         hint = (f"\n  the checkpoint fits the variant {fits}" if fits else
                 "\n  the checkpoint matches none of the released variants")
         raise CheckpointMismatchError(f"{what} does not fit {model_name}:{report}{hint}")
@@ -192,7 +386,10 @@ def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: Optional[nn.Modul
     source = cfg.get("file") or cfg.get("hf_hub_id") or cfg.get("url")
     what = f"pretrained weights {source}" if source else "pretrained weights"
     name = cfg.get("architecture") or type(target).__name__
-    return _fit(target.state_dict(), state_dict, strict, what, name, _adapted_by_timm(target))
+    fitted = _fit(target.state_dict(), state_dict, strict, what, name, _adapted_by_timm(target))
+    _check_heads(target, state_dict, what, name)
+    _use_per_sample_ssa(target, state_dict)
+    return fitted
 
 
 def _shapes(state_dict: Mapping[str, torch.Tensor]) -> Dict[str, Tuple[int, ...]]:
@@ -200,11 +397,51 @@ def _shapes(state_dict: Mapping[str, torch.Tensor]) -> Dict[str, Tuple[int, ...]
 
 
 @functools.lru_cache(maxsize=None)
-def _variant_shapes(name: str) -> Dict[str, Tuple[int, ...]]:
+def _variant_shapes(name: str, depths: Optional[Tuple[int, ...]] = None) -> Dict[str, Tuple[int, ...]]:
     import timm
 
     with torch.device("meta"):
-        return _shapes(timm.create_model(name).state_dict())
+        kwargs = {} if depths is None else dict(depths=depths)
+        return _shapes(timm.create_model(name, **kwargs).state_dict())
+
+
+@functools.lru_cache(maxsize=None)
+def _variant_info(name: str) -> Tuple[str, int, Tuple[int, ...], Tuple[int, ...]]:
+    """(family, num_classes, embed_dims, attention heads) of a registered variant."""
+    import timm
+
+    with torch.device("meta"):
+        m = timm.create_model(name)
+    heads = tuple(sorted({a.num_heads for a in m.modules()
+                          if hasattr(a, "num_heads") and hasattr(a, "token_major")}))
+    return m.layout.name, m.num_classes, tuple(m.embed_dims), heads
+
+
+def describe_fit(state_dict: Mapping[str, torch.Tensor]) -> Optional[str]:
+    """:func:`match_variant`, else a variant built with other per-stage depths that fits (e.g.
+    STEP's ImageNet model: ``qkformer_10_384 built with depths=(1, 1, 7)``), with the head
+    count when the weights tell it."""
+    import timm
+
+    fits = match_variant(state_dict)
+    depths = _stage_depths(state_dict)
+    if fits is None and depths:
+        for name in timm.list_models("qkformer_*"):
+            try:
+                ref = _variant_shapes(name, depths)
+            except ValueError:  # depths of another stage count
+                continue
+            if ref.keys() == state_dict.keys() and all(
+                    ref[k] == tuple(state_dict[k].shape) for k in ref if not k.startswith("head.")):
+                classes = ("head.bias" in state_dict and ref.get("head.bias") != tuple(
+                    state_dict["head.bias"].shape))
+                fits = f"{name} built with depths={depths}" + (
+                    f", num_classes={state_dict['head.bias'].shape[0]}" if classes else "")
+                break
+    heads = getattr(state_dict, "num_heads", None)
+    if fits is not None and heads is not None and _variant_info(fits.split(" ")[0])[3] != (heads,):
+        fits += f"{',' if ' built with ' in fits else ' built with'} num_heads={heads}"
+    return fits
 
 
 def match_variant(state_dict: Mapping[str, torch.Tensor],
@@ -258,8 +495,10 @@ def load_checkpoint(model: nn.Module, source: Union[PathLike, Mapping[str, Any]]
     state_dict = extract_state_dict(ckpt, use_ema=use_ema)
     target = _unwrap(model)
     where = "checkpoint" if isinstance(source, Mapping) else f"checkpoint {source}"
-    state_dict = _fit(target.state_dict(), state_dict, strict, where, type(target).__name__)
-    target.load_state_dict(state_dict, strict=strict)
+    fitted = _fit(target.state_dict(), state_dict, strict, where, type(target).__name__)
+    _check_heads(target, state_dict, where, type(target).__name__)
+    target.load_state_dict(fitted, strict=strict)
+    _use_per_sample_ssa(target, state_dict)
     return ckpt
 
 
@@ -346,6 +585,9 @@ def export_hub(src: PathLike, out_dir: PathLike, model_name: str,
     overlay = {**(kwargs.pop("pretrained_cfg_overlay", None) or {}), "file": str(src)}
     model = timm.create_model(model_name, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
     args = getattr(model, "arch_args", None)
+    if args is not None and "legacy_ssa" in args:
+        # loading may have switched the SSA (weights that need the per-sample one)
+        args["legacy_ssa"] = _runs_legacy_ssa(model, args["legacy_ssa"])
     if args is not None:
         # timm also recorded the raw kwargs (maybe in the original's vocabulary); the config
         # gets the normalised arguments alone
@@ -372,6 +614,54 @@ def export_hub(src: PathLike, out_dir: PathLike, model_name: str,
     return out_dir
 
 
+def _runs_legacy_ssa(model: nn.Module, default: bool = True) -> bool:
+    flags = {m.legacy_proj_lif for m in model.modules() if hasattr(m, "legacy_proj_lif")}
+    return flags.pop() if len(flags) == 1 else default
+
+
+def convert(src: PathLike, dst: PathLike, model_name: str,
+            model_kwargs: Optional[Mapping[str, Any]] = None) -> Path:
+    """Write the checkpoint ``src`` (any layout :func:`read_checkpoint` reads) for
+    ``model_name``: ``.safetensors``, a Hub folder (``dst`` without a suffix, see
+    :func:`export_hub`), or else this package's ``.pth`` (``{'model', 'args'}``, args in our
+    vocabulary), which plain timm loads with ``pretrained_cfg_overlay=dict(file=...)``.
+
+    The weights go through ``timm.create_model(model_name, pretrained=True, ...)`` first, so a
+    file that does not fit fails with the mismatch report. Weights that need the per-sample SSA
+    stay marked as such (``legacy_ssa`` in the file), so loading the result switches it again.
+    """
+    import timm
+
+    src, dst = Path(src), Path(dst)
+    if not dst.suffix or dst.is_dir():
+        return export_hub(src, dst, model_name, model_kwargs)
+    arch = model_name.split(".")[0]
+    known = timm.list_models("qkformer_*")
+    if arch not in known:
+        raise ValueError(f"convert writes QKFormer models; {model_name!r} is none of {known}")
+    source = read_checkpoint(src)
+    kwargs = dict(model_kwargs or {})
+    overlay = {**(kwargs.pop("pretrained_cfg_overlay", None) or {}), "file": str(src)}
+    model = timm.create_model(model_name, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
+    state_dict = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    arch_args = dict(getattr(model, "arch_args", {}))
+    has_ssa = any(hasattr(m, "legacy_proj_lif") for m in model.modules())
+    per_sample = has_ssa and not _runs_legacy_ssa(model)
+    if dst.suffix == ".safetensors":
+        save_safetensors(state_dict, dst, {"legacy_ssa": "false"} if per_sample else None)
+        return dst
+    if "legacy_ssa" in arch_args:
+        arch_args["legacy_ssa"] = not per_sample
+    saved = source.get("args") if isinstance(source, Mapping) else None
+    extra = {k: v for k, v in vars(saved).items() if k == "dataset"} if isinstance(
+        saved, argparse.Namespace) else {}
+    args = argparse.Namespace(model=arch, **{k: v for k, v in arch_args.items() if k != "img_size"},
+                              input_size=model.img_size, **extra)
+    atomic_save({"model": state_dict, "args": args,
+                 **({"legacy_ssa": False} if per_sample else {})}, dst)
+    return dst
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m qkformer.checkpoint", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -387,8 +677,19 @@ def main(argv=None) -> None:
     hub.add_argument("--model", required=True, help="timm name, e.g. qkformer_10_768.in1k_384")
     hub.add_argument("--model-kwargs", dest="model_kwargs", default="{}", type=_json_object,
                      help='architecture overrides as JSON, e.g. \'{"T": 2, "embed_dims": 64}\'')
+    cnv = sub.add_parser("convert", help="write any readable layout (the authors', STEP's, ours) "
+                                          "as our .pth, .safetensors, or a Hub folder (OUT "
+                                          "without a suffix)")
+    cnv.add_argument("src")
+    cnv.add_argument("dst")
+    cnv.add_argument("--model", required=True, help="timm name, e.g. qkformer_cifar10")
+    cnv.add_argument("--model-kwargs", dest="model_kwargs", default="{}", type=_json_object,
+                     help='architecture overrides as JSON, e.g. \'{"depths": [1, 1, 7]}\'')
     args = parser.parse_args(argv)
-    if args.cmd == "export":
+    if args.cmd == "convert":
+        out = convert(args.src, args.dst, args.model, args.model_kwargs)
+        print(f"wrote {out}")
+    elif args.cmd == "export":
         save_safetensors(args.src, args.dst)
         print(f"wrote {args.dst}")
     elif args.cmd == "export-hub":
@@ -398,10 +699,18 @@ def main(argv=None) -> None:
               f"`import qkformer`, or upload the folder and use 'hf-hub:ORG/NAME'")
     else:
         ckpt = read_checkpoint(args.src)
-        sd = extract_state_dict(ckpt)
         top = sorted(ckpt.keys()) if not all(isinstance(v, torch.Tensor) for v in ckpt.values()) else "bare state_dict"
-        print(f"layout: {top}\ntensors: {len(sd)}, parameters+buffers: {sum(v.numel() for v in sd.values()):,}")
-        print(f"fits variant: {match_variant(sd)}")
+        if is_step_checkpoint(ckpt):
+            step = ckpt.get("step_args")
+            step = vars(step) if isinstance(step, argparse.Namespace) else {}
+            print(f"layout: STEP benchmark checkpoint (timm 0.5 CheckpointSaver {top}); STEP "
+                  f"model {step.get('model', '?')!r}, T={step.get('step', '?')}, epoch "
+                  f"{ckpt.get('epoch', '?')}; loads with legacy_ssa=False")
+        else:
+            print(f"layout: {top}")
+        sd = extract_state_dict(ckpt)  # a STEP file whose neurons differ is refused here
+        print(f"tensors: {len(sd)}, parameters+buffers: {sum(v.numel() for v in sd.values()):,}")
+        print(f"fits variant: {describe_fit(sd)}")
 
 
 def _json_object(text: str) -> Dict[str, Any]:
