@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from qkformer import cpu
+
 REPO = Path(__file__).resolve().parents[1]
 
 PROBE = """
@@ -58,9 +60,23 @@ def test_disabled_kernels_fall_back_to_torch_ops(tmp_path):
 def test_no_compiler_is_reported_not_fatal(tmp_path):
     empty = tmp_path / "bin"
     empty.mkdir()
-    out = _probe(tmp_path, PATH=str(empty), CXX="")
+    out = _probe(tmp_path, PATH=str(empty), CXX="", QKFORMER_REQUIRE_CPU_KERNELS="0")
     assert "library False RuntimeError: no C++ compiler found" in out
     assert "forward (2, 10) True" in out
+
+
+def test_required_kernels_make_a_failed_build_an_error(tmp_path):
+    empty = tmp_path / "bin"
+    empty.mkdir()
+    env = {**os.environ, "QKFORMER_CACHE_DIR": str(tmp_path / "cache"), "PATH": str(empty),
+           "CXX": "", "QKFORMER_REQUIRE_CPU_KERNELS": "1"}
+    proc = subprocess.run([sys.executable, "-c", PROBE], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "QKFORMER_REQUIRE_CPU_KERNELS is set but the CPU kernels are unavailable" in proc.stderr
+    # an explicit QKFORMER_CPU_KERNELS=0 is a choice, not a failure
+    assert "library False disabled" in _probe(tmp_path, QKFORMER_CPU_KERNELS="0",
+                                              QKFORMER_REQUIRE_CPU_KERNELS="1")
 
 
 KERNELS_PROBE = """
@@ -115,24 +131,48 @@ print("same over threads", len(one))
 """
 
 
+def _has_avx2() -> bool:
+    try:
+        return " avx2" in Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+
+
+BUILDS = {"openmp": {"QKFORMER_CPU_OPENMP": "1"}, "no-openmp": {"QKFORMER_CPU_OPENMP": "0"}}
+if _has_avx2():  # the kernels of an AVX2-only CPU (on this one they may be AVX-512)
+    BUILDS["avx2"] = {"QKFORMER_CPU_OPENMP": "1", "QKFORMER_CPU_ISA": "avx2"}
+
+
 @pytest.mark.slow
-def test_kernel_results_do_not_depend_on_threads_or_openmp(tmp_path):
-    """The parts of a call are fixed by the problem size alone: one thread, two threads and a
-    build without OpenMP give the same bits."""
+def test_kernel_results_do_not_depend_on_threads_openmp_or_isa(tmp_path):
+    """The parts of a call are fixed by the problem size alone and the arithmetic by the source
+    (64-byte vectors of GCC's extensions whatever the ISA, no contraction): one thread, two
+    threads, a build without OpenMP and a build for AVX2 only give the same bits."""
     results = {}
-    for openmp in ("1", "0"):
-        path = tmp_path / f"out{openmp}.pt"
-        env = {**os.environ, "QKFORMER_CACHE_DIR": str(tmp_path / f"cache{openmp}"),
-               "QKFORMER_CPU_OPENMP": openmp}
+    for build, extra in BUILDS.items():
+        path = tmp_path / f"{build}.pt"
+        env = {**os.environ, "QKFORMER_CACHE_DIR": str(tmp_path / f"cache-{build}"), **extra}
         proc = subprocess.run([sys.executable, "-c", KERNELS_PROBE, str(path)], cwd=REPO, env=env,
                               capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stderr[-3000:]
-        assert f"threaded {openmp == '1'}" in proc.stdout
+        assert f"threaded {extra['QKFORMER_CPU_OPENMP'] == '1'}" in proc.stdout
         assert "same over threads" in proc.stdout
-        results[openmp] = torch.load(path)
-    assert results["1"].keys() == results["0"].keys() and len(results["1"]) >= 20
-    for k, v in results["1"].items():
-        assert torch.equal(v, results["0"][k]), f"{k}: the OpenMP build differs"
+        results[build] = torch.load(path)
+    first, *others = BUILDS
+    assert len(results[first]) >= 20
+    for build in others:
+        assert results[build].keys() == results[first].keys()
+        for k, v in results[first].items():
+            assert torch.equal(v, results[build][k]), f"{k}: the {build} build differs"
+
+
+def test_isa_switch(tmp_path, monkeypatch):
+    monkeypatch.setenv("QKFORMER_CPU_ISA", "avx3")
+    monkeypatch.setattr(cpu, "_probed", False)
+    with pytest.raises(ValueError, match="QKFORMER_CPU_ISA='avx3'"):
+        cpu.library()
+    monkeypatch.setenv("QKFORMER_CPU_ISA", "native")
+    assert cpu.isa() == "native"
 
 
 FORK_PROBE = """
