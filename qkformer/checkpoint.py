@@ -160,7 +160,8 @@ def extract_state_dict(ckpt: Any, use_ema: Optional[bool] = False) -> StateDict:
                          f"state_dict; found non-tensor entries {found}")
     state_dict = _strip_prefixes(ckpt)
     if _is_step_state_dict(state_dict):
-        return _from_step(state_dict, outer.get("args"))
+        # read_checkpoint moved STEP's own args aside (see _with_our_args)
+        return _from_step(state_dict, outer["step_args"] if "step_args" in outer else outer.get("args"))
     if outer.get("legacy_ssa") is False:  # written by `convert` from weights that need it
         return _PerSampleSSA(state_dict)
     return state_dict
