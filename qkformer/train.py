@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from . import fused, variants  # noqa: F401  (variants: timm registration)
-from .checkpoint import load_checkpoint
+from .checkpoint import extract_state_dict, load_checkpoint
 from .cpu import memory
 from .config import ConfigError, OneLineErrorParser, parse_with_config, run_cli
 from .distributed import (ShardSampler, any_rank, gather_objects, init_distributed, is_main)
@@ -356,8 +356,10 @@ def _loss_and_mixup(args, num_classes: int):
 
 def _finetune(model, path):
     ckpt = load_checkpoint(model, read_checkpoint_file(path), strict=False)
-    ckpt_head = {k for k in ckpt.get("model", {})}
-    if "head.weight" not in ckpt_head:  # head dropped: fresh small init (docs/original.md Q12)
+    # whatever the layout ("model", "state_dict", a bare or DDP-prefixed state_dict)
+    head = extract_state_dict(ckpt).get("head.weight")
+    if head is None or head.shape != model.head.weight.shape:
+        # no head loaded (absent, or another class count): fresh small init (docs/original.md Q12)
         trunc_normal_(model.head.weight, std=2e-5)
 
 
@@ -596,12 +598,14 @@ def _train(args, dist, out: Path, preempt) -> dict:
             best = max(best, ev["acc1"])
             stats = {"epoch": epoch, **tr, **{f"test_{k}": v for k, v in ev.items()},
                      "best_acc1": best, "epoch_time_s": time.perf_counter() - t0}
+            # the checkpoint first: on a full disk it is what must not be lost, and its error
+            # names the bytes needed
+            save_checkpoint(last, net, optimizer, epoch, args, scaler, scheduler, best_acc1=best)
             log(stats)
             if is_main():
                 print(f"epoch {epoch}: loss {tr['train_loss']:.4f} lr {tr['lr']:.3g} | "
                       f"acc1 {ev['acc1']:.2f} acc5 {ev['acc5']:.2f} (best {best:.2f}) "
                       f"{stats['epoch_time_s']:.1f}s")
-            save_checkpoint(last, net, optimizer, epoch, args, scaler, scheduler, best_acc1=best)
             last_save = time.monotonic()
             if ev["acc1"] >= best and is_main():
                 save_checkpoint(out / "checkpoint-best.pth", net, optimizer, epoch, args, scaler,
