@@ -235,3 +235,36 @@ def test_atomic_save_keeps_old_file_on_failure(tmp_path):
         atomic_save({"a": Boom()}, path)
     assert torch.equal(torch.load(path)["a"], torch.ones(2))
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pth"]  # no temp files left behind
+
+
+def test_describe_fit_names_per_stage_depth_overrides():
+    from qkformer.checkpoint import describe_fit
+
+    with torch.device("meta"):
+        sd = timm.create_model("qkformer_10_512", depths=(1, 1, 3)).state_dict()
+        other = timm.create_model("qkformer_10_512", depths=(1, 1, 3), num_classes=7).state_dict()
+    assert match_variant(sd) is None
+    assert describe_fit(sd) == "qkformer_10_512 built with depths=(1, 1, 3)"
+    assert describe_fit(other) == "qkformer_10_512 built with depths=(1, 1, 3), num_classes=7"
+    with pytest.raises(CheckpointMismatchError,
+                       match=r"fits the variant qkformer_10_512 built with depths=\(1, 1, 3\)"):
+        load_checkpoint(timm.create_model("qkformer_10_512"), {"model": dict(sd)})
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+def test_convert_released_layout_round_trip(tmp_path, suffix):
+    """A released (MAE) file -> our .pth or .safetensors -> the same weights, same SSA setting."""
+    src, _ = _pair()
+    torch.save(LAYOUTS["mae"](src.state_dict()), tmp_path / "c.pth")
+    kwargs = '{"embed_dims": 32, "depths": [1, 1, 1], "num_heads": 2, "num_classes": 5, "T": 1, "img_size": 16}'
+    out = tmp_path / f"out{suffix}"
+    main(["convert", str(tmp_path / "c.pth"), str(out), "--model", "qkformer_cifar10",
+          "--model-kwargs", kwargs])
+    m = _pretrained(out)
+    assert _same(src, m) and m.stage3[0].attention.legacy_proj_lif  # nothing asked to switch it
+    if suffix == ".pth":
+        ckpt = read_checkpoint(out)
+        assert set(ckpt) == {"model", "args"} and ckpt["args"].model == "qkformer_cifar10"
+        assert ckpt["args"].depths == (1, 1, 1) and ckpt["args"].input_size == 16
+    with pytest.raises(ValueError, match="is none of"):
+        main(["convert", str(tmp_path / "c.pth"), str(out), "--model", "resnet18"])
