@@ -24,7 +24,7 @@ from tqdm import tqdm
 from .checkpoint import atomic_save, load_checkpoint, read_checkpoint
 from .distributed import all_reduce_sum, is_main
 
-__all__ = ["NonFiniteLossError", "autocast_for", "resolve_amp", "cpu_bf16_native",
+__all__ = ["NonFiniteLossError", "NonFiniteWeightsError", "autocast_for", "resolve_amp", "cpu_bf16_native",
            "train_one_epoch", "evaluate", "save_checkpoint", "resume_checkpoint",
            "read_checkpoint_file", "rng_state", "set_rng_state", "check_training_checkpoint",
            "restore_training_state"]
@@ -32,6 +32,22 @@ __all__ = ["NonFiniteLossError", "autocast_for", "resolve_amp", "cpu_bf16_native
 
 class NonFiniteLossError(RuntimeError):
     """A loss (training or evaluation) that is NaN or infinite."""
+
+
+class NonFiniteWeightsError(ValueError):
+    """Weights or buffers that are NaN or infinite (a diverged run's checkpoint)."""
+
+
+def _non_finite(model: nn.Module) -> str:
+    """'' if every floating-point weight and buffer is finite, else what is not."""
+    bad = {k: int((~torch.isfinite(t)).sum()) for k, t in _unwrap(model).state_dict().items()
+           if t.is_floating_point()}
+    bad = {k: n for k, n in bad.items() if n}
+    if not bad:
+        return ""
+    first = next(iter(bad))
+    return (f"{sum(bad.values()):,} of the model's weights are not finite (NaN or inf), in "
+            f"{len(bad)} tensor(s), first {first}")
 
 
 # CPU features with which oneDNN computes bf16 natively (dot-product / matrix instructions);
@@ -103,8 +119,9 @@ def autocast_for(device: torch.device, amp: bool):
 
 def _fault(kind: str, step: int) -> bool:
     """Fault injection for the tests (``QKFORMER_FAULT=kill@7``, ``nan@3`` or ``slow@1``, which
-    touches the file ``QKFORMER_FAULT_MARK`` and sleeps a minute): real failures at a chosen
-    global step (epoch x batches per epoch + batch), so recovery paths are exercised end to end."""
+    creates the file ``QKFORMER_FAULT_MARK`` and waits, a minute at most, until it is deleted):
+    real failures at a chosen global step (epoch x batches per epoch + batch), so recovery paths
+    are exercised end to end."""
     spec = os.environ.get("QKFORMER_FAULT", "")
     return any(f == f"{kind}@{step}" for f in spec.split(","))
 
@@ -143,10 +160,13 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, 
         step = epoch * n_iters + it
         if _fault("kill", step):
             os.kill(os.getpid(), signal.SIGKILL)
-        if _fault("slow", step):  # a long step, for signals that must arrive inside one
-            if os.environ.get("QKFORMER_FAULT_MARK"):
-                open(os.environ["QKFORMER_FAULT_MARK"], "w").close()
-            time.sleep(60)
+        if _fault("slow", step):  # a long step, for whatever a test does to the running process
+            mark = os.environ.get("QKFORMER_FAULT_MARK")
+            if mark:
+                open(mark, "w").close()
+            end = time.monotonic() + 60
+            while time.monotonic() < end and (not mark or os.path.exists(mark)):
+                time.sleep(0.05)
         images = images.to(device, non_blocking=True)
         targets = targets.to(device, non_blocking=True)
         if mixup_fn is not None:
@@ -191,6 +211,11 @@ def evaluate(model: nn.Module, loader, device: torch.device, amp: bool = False,
              progress: bool = True, max_iters: Optional[int] = None) -> Dict[str, float]:
     """Top-1/top-5 accuracy and mean cross-entropy, summed exactly over ranks (each rank sees a
     disjoint shard, see :class:`~qkformer.distributed.ShardSampler`)."""
+    # A spiking network maps NaN inputs of its neurons to "no spike": non-finite weights can
+    # give finite logits and a plausible accuracy, so they are checked, not only the loss.
+    bad = _non_finite(model)
+    if bad:
+        raise NonFiniteWeightsError(f"cannot evaluate: {bad}")
     model.eval()
     correct1 = correct5 = loss_sum = 0.0
     n = 0
@@ -213,11 +238,7 @@ def evaluate(model: nn.Module, loader, device: torch.device, amp: bool = False,
     c1, c5, ls, count = all_reduce_sum([correct1, correct5, loss_sum, n], device).tolist()
     count = max(count, 1)
     if not math.isfinite(ls):  # an accuracy of such a model means nothing
-        bad = sum(int((~torch.isfinite(t)).sum()) for t in _unwrap(model).state_dict().values()
-                  if t.is_floating_point())
-        why = (f"{bad:,} of the model's weights are not finite" if bad
-               else "the model's outputs are not finite")
-        raise NonFiniteLossError(f"evaluation loss is {ls}: {why}")
+        raise NonFiniteLossError(f"evaluation loss is {ls}: the model's outputs are not finite")
     return {"acc1": 100.0 * c1 / count, "acc5": 100.0 * c5 / count, "loss": ls / count,
             "images": int(count), "images_per_s": n / max(elapsed, 1e-9)}
 

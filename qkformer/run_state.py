@@ -12,6 +12,7 @@ Checkpoints in an output folder:
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
@@ -84,6 +85,9 @@ class RunLock:
                     f"{self.path.parent} is in use by another run (pid {owner.get('pid')} on "
                     f"{where}); give another --output-dir, or delete {self.path} if that run is "
                     f"gone") from None
+            except OSError as e:  # read-only file system, no permission, ...
+                raise OSError(e.errno, f"cannot write into --output-dir {self.path.parent}: "
+                                       f"{e.strerror}") from None
             with os.fdopen(fd, "w") as f:
                 json.dump(me, f)
             self.held = True
@@ -181,11 +185,17 @@ def write_or_explain(write: Callable[[], None], path: Path, state) -> None:
         folder = Path(path).parent
         need = _nbytes(state)
         try:
-            free = f", {shutil.disk_usage(folder).free:,} free"
+            left = shutil.disk_usage(folder).free
+            free = f", {left:,} free"
         except OSError:
-            free = ""
+            left, free = None, ""
+        if isinstance(e, OSError) and e.strerror:
+            why = e.strerror
+        elif left is not None and left < need:  # torch's serializer says only "unexpected pos"
+            why = os.strerror(errno.ENOSPC)
+        else:
+            why = " ".join(str(e).split())[:200] or type(e).__name__
         kept = f"; the previous {path.name} is intact" if Path(path).exists() else ""
-        why = " ".join(str(e).split())[:200] or type(e).__name__
         raise CheckpointWriteError(f"cannot write checkpoint {path.name} into {folder}: about "
                                    f"{need:,} bytes needed{free} ({why}){kept}") from e
 
