@@ -14,7 +14,8 @@ from torch import nn
 __all__ = ["build_model", "iter_inputs", "synthetic_batches", "image_folder_loader", "eval_transform",
            "layer_stage", "add_model_args", "add_data_args", "model_from_args", "batches_from_args",
            "max_batches", "reference_path",
-           "write_json", "write_csv", "is_event_model", "add_out_arg", "output_folder"]
+           "write_json", "write_csv", "is_event_model", "add_out_arg", "output_folder",
+           "data_label", "run_title"]
 
 _STAGE_RE = re.compile(r"^(?:patch_embed|stage)(\d+)\b")
 
@@ -128,6 +129,21 @@ def max_batches(args) -> Optional[int]:
     if args.batches is not None:
         return args.batches
     return 2 if args.synthetic else args.default_batches
+
+
+def data_label(args) -> str:
+    """What the tool's batches come from, for plot titles: the folder and split, or synthetic."""
+    if getattr(args, "synthetic", False) or not getattr(args, "data_dir", None):
+        return "synthetic input"
+    return f"{args.data_dir} ({args.split})"
+
+
+def run_title(model: str, data: Optional[str] = None, T=None, **more) -> str:
+    """A plot title naming what was measured: ``model, data, T=..., key=value ...`` (the parts
+    that are None are left out)."""
+    parts = [model] + ([data] if data else []) + ([f"T={T}"] if T is not None else [])
+    parts += [f"{k}={v}" for k, v in more.items() if v is not None]
+    return ", ".join(parts)
 
 
 def model_from_args(args) -> nn.Module:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Dict, Iterable, Tuple
+from typing import Dict, Iterable, Optional, Tuple
 
 import torch
 from torch import nn
@@ -24,9 +24,10 @@ from qkformer.attention import QKTokenAttention
 from qkformer.config import run_cli
 
 from ._common import (add_model_args, add_out_arg, eval_transform, is_event_model, layer_stage,
-                      model_from_args, output_folder, reference_path)
+                      model_from_args, output_folder, reference_path, run_title)
 
-__all__ = ["token_attention_maps", "display_image", "render_attention_maps", "load_image"]
+__all__ = ["token_attention_maps", "display_image", "attention_map_figure", "render_attention_maps",
+           "load_image"]
 
 
 @torch.no_grad()
@@ -76,30 +77,45 @@ def display_image(x: torch.Tensor) -> torch.Tensor:
     return x.permute(1, 2, 0)
 
 
-def render_attention_maps(image: torch.Tensor, maps: Dict[str, torch.Tensor], path,
-                          alpha: float = 0.55) -> Path:
-    """Draw ``image`` ([H, W, 3] in [0, 1]) and each ``[h, w]`` map over it, one panel per block."""
+def attention_map_figure(image: torch.Tensor, maps: Dict[str, torch.Tensor], alpha: float = 0.55,
+                         title: Optional[str] = None):
+    """The matplotlib figure of ``image`` ([H, W, 3] in [0, 1]) and each ``[h, w]`` map over it,
+    one panel per block."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     H, W = image.shape[:2]
+    # One extent for image and map: pixel edges at 0..W and 0..H. (imshow's default puts pixel
+    # centres on the integers, half a pixel off a map stretched over (0, W, H, 0).)
+    extent = (0, W, H, 0)
     n = len(maps) + 1
     fig, axes = plt.subplots(1, n, figsize=(3 * n, 3.3), squeeze=False)
     axes = axes[0]
-    axes[0].imshow(image.numpy())
+    axes[0].imshow(image.numpy(), extent=extent)
     axes[0].set_title("input", fontsize=9)
     for ax, (name, m) in zip(axes[1:], maps.items()):
-        ax.imshow(image.numpy())
-        # extent stretches the token grid over the image; nearest keeps tokens as blocks.
-        im = ax.imshow(m.numpy(), cmap="jet", alpha=alpha, vmin=0, vmax=1,
-                       extent=(0, W, H, 0), interpolation="nearest")
+        ax.imshow(image.numpy(), extent=extent)
+        # the token grid stretched over the image; nearest keeps tokens as blocks
+        im = ax.imshow(m.numpy(), cmap="jet", alpha=alpha, vmin=0, vmax=1, extent=extent,
+                       interpolation="nearest")
         ax.set_title(f"{name}\n{m.shape[0]}x{m.shape[1]} tokens, mean {m.mean():.2f}", fontsize=8)
     for ax in axes:
         ax.axis("off")
     if maps:
         fig.colorbar(im, ax=list(axes), fraction=0.02, pad=0.01)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return fig
+
+
+def render_attention_maps(image: torch.Tensor, maps: Dict[str, torch.Tensor], path,
+                          alpha: float = 0.55, title: Optional[str] = None) -> Path:
+    """Write :func:`attention_map_figure` as a PNG to ``path``."""
+    fig = attention_map_figure(image, maps, alpha, title)  # (selects the Agg backend first)
+    import matplotlib.pyplot as plt
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=130, bbox_inches="tight")
@@ -139,8 +155,9 @@ def _run(args) -> None:
     maps = token_attention_maps(model, x, args.stages)
     for name, m in maps.items():
         print(f"{name:30s} grid {tuple(m.shape[1:])}  mean attention {m.mean():.3f}")
+    title = run_title(args.model, args.image or "synthetic input", model.T)
     path = render_attention_maps(display_image(x[0]), {k: v[0] for k, v in maps.items()},
-                                 out / "attention_maps.png")
+                                 out / "attention_maps.png", title=title)
     print(f"wrote png: {path}")
 
 

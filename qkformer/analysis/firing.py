@@ -22,9 +22,10 @@ from torch import nn
 from qkformer.neuron import MultiStepLIF
 from qkformer.config import run_cli
 
-from ._common import (add_data_args, add_model_args, batches_from_args, is_event_model, iter_inputs,
-                      max_batches, layer_stage, model_from_args, save_figure, write_csv, write_json,
-                      add_out_arg, output_folder, reference_path)
+from ._common import (add_data_args, add_model_args, batches_from_args, data_label, is_event_model,
+                      iter_inputs, max_batches, layer_stage, model_from_args, run_title,
+                      save_figure, write_csv, write_json, add_out_arg, output_folder,
+                      reference_path)
 
 __all__ = ["LayerRate", "FiringRateMeter", "firing_rates", "plot_firing_rates", "save_firing_rates"]
 
@@ -103,8 +104,9 @@ def firing_rates(model: nn.Module, batches: Iterable, max_batches: Optional[int]
     return meter.rates()
 
 
-def plot_firing_rates(rates: List[LayerRate], path) -> Path:
-    """One horizontal bar chart per stage (stage 0 = layers outside the stages)."""
+def plot_firing_rates(rates: List[LayerRate], path, title: Optional[str] = None) -> Path:
+    """One horizontal bar chart per stage (stage 0 = layers outside the stages); ``title`` names
+    the run (model, data, T: see :func:`~qkformer.analysis._common.run_title`)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -123,16 +125,19 @@ def plot_firing_rates(rates: List[LayerRate], path) -> Path:
         ax.set_xlim(0, max(1e-3, max(r.rate for r in rates)) * 1.1)
         ax.set_title(f"stage {s}" if s else "other", fontsize=9)
     axes[-1, 0].set_xlabel("firing rate (orange: V_th != 1, the attention neurons)")
+    if title:
+        fig.suptitle(f"firing rates: {title}", fontsize=10)
     return save_figure(fig, path)
 
 
-def save_firing_rates(rates: List[LayerRate], out_dir) -> Dict[str, Path]:
+def save_firing_rates(rates: List[LayerRate], out_dir,
+                      title: Optional[str] = None) -> Dict[str, Path]:
     """Write ``firing_rates.json``, ``firing_rates.csv`` and ``firing_rates.png`` to ``out_dir``."""
     out = Path(out_dir)
     rows = [asdict(r) for r in rates]
     return {"json": write_json(out / "firing_rates.json", rows),
             "csv": write_csv(out / "firing_rates.csv", rows),
-            "png": plot_firing_rates(rates, out / "firing_rates.png")}
+            "png": plot_firing_rates(rates, out / "firing_rates.png", title)}
 
 
 def main(argv=None):
@@ -151,7 +156,8 @@ def _run(args) -> None:
     rates = firing_rates(model, batches_from_args(args, model), max_batches(args))
     for r in rates:
         print(f"{r.name:45s} stage {r.stage}  V_th {r.threshold:.1f}  rate {r.rate:.4f}  n {r.neurons}")
-    for kind, path in save_firing_rates(rates, out).items():
+    title = run_title(args.model, data_label(args), model.T)
+    for kind, path in save_firing_rates(rates, out, title).items():
         print(f"wrote {kind}: {path}")
 
 

@@ -23,8 +23,9 @@ from torch import nn
 
 from qkformer.config import run_cli
 
-from ._common import (add_data_args, add_model_args, batches_from_args, is_event_model, iter_inputs,
-                      max_batches, model_from_args, save_figure, write_json, add_out_arg, output_folder)
+from ._common import (add_data_args, add_model_args, batches_from_args, data_label, is_event_model,
+                      iter_inputs, max_batches, model_from_args, run_title, save_figure, write_json,
+                      add_out_arg, output_folder)
 from .energy import E_AC_PJ, E_MAC_PJ, EnergyMeter
 
 __all__ = ["TimestepResult", "evaluate_timesteps", "plot_timesteps", "save_timesteps"]
@@ -73,7 +74,8 @@ def evaluate_timesteps(model: nn.Module, batches: Iterable, ts: Iterable[int] = 
     return results
 
 
-def plot_timesteps(results: List[TimestepResult], path) -> Path:
+def plot_timesteps(results: List[TimestepResult], path, title: Optional[str] = None) -> Path:
+    """Accuracy and energy per image against T; ``title`` names the model and data."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -91,13 +93,16 @@ def plot_timesteps(results: List[TimestepResult], path) -> Path:
     for a in (a1, a2):
         a.set_xticks(ts)
         a.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title, fontsize=10)
     return save_figure(fig, path)
 
 
-def save_timesteps(results: List[TimestepResult], out_dir) -> Dict[str, Path]:
+def save_timesteps(results: List[TimestepResult], out_dir,
+                   title: Optional[str] = None) -> Dict[str, Path]:
     out = Path(out_dir)
     return {"json": write_json(out / "timesteps.json", [asdict(r) for r in results]),
-            "png": plot_timesteps(results, out / "timesteps.png")}
+            "png": plot_timesteps(results, out / "timesteps.png", title)}
 
 
 def main(argv=None):
@@ -118,7 +123,10 @@ def _run(args) -> None:
     for r in results:
         acc = f"top-1 {r.acc1:6.2f}%  top-5 {r.acc5:6.2f}%" if r.acc1 is not None else "no labels"
         print(f"T={r.T}  {acc}  energy {r.energy_mj:.4f} mJ/image  ({r.images} images)")
-    for kind, path in save_timesteps(results, out).items():
+    # the model's own T (its training T, unless --model-kwargs set one) next to the T evaluated
+    ts = ", ".join(str(r.T) for r in results)
+    title = run_title(args.model, data_label(args), f"{ts} (model: T={model.T})")
+    for kind, path in save_timesteps(results, out, title).items():
         print(f"wrote {kind}: {path}")
 
 
