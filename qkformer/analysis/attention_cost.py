@@ -9,7 +9,9 @@ N = H*W tokens. Memory:
   backward (``torch.autograd.graph.saved_tensors_hooks``) plus the output, excluding parameters and
   the input. This is the activation memory a training step must hold; it is deterministic.
 
-Time: the best of ``repeats`` forward + backward passes after one warm-up.
+Time: the best of ``repeats`` forward + backward passes after one warm-up. While the median of
+the passes is more than ``MAX_SPREAD`` above the best (a busy machine), more passes are run, up to
+``3 * repeats``; a point still that noisy is flagged (``time_spread``) and warned about.
 The slope of log(memory) vs log(N) tells the growth order: 1 = linear, 2 = quadratic.
 Note: this package's SSA computes q·(kᵀ·v) (a d x d intermediate, as in the original code), which
 is linear in N; the N x N form (q·kᵀ)·v is provided by ``benchmarks/attention_cost.py``.
@@ -22,10 +24,12 @@ from __future__ import annotations
 
 import argparse
 import math
+import statistics
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Dict, Iterable, List, Mapping, Optional, Tuple
+from typing import Callable, Dict, Iterable, List, Mapping, NamedTuple, Optional, Tuple
 
 import numpy as np
 import torch
@@ -34,15 +38,18 @@ from torch import nn
 from qkformer.attention import QKChannelAttention, QKTokenAttention, SpikingSelfAttention
 from qkformer.config import run_cli
 
-from ._common import add_out_arg, output_folder, save_figure, write_csv
+from ._common import add_out_arg, output_folder, run_title, save_figure, write_csv
 
-__all__ = ["DEFAULT_NS", "DEFAULT_MODULES", "CostPoint", "measure_module",
-           "measure_attention_cost", "fit_slopes", "print_slopes", "plot_attention_cost",
-           "save_attention_cost"]
+__all__ = ["DEFAULT_NS", "DEFAULT_MODULES", "MAX_SPREAD", "CostPoint", "Measurement",
+           "measure_module", "measure_attention_cost", "fit_slopes", "print_slopes", "cost_title",
+           "plot_attention_cost", "save_attention_cost"]
 
 DEFAULT_NS = tuple(2 ** k for k in range(6, 15))  # 64 .. 16,384 tokens
 DEFAULT_MODULES: Dict[str, Callable[[int, int], nn.Module]] = {
     "QKTA": QKTokenAttention, "QKCA": QKChannelAttention, "SSA": SpikingSelfAttention}
+# Largest accepted (median - best) / best of the timed passes: beyond it a time is not reproducible.
+MAX_SPREAD = 0.10
+_clock = time.perf_counter  # (replaceable in tests)
 
 
 @dataclass
@@ -52,6 +59,25 @@ class CostPoint:
     memory_bytes: int
     time_s: float
     method: str
+    time_spread: float = math.nan  # (median - best) / best of the timed passes
+    timed_runs: int = 0
+    dim: int = 0  # the measurement's setting: channels C, heads, time steps, batch
+    heads: int = 0
+    T: int = 0
+    batch: int = 0
+
+
+class Measurement(NamedTuple):
+    memory_bytes: int
+    time_s: float       # best pass (NaN when not timed)
+    method: str
+    time_spread: float  # (median - best) / best (NaN when not timed)
+    timed_runs: int
+
+
+def _spread(times: List[float]) -> float:
+    best = min(times)
+    return (statistics.median(times) - best) / best if best > 0 else math.inf
 
 
 def _grid(n: int) -> Tuple[int, int]:
@@ -78,9 +104,10 @@ def _saved_bytes(module: nn.Module, x: torch.Tensor) -> Tuple[int, torch.Tensor]
     return sum(seen.values()), out
 
 
-def measure_module(module: nn.Module, x: torch.Tensor, repeats: int = 3) -> Tuple[int, float, str]:
-    """(peak bytes, best seconds, method) of forward + backward of ``module`` on ``x``.
-    ``repeats=0`` measures memory only (time is NaN)."""
+def measure_module(module: nn.Module, x: torch.Tensor, repeats: int = 3) -> Measurement:
+    """Memory, best time and its spread of forward + backward of ``module`` on ``x``: at least
+    ``repeats`` timed passes, up to ``3 * repeats`` while their spread exceeds ``MAX_SPREAD``.
+    ``repeats=0`` measures memory only (time and spread are NaN)."""
     module.train()
     cuda = x.is_cuda
 
@@ -102,16 +129,18 @@ def measure_module(module: nn.Module, x: torch.Tensor, repeats: int = 3) -> Tupl
         mem, out = _saved_bytes(module, x)
         out.sum().backward()  # also the warm-up of the timed runs
         method = "saved_tensors+output"
-    best = math.inf if repeats else math.nan
-    for _ in range(repeats):
+    times: List[float] = []
+    while len(times) < repeats or (len(times) < 3 * repeats and _spread(times) > MAX_SPREAD):
         if cuda:
             torch.cuda.synchronize()
-        t0 = time.perf_counter()
+        t0 = _clock()
         step()
         if cuda:
             torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - t0)
-    return int(mem), best, method
+        times.append(_clock() - t0)
+    if not times:
+        return Measurement(int(mem), math.nan, method, math.nan, 0)
+    return Measurement(int(mem), min(times), method, _spread(times), len(times))
 
 
 def measure_attention_cost(modules: Optional[Mapping[str, Callable[[int, int], nn.Module]]] = None,
@@ -137,13 +166,24 @@ def measure_attention_cost(modules: Optional[Mapping[str, Callable[[int, int], n
                 continue
             torch.manual_seed(seed)
             module = factory(dim, heads).to(device)
-            mem, sec, method = measure_module(module, x, repeats)
-            points.append(CostPoint(name, n, mem, sec, method))
+            m = measure_module(module, x, repeats)
+            points.append(CostPoint(name, n, m.memory_bytes, m.time_s, m.method, m.time_spread,
+                                    m.timed_runs, dim, heads, T, batch))
             if verbose:
-                print(f"{name:14s} N={n:6d}  memory {mem / 2 ** 20:10.2f} MiB  "
-                      f"time {sec * 1e3:9.2f} ms", flush=True)
+                noisy = (f"  (noisy: median {m.time_spread:.0%} above the best of "
+                         f"{m.timed_runs})" if m.time_spread > MAX_SPREAD else "")
+                print(f"{name:14s} N={n:6d}  memory {m.memory_bytes / 2 ** 20:10.2f} MiB  "
+                      f"time {m.time_s * 1e3:9.2f} ms{noisy}", flush=True)
             del module
             x.grad = None
+    noisy = [p for p in points if p.time_spread > MAX_SPREAD]
+    if noisy:
+        worst = max(noisy, key=lambda p: p.time_spread)
+        warnings.warn(f"{len(noisy)} of {len(points)} times are not stable: their median is more "
+                      f"than {MAX_SPREAD:.0%} above their best after up to {3 * repeats} passes "
+                      f"(worst: {worst.module} at N={worst.N}, {worst.time_spread:.0%}); the time "
+                      f"slopes are unreliable. A quieter machine, more --repeats or --threads 1 "
+                      f"help.", RuntimeWarning, stacklevel=2)
     return points
 
 
@@ -159,7 +199,18 @@ def fit_slopes(points: List[CostPoint], what: str = "memory_bytes",
     return slopes
 
 
-def plot_attention_cost(points: List[CostPoint], path) -> Path:
+def cost_title(points: List[CostPoint]) -> str:
+    """The measurement's setting, from its points: input, C, heads, T, batch and device method."""
+    if not points:
+        return "attention cost"
+    p = points[0]
+    return run_title(" / ".join(dict.fromkeys(q.module for q in points)), "random spikes",
+                     p.T or None, C=p.dim or None, heads=p.heads or None, batch=p.batch or None)
+
+
+def plot_attention_cost(points: List[CostPoint], path, title: Optional[str] = None) -> Path:
+    """Memory and time against N on log-log axes, titled with the setting (``cost_title``);
+    points whose time is not stable (see ``MAX_SPREAD``) are drawn hollow."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -171,20 +222,31 @@ def plot_attention_cost(points: List[CostPoint], path) -> Path:
         slopes = fit_slopes(points, what)
         for name in dict.fromkeys(p.module for p in points):
             ps = [p for p in points if p.module == name]
-            ax.loglog([p.N for p in ps], [getattr(p, what) * scale for p in ps], "o-",
-                      label=f"{name} (slope {slopes.get(name, float('nan')):.2f})")
+            line, = ax.loglog([p.N for p in ps], [getattr(p, what) * scale for p in ps], "o-",
+                              label=f"{name} (slope {slopes.get(name, float('nan')):.2f})")
+            noisy = [p for p in ps if p.time_spread > MAX_SPREAD]
+            if what == "time_s" and noisy:
+                ax.plot([p.N for p in noisy], [p.time_s * scale for p in noisy], "o", mfc="white",
+                        mec=line.get_color(), zorder=3)
         ax.set_xlabel("tokens N")
         ax.set_ylabel(label)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
     axes[0].set_title(f"memory ({points[0].method})" if points else "memory", fontsize=9)
+    runs = [p.timed_runs for p in points if p.timed_runs]
+    if runs:
+        axes[1].set_title(f"time: best of {min(runs)}-{max(runs)} passes"
+                          + (" (hollow: not stable)" if any(p.time_spread > MAX_SPREAD
+                                                            for p in points) else ""), fontsize=9)
+    fig.suptitle(title or cost_title(points), fontsize=10)
     return save_figure(fig, path)
 
 
-def save_attention_cost(points: List[CostPoint], out_dir) -> Dict[str, Path]:
+def save_attention_cost(points: List[CostPoint], out_dir,
+                        title: Optional[str] = None) -> Dict[str, Path]:
     out = Path(out_dir)
     return {"csv": write_csv(out / "attention_cost.csv", [asdict(p) for p in points]),
-            "png": plot_attention_cost(points, out / "attention_cost.png")}
+            "png": plot_attention_cost(points, out / "attention_cost.png", title)}
 
 
 def print_slopes(points: List[CostPoint]) -> None:
