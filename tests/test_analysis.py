@@ -1,9 +1,11 @@
 """Analysis tools: firing rates, energy/SOPs, attention cost vs N, attention maps, time steps, curves."""
 import csv
+import importlib
 import importlib.util
 import json
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -402,3 +404,203 @@ def test_module_entry_point():
     r = subprocess.run([sys.executable, "-m", "qkformer.analysis.curves", "--help"],
                        capture_output=True, text=True, cwd=REPO)
     assert r.returncode == 0 and "--dataset" in r.stdout
+
+
+# ------------------------------------------------------------------- plots: extents, axes, titles
+def _capture_figures(monkeypatch, module):
+    """The figures ``module`` hands to ``save_figure``, kept for inspection (still written)."""
+    from qkformer.analysis import _common
+
+    figures = []
+
+    def save(fig, path):
+        figures.append({"suptitle": fig._suptitle.get_text() if fig._suptitle else "",
+                        "axes": [(ax.get_xlim(), [line.get_label() for line in ax.get_lines()],
+                                  [line.get_xdata() for line in ax.get_lines()], ax.get_title())
+                                 for ax in fig.axes]})
+        return _common.save_figure(fig, path)
+
+    monkeypatch.setattr(module, "save_figure", save)
+    return figures
+
+
+def test_attention_map_overlay_shares_the_image_extent():
+    H, W = 10, 12
+    image = torch.rand(H, W, 3)
+    maps = {"stage1.0.tssa": torch.rand(5, 6), "stage2.0.tssa": torch.rand(2, 3)}
+    fig = attention_maps.attention_map_figure(image, maps, title="qkformer_cifar10, x.png, T=2")
+    try:
+        panels = [ax for ax in fig.axes if len(ax.images) == 2]
+        assert len(panels) == len(maps)
+        for ax in panels:
+            picture, overlay = ax.images
+            # both span the same pixel edges, so token (i, j) covers exactly its image pixels
+            assert tuple(overlay.get_extent()) == tuple(picture.get_extent()) == (0, W, H, 0)
+        assert tuple(fig.axes[0].images[0].get_extent()) == (0, W, H, 0)
+        assert fig._suptitle.get_text() == "qkformer_cifar10, x.png, T=2"
+    finally:
+        import matplotlib.pyplot as plt
+
+        plt.close(fig)
+
+
+def _run_folder(tmp_path, epochs, dataset="cifar10", data_dir=None, logged=None):
+    """A run folder as training leaves it: log.jsonl and args.yaml."""
+    import yaml
+
+    run = tmp_path / "run"
+    run.mkdir()
+    logged = epochs if logged is None else logged
+    (run / "log.jsonl").write_text("".join(
+        json.dumps({"epoch": e, "test_acc1": 40.0 + 5 * e, "train_loss": 2.0 - 0.1 * e}) + "\n"
+        for e in range(logged)))
+    (run / "args.yaml").write_text(yaml.safe_dump({
+        "dataset": dataset, "epochs": epochs, "model": "qkformer_cifar10", "T": 2,
+        "data_dir": str(data_dir or tmp_path / "data")}))
+    return run / "log.jsonl"
+
+
+def test_curves_axis_spans_the_run_and_reference_matches_its_dataset(tmp_path, monkeypatch, capsys):
+    figures = _capture_figures(monkeypatch, curves)
+    log = _run_folder(tmp_path, epochs=12, logged=8)
+    curves.main(["--log", str(log), "--dataset", "cifar10", "--out", str(tmp_path / "c")])
+    acc_axis, loss_axis = figures[-1]["axes"]
+    (left, right), labels, xs, _ = acc_axis
+    # the run's 12 epochs (0..11), not the reference's 410
+    assert -1 < left < 0 and 11 < right < 12
+    assert loss_axis[0] == (left, right)
+    ref = labels.index("reference: " + curves.load_reference("cifar10")["label"])
+    assert max(xs[ref]) <= 11 and list(xs[ref]) == [0, 1, 10]  # milestones within the run
+    assert figures[-1]["suptitle"] == "qkformer_cifar10, cifar10, T=2"
+    # the comparison: the milestones the run has logged (epochs 0..7)
+    assert [line.split()[1] for line in capsys.readouterr().out.splitlines()
+            if line.startswith("epoch ")] == ["0", "1"]
+
+
+def test_curves_leave_out_a_reference_of_another_dataset(tmp_path, monkeypatch, capsys):
+    from qkformer.data.synthetic_images import write_digits_image_folder
+
+    figures = _capture_figures(monkeypatch, curves)
+    data = write_digits_image_folder(tmp_path / "digits", size=8)
+    # the demo: the cifar10 recipe on the digits folder
+    log = _run_folder(tmp_path, epochs=12, data_dir=data)
+    assert curves.read_run_settings(log) == {"dataset": "digits", "epochs": 12,
+                                             "model": "qkformer_cifar10", "T": 2}
+    out = tmp_path / "c"
+    curves.main(["--log", str(log), "--dataset", "cifar10", "--out", str(out)])
+    text = capsys.readouterr().out
+    assert "reference cifar10 not drawn: the run trained on digits" in text
+    labels = [label for axis in figures[-1]["axes"] for label in axis[1]]
+    assert labels and not [label for label in labels if "reference" in label]
+    assert (out / "curves.csv").read_text().splitlines() == ["epoch,reference,run,delta"]
+    # without --dataset: digits has no reference curve, and the run alone is drawn
+    curves.main(["--log", str(log), "--out", str(tmp_path / "c2")])
+    assert not [label for axis in figures[-1]["axes"] for label in axis[1] if "reference" in label]
+    # --run-dataset corrects what args.yaml says
+    curves.main(["--log", str(log), "--dataset", "cifar10", "--run-dataset", "cifar10",
+                 "--out", str(tmp_path / "c3")])
+    assert any("reference" in label for label in figures[-1]["axes"][0][1])
+    # a log without args.yaml and no --dataset: nothing to compare with
+    (log.parent / "args.yaml").unlink()
+    with pytest.raises(ValueError, match="--dataset is needed"):
+        curves.main(["--log", str(log), "--out", str(tmp_path / "c4")])
+
+
+def test_plot_titles_name_model_data_and_T(tmp_path, monkeypatch, capsys):
+    model = ["--model", "qkformer_cifar10", "--model-kwargs", json.dumps(TINY)]
+    data = ["--synthetic", "--batches", "1", "--batch-size", "2"]
+    figs = _capture_figures(monkeypatch, firing)
+    firing.main([*model, *data, "--out", str(tmp_path / "f")])
+    assert figs[-1]["suptitle"] == "firing rates: qkformer_cifar10, synthetic input, T=2"
+    figs = _capture_figures(monkeypatch, timesteps)
+    timesteps.main([*model, *data, "--ts", "1", "3", "--out", str(tmp_path / "t")])
+    assert figs[-1]["suptitle"] == "qkformer_cifar10, synthetic input, T=1, 3 (model: T=2)"
+    figs = _capture_figures(monkeypatch, attention_cost)
+    attention_cost.main(["--ns", "16", "64", "--dim", "8", "--heads", "2", "--T", "3",
+                         "--repeats", "1", "--out", str(tmp_path / "a")])
+    assert figs[-1]["suptitle"] == "QKTA / QKCA / SSA, random spikes, T=3, C=8, heads=2, batch=1"
+    capsys.readouterr()
+
+
+def test_data_label_names_the_folder_and_split(tmp_path):
+    from argparse import Namespace
+
+    from qkformer.analysis._common import data_label, run_title
+
+    folder = Namespace(synthetic=False, data_dir=tmp_path, split="val")
+    assert data_label(folder) == f"{tmp_path} (val)"
+    assert data_label(Namespace(synthetic=True, data_dir=None, split="val")) == "synthetic input"
+    assert run_title("m", None, 4, C=8, heads=None) == "m, T=4, C=8"
+
+
+class _FakeClock:
+    """Stands in for the timer: each timed pass (two readings) lasts the next given duration."""
+
+    def __init__(self, durations):
+        self.durations, self.now, self.started = list(durations), 0.0, False
+
+    def __call__(self):
+        if self.started:
+            self.now += self.durations.pop(0)
+        self.started = not self.started
+        return self.now
+
+
+@pytest.mark.parametrize("durations, runs, spread", [
+    ([1.0, 1.02, 1.05], 3, 0.02),                       # steady: the requested passes
+    ([1.0, 2.0, 2.0, 1.0, 1.0], 5, 0.0),                # noisy, then settles: more passes
+    ([1.0, 2.0, 2.0, 2.0, 2.0, 2.0, 2.0, 2.0, 2.0], 9, 1.0),  # never settles: 3x, then flagged
+])
+def test_attention_cost_times_repeat_until_stable(monkeypatch, durations, runs, spread):
+    clock = _FakeClock(durations)
+    monkeypatch.setattr(attention_cost, "_clock", clock)
+    x = (torch.rand(1, 1, 8, 4, 4) < 0.3).float().requires_grad_()
+    m = attention_cost.measure_module(QKTokenAttention(8, 2), x, repeats=3)
+    assert m.timed_runs == runs and not clock.durations  # every planned pass ran, no more
+    assert m.time_s == 1.0 and m.time_spread == pytest.approx(spread)
+
+
+def test_attention_cost_warns_about_unstable_times(monkeypatch, tmp_path):
+    monkeypatch.setattr(attention_cost, "_clock", _FakeClock([1.0] + [2.0] * 5))
+    with pytest.warns(RuntimeWarning, match="1 of 1 times are not stable.*QKTA at N=16"):
+        points = attention_cost.measure_attention_cost({"QKTA": QKTokenAttention}, ns=(16,), dim=8,
+                                                       heads=2, T=1, repeats=2)
+    assert points[0].timed_runs == 6 and points[0].time_spread == 1.0
+    monkeypatch.setattr(attention_cost, "_clock", _FakeClock([1.0, 1.0]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a stable time: no warning
+        attention_cost.measure_attention_cost({"QKTA": QKTokenAttention}, ns=(16,), dim=8,
+                                              heads=2, T=1, repeats=2)
+
+
+# ------------------------------------------------------------------- python -m qkformer.analysis
+def _analysis(*args):
+    return subprocess.run([sys.executable, "-m", "qkformer.analysis", *args], capture_output=True,
+                          text=True, cwd=REPO)
+
+
+@pytest.mark.parametrize("args", [[], ["--help"]], ids=["plain", "help"])
+def test_package_entry_point_lists_every_tool(args):
+    r = _analysis(*args)
+    assert r.returncode == 0, r.stderr
+    listed = {}
+    for line in r.stdout.split("tools:\n", 1)[1].splitlines():
+        name, _, summary = line.strip().partition("  ")
+        listed[name] = summary.strip()
+    # every tool module of the package, each with its docstring's first line as plain text
+    tools = {p.stem for p in (REPO / "qkformer" / "analysis").glob("*.py")
+             if not p.stem.startswith("_")}
+    assert set(listed) == tools
+    assert listed["firing"] == "Firing rate of every spiking layer (every MultiStepLIF)."
+    for name, summary in listed.items():
+        doc = importlib.import_module(f"qkformer.analysis.{name}").__doc__
+        assert summary and summary.split(" (")[0] in doc.splitlines()[0], name
+
+
+def test_package_entry_point_runs_a_tool(tmp_path):
+    r = _analysis("curves", "--help")
+    assert r.returncode == 0 and r.stdout.startswith("usage: python -m qkformer.analysis.curves")
+    r = _analysis("firing", "--model", "qkformer_cifar1", "--synthetic", "--out", str(tmp_path))
+    assert r.returncode == 1 and r.stderr.startswith("error: unknown --model 'qkformer_cifar1'")
+    r = _analysis("plots")
+    assert r.returncode == 2 and "unknown analysis tool 'plots'" in r.stderr
