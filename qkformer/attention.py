@@ -14,49 +14,17 @@ import torch
 from torch import nn
 
 from . import fused
-from .functional import per_frame
 from .neuron import MultiStepLIF
+from .unit import SpikingUnit, fused_units
 
 __all__ = ["QKAttentionBase", "QKTokenAttention", "QKChannelAttention", "SpikingSelfAttention",
-           "ATTENTION_TYPES", "conv_bn", "spiking_projection", "fused_projection"]
+           "ATTENTION_TYPES"]
 
 
-def conv_bn(owner: nn.Module, name: str, x: torch.Tensor) -> torch.Tensor:
-    """``<name>_bn(<name>_conv(x))`` on ``[T, B, C, N]``."""
-    return per_frame(x, getattr(owner, f"{name}_conv"), getattr(owner, f"{name}_bn"))
-
-
-def spiking_projection(owner: nn.Module, name: str, x: torch.Tensor) -> torch.Tensor:
-    return getattr(owner, f"{name}_lif")(conv_bn(owner, name, x))
-
-
-def _lif_params(lif: MultiStepLIF):
-    return (lif.tau, lif.v_threshold, lif.alpha, lif.detach_reset)
-
-
-def fused_projection(owner: nn.Module, names, x: torch.Tensor, x_kind: int, steps: int) -> torch.Tensor:
-    """The spiking projections ``<name>_conv/_bn/_lif`` of ``names`` on token-major ``x``
-    ``[..., C]``, concatenated along the channels. Branches with equal neurons read ``x`` in one
-    GEMM (their weights stacked), so ``x`` is also kept for backward only once."""
-    convs = [getattr(owner, f"{n}_conv") for n in names]
-    bns = [getattr(owner, f"{n}_bn") for n in names]
-    lifs = [getattr(owner, f"{n}_lif") for n in names]
-    biased = [c.bias is not None for c in convs]
-    if len(set(map(_lif_params, lifs))) > 1 or (any(biased) and not all(biased)):
-        return torch.cat([fused_projection(owner, [n], x, x_kind, steps) for n in names], -1)
-    if len(convs) == 1:
-        weight, bias, bn = convs[0].weight, convs[0].bias, bns[0]
-    else:
-        weight = torch.cat([c.weight for c in convs])
-        bias = torch.cat([c.bias for c in convs]) if biased[0] else None
-        bn = bns
-    return fused.spiking_unit(x, weight, bias, bn, lifs[0], steps=steps, x_kind=x_kind)
-
-
-def _add_branch(owner: nn.Module, name: str, dim: int, bias: bool, v_threshold: float = 1.0):
-    owner.add_module(f"{name}_conv", nn.Conv1d(dim, dim, kernel_size=1, bias=bias))
-    owner.add_module(f"{name}_bn", nn.BatchNorm1d(dim))
-    owner.add_module(f"{name}_lif", MultiStepLIF(v_threshold=v_threshold))
+def _add_branch(owner: nn.Module, name: str, dim: int, bias: bool,
+                v_threshold: float = 1.0) -> SpikingUnit:
+    return SpikingUnit.add_to(owner, name, nn.Conv1d(dim, dim, kernel_size=1, bias=bias),
+                              nn.BatchNorm1d(dim), MultiStepLIF(v_threshold=v_threshold))
 
 
 class QKAttentionBase(nn.Module):
@@ -91,18 +59,20 @@ class QKAttentionBase(nn.Module):
         T, B, C, H, W = x.shape
         x = x.flatten(3)
         heads = (T, B, self.num_heads, C // self.num_heads, H * W)
-        q = spiking_projection(self, "q", x).reshape(heads)
-        k = spiking_projection(self, "k", x).reshape(heads)
+        units = self.spiking_units
+        q = units["q"](x).reshape(heads)
+        k = units["k"](x).reshape(heads)
         x = (self.attention_mask(q) * k).reshape(T, B, C, H * W)
-        return spiking_projection(self, "proj", x).reshape(T, B, C, H, W)
+        return units["proj"](x).reshape(T, B, C, H, W)
 
     def forward_tokens(self, x: torch.Tensor) -> torch.Tensor:
         """``[T, B, H, W, C]`` -> ``[T, B, H, W, C]``, fused."""
         T, B, H, W, C = x.shape
         x = x.reshape(T, B, H * W, C)
-        qk = fused_projection(self, ("q", "k"), x, fused.COUNTS, T)
+        units = self.spiking_units
+        qk = fused_units([units["q"], units["k"]], x, fused.COUNTS, T)
         x = fused.qk_attention(qk, self.num_heads, self.sum_dim == 4, self.attn_lif)
-        return fused_projection(self, ("proj",), x, fused.SPIKES, T).reshape(T, B, H, W, C)
+        return units["proj"].fused(x, T, fused.SPIKES).reshape(T, B, H, W, C)
 
 
 class QKTokenAttention(QKAttentionBase):
@@ -161,13 +131,12 @@ class SpikingSelfAttention(nn.Module):
         def to_heads(t):  # [T, B, C, N] -> [T, B, h, N, d]
             return t.transpose(2, 3).reshape(T, B, N, h, C // h).permute(0, 1, 3, 2, 4)
 
-        q = to_heads(spiking_projection(self, "q", x))
-        k = to_heads(spiking_projection(self, "k", x))
-        v = to_heads(spiking_projection(self, "v", x))
+        units = self.spiking_units
+        q, k, v = (to_heads(units[n](x)) for n in ("q", "k", "v"))
         kt = k.transpose(-2, -1)
         x = (q @ (kt @ v) if self.kv_first else (q @ kt) @ v) * self.scale
         x = self.attn_lif(x.transpose(3, 4).reshape(T, B, C, N))
-        x = conv_bn(self, "proj", x)
+        x = units["proj"].conv_bn(x)
         if self.legacy_proj_lif:
             x = self.proj_lif(x.reshape(T * B, C * N))
         else:
@@ -180,10 +149,11 @@ class SpikingSelfAttention(nn.Module):
         q·(kᵀ·v): integer sums, so equal to (q·kᵀ)·v exactly."""
         T, B, H, W, C = x.shape
         x = x.reshape(T, B, H * W, C)
-        qkv = fused_projection(self, ("q", "k", "v"), x, fused.COUNTS, T)
+        units = self.spiking_units
+        qkv = fused_units([units["q"], units["k"], units["v"]], x, fused.COUNTS, T)
         x = fused.ssa_attention(qkv, self.num_heads, self.scale, self.attn_lif)
         steps = T * B if self.legacy_proj_lif else T  # legacy: the T*B axis is the LIF's time
-        return fused_projection(self, ("proj",), x, fused.SPIKES, steps).reshape(T, B, H, W, C)
+        return units["proj"].fused(x, steps, fused.SPIKES).reshape(T, B, H, W, C)
 
 
 ATTENTION_TYPES = {

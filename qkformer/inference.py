@@ -1,8 +1,8 @@
 """Inference-time preparation: BatchNorm folded into the convolution before it, no autograd state.
 
-Every BatchNorm in QKFormer directly follows a 1x1 or 3x3 convolution (``<name>_conv`` ->
-``<name>_bn``: the q/k/v/proj projections of the attentions, the two MLP layers, the SPEDS main
-path units and the SPEDS shortcut). In eval mode such a BN is an affine map per output channel,
+Every BatchNorm in QKFormer directly follows a 1x1 or 3x3 convolution, in a spiking unit
+(:mod:`qkformer.unit`: the q/k/v/proj projections of the attentions, the two MLP layers, the
+SPEDS main path units and the SPEDS shortcut). In eval mode such a BN is an affine map per output channel,
 so it can be absorbed into the convolution's weight and bias. That is exact up to float rounding;
 where a max-pool sits between the BN and the LIF (some SPEDS units), the BN still directly follows
 the convolution, so the pool sees the same values.
@@ -25,6 +25,8 @@ import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 
+from .unit import spiking_units
+
 __all__ = ["conv_bn_pairs", "fold_batchnorm", "prepare_for_inference"]
 
 _CONVS = (nn.Conv1d, nn.Conv2d)
@@ -32,23 +34,16 @@ _BNS = (nn.BatchNorm1d, nn.BatchNorm2d)
 
 
 def conv_bn_pairs(model: nn.Module) -> List[Tuple[nn.Module, str, str]]:
-    """``(owner, conv_attr, bn_attr)`` for every BN that directly follows a convolution.
-
-    The layers register each such pair as ``<name>_conv`` and ``<name>_bn`` on the same module and
-    apply them back to back (``per_frame(x, conv, bn, ...)``); a pair is accepted only when the
-    types match and the BN normalises exactly the convolution's output channels with running
-    statistics (a BN without them uses batch statistics in eval and cannot be folded).
-    """
+    """``(owner, conv_attr, bn_attr)`` for every BN that directly follows a convolution: the
+    BatchNorm of every :class:`~qkformer.unit.SpikingUnit` whose BN keeps running statistics
+    (a BN without them uses batch statistics in eval and cannot be folded)."""
     pairs = []
-    for owner in model.modules():
-        for bn_attr, bn in owner.named_children():
-            if not (isinstance(bn, _BNS) and bn_attr.endswith("_bn")):
-                continue
-            conv_attr = bn_attr[: -len("bn")] + "conv"
-            conv = getattr(owner, conv_attr, None)
-            if (isinstance(conv, _CONVS) and conv.out_channels == bn.num_features
-                    and bn.track_running_stats and bn.running_mean is not None):
-                pairs.append((owner, conv_attr, bn_attr))
+    for unit in spiking_units(model):
+        conv, bn = unit.conv, unit.bn
+        if (isinstance(conv, _CONVS) and isinstance(bn, _BNS)
+                and conv.out_channels == bn.num_features and bn.track_running_stats
+                and bn.running_mean is not None):
+            pairs.append((unit.owner, f"{unit.name}_conv", f"{unit.name}_bn"))
     return pairs
 
 

@@ -15,9 +15,9 @@ import torch
 from torch import nn
 
 from . import fused
-from .attention import ATTENTION_TYPES, SpikingSelfAttention, fused_projection
-from .functional import per_frame
+from .attention import ATTENTION_TYPES, SpikingSelfAttention
 from .neuron import MultiStepLIF
+from .unit import SpikingUnit
 
 __all__ = ["SpikingMLP", "SpikingBlock", "ConvUnit", "SPEDS", "attention_attr_name"]
 
@@ -28,20 +28,18 @@ class SpikingMLP(nn.Module):
     def __init__(self, dim: int, hidden_dim: int, prefix: str = "fc"):
         super().__init__()
         self.prefix = prefix
-        for i, (cin, cout) in enumerate(((dim, hidden_dim), (hidden_dim, dim)), start=1):
-            self.add_module(f"{prefix}{i}_conv", nn.Conv2d(cin, cout, kernel_size=1, bias=True))
-            self.add_module(f"{prefix}{i}_bn", nn.BatchNorm2d(cout))
-            self.add_module(f"{prefix}{i}_lif", MultiStepLIF())
+        self.layers = tuple(
+            SpikingUnit.add_to(self, f"{prefix}{i}", nn.Conv2d(cin, cout, kernel_size=1, bias=True),
+                               nn.BatchNorm2d(cout), MultiStepLIF())
+            for i, (cin, cout) in enumerate(((dim, hidden_dim), (hidden_dim, dim)), start=1))
         self.token_major = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        first, second = self.layers
         if self.token_major:  # [T, B, H, W, C]: both layers are GEMMs over the tokens
-            x = fused_projection(self, (f"{self.prefix}1",), x, fused.COUNTS, x.shape[0])
-            return fused_projection(self, (f"{self.prefix}2",), x, fused.SPIKES, x.shape[0])
-        for i in (1, 2):
-            conv, bn, lif = (getattr(self, f"{self.prefix}{i}_{s}") for s in ("conv", "bn", "lif"))
-            x = lif(per_frame(x, conv, bn))
-        return x
+            x = first.fused(x, x.shape[0], fused.COUNTS)
+            return second.fused(x, x.shape[0], fused.SPIKES)
+        return second(first(x))
 
 
 def attention_attr_name(attn_type: str, ssa_name: str) -> str:
@@ -102,16 +100,16 @@ class SPEDS(nn.Module):
         self.units = tuple(units)
         self.shortcut_from = shortcut_from
         widths = [in_chans] + [out_chans // u.out_div for u in self.units]
-        for u, cin, cout in zip(self.units, widths[:-1], widths[1:]):
-            self.add_module(f"{u.name}_conv", nn.Conv2d(cin, cout, 3, 1, 1, bias=False))
-            self.add_module(f"{u.name}_bn", nn.BatchNorm2d(cout))
-            if u.pool:
-                self.add_module(u.pool, nn.MaxPool2d(kernel_size=3, stride=2, padding=1))
-            self.add_module(f"{u.name}_lif", MultiStepLIF())
+        self.main = tuple(
+            SpikingUnit.add_to(self, u.name, nn.Conv2d(cin, cout, 3, 1, 1, bias=False),
+                               nn.BatchNorm2d(cout), MultiStepLIF(),
+                               nn.MaxPool2d(kernel_size=3, stride=2, padding=1) if u.pool else None,
+                               u.pool)
+            for u, cin, cout in zip(self.units, widths[:-1], widths[1:]))
         res_in = widths[shortcut_from + 1]
-        self.proj_res_conv = nn.Conv2d(res_in, out_chans, 1, shortcut_stride, 0, bias=False)
-        self.proj_res_bn = nn.BatchNorm2d(out_chans)
-        self.proj_res_lif = MultiStepLIF()
+        self.shortcut = SpikingUnit.add_to(
+            self, "proj_res", nn.Conv2d(res_in, out_chans, 1, shortcut_stride, 0, bias=False),
+            nn.BatchNorm2d(out_chans), MultiStepLIF())
         # The shortcut must skip exactly the pools that lie after its source.
         pools_after = sum(1 for u in self.units[shortcut_from + 1:] if u.pool)
         if shortcut_stride != 2 ** pools_after:
@@ -128,19 +126,11 @@ class SPEDS(nn.Module):
         if steps is not None:
             raise ValueError("SPEDS: steps= is for token-major input only")
         shortcut_in = x
-        for i, u in enumerate(self.units):
-            conv, bn = getattr(self, f"{u.name}_conv"), getattr(self, f"{u.name}_bn")
-            frame_ops = (conv, bn, getattr(self, u.pool)) if u.pool else (conv, bn)
-            x = getattr(self, f"{u.name}_lif")(per_frame(x, *frame_ops))
+        for i, unit in enumerate(self.main):
+            x = unit(x)
             if i == self.shortcut_from:
                 shortcut_in = x
-        return x + self.proj_res_lif(per_frame(shortcut_in, self.proj_res_conv, self.proj_res_bn))
-
-    def _unit(self, name: str, x: torch.Tensor, steps: int, bcast: bool, x_kind: int, **conv):
-        c = getattr(self, f"{name}_conv")
-        return fused.spiking_unit(x, c.weight, c.bias, getattr(self, f"{name}_bn"),
-                                  getattr(self, f"{name}_lif"), steps=steps, bcast=bcast,
-                                  x_kind=x_kind, **conv)
+        return x + self.shortcut(shortcut_in)
 
     def forward_tokens(self, x: torch.Tensor, steps: Optional[int] = None) -> torch.Tensor:
         # A static image (steps given) is convolved once: the first unit repeats its output.
@@ -149,13 +139,10 @@ class SPEDS(nn.Module):
         frames = x if bcast else x.flatten(0, 1)  # [N, H, W, C]
         kind = fused.ANALOG if bcast else fused.COUNTS  # pixels, or event / residual counts
         source = (frames, bcast, kind)
-        for i, u in enumerate(self.units):
-            frames = self._unit(u.name, frames, T, bcast, kind, kernel_size=3, pool=bool(u.pool))
+        for i, unit in enumerate(self.main):
+            frames = unit.fused(frames, T, kind, bcast)
             bcast, kind = False, fused.SPIKES
             if i == self.shortcut_from:
                 source = (frames, False, fused.SPIKES)
-        stride = self.proj_res_conv.stride[0]
-        conv = dict(kernel_size=0) if stride == 1 else dict(kernel_size=1, stride=stride)
-        shortcut = self._unit("proj_res", *source[:1], T, source[1], source[2], **conv)
-        out = frames + shortcut
+        out = frames + self.shortcut.fused(source[0], T, source[2], source[1])
         return out.reshape(T, B, *out.shape[1:])

@@ -225,9 +225,9 @@ class EnergyMeter:
                 pre, post = self._weighted_hooks(name, "linear" if isinstance(m, nn.Linear) else "conv")
                 h += [m.register_forward_pre_hook(pre), m.register_forward_hook(post)]
             if isinstance(m, (QKAttentionBase, SpikingSelfAttention)):
-                for role in ("q", "k", "attn"):
-                    h.append(getattr(m, f"{role}_lif").register_forward_hook(
-                        self._attn_hook(name, m, role)))
+                for role, lif in (("q", m.spiking_units["q"].lif),
+                                  ("k", m.spiking_units["k"].lif), ("attn", m.attn_lif)):
+                    h.append(lif.register_forward_hook(self._attn_hook(name, m, role)))
         return self
 
     def __exit__(self, *exc):
