@@ -78,8 +78,10 @@ def describe(model, device) -> str:
     if cpu.library() is None:
         return (f"path: fast (fused units in torch ops, since the CPU kernels are unavailable: "
                 f"{cpu.unavailable_reason()}{checkpointing})")
-    spikes = (f"spike-driven products below {sparse.MAX_DENSITY:.0%} non-zeros"
-              if sparse.MAX_DENSITY > 0 else "spike-driven products off")
+    forward, weight_grad = sparse.limits()
+    spikes = (f"spike-driven products below {forward:.0%} / {weight_grad:.0%} non-zeros "
+              f"(forward / weight gradient)" if max(forward, weight_grad) > 0
+              else "spike-driven products off")
     threads = (f"{torch.get_num_threads()} OpenMP threads" if cpu.threaded()
                else "1 thread, built without OpenMP")
     if cpu.isa() != "native":
@@ -369,7 +371,7 @@ def _gemm(x: Tensor, weight: Tensor, bias: Optional[Tensor], kernel_size: int, s
     """1x1 projection over tokens (``kernel_size`` 0: ``x`` [..., Cin]) or a convolution of
     ``x`` [N, H, W, Cin] (padding k // 2); output token-major. Spike and count inputs that are
     sparse enough go through the spike-driven product (:mod:`qkformer.sparse`)."""
-    if x_kind != ANALOG and sparse.enabled(x.dtype, x.device):
+    if x_kind != ANALOG and sparse.enabled(x.dtype, x.device) and sparse.max_density() > 0:
         csr = sparse.csr_from_dense(x)
         if csr is not None:
             return sparse.forward(csr, x.shape, weight, bias, kernel_size, stride)
@@ -538,9 +540,9 @@ def _spiking_unit_backward(grad: Tensor, stored: Tensor, x_format: int, x_shape:
             gx = _input_grad(gy, x_shape, x_dtype, w, kernel_size, stride)
         if need[1]:
             csr = None
-            if (x_kind != ANALOG and gemm_dtype is None and sparse.enabled(gy.dtype, gy.device)
+            limit = sparse.max_density_weight_grad() if x_kind != ANALOG else 0.0
+            if (limit > 0 and gemm_dtype is None and sparse.enabled(gy.dtype, gy.device)
                     and sparse.weight_grad_supported(kernel_size, stride)):
-                limit = sparse.MAX_DENSITY_WEIGHT_GRAD
                 csr = (sparse.csr_from_packed(stored, how, limit) if how is not None
                        else sparse.csr_from_dense(stored, limit))
             if csr is not None:

@@ -3,7 +3,7 @@
 Nearly every convolution and projection of QKFormer reads spikes (0/1) or the residual stream
 (small counts), and most of those values are zero. A dense GEMM multiplies the zeros too; these
 products (:mod:`qkformer.cpu`'s ``sparse_kernels.cpp``) gather only the non-zeros, which is
-faster whenever the input is sparse enough (:data:`MAX_DENSITY`). The forward product and the
+faster whenever the input is sparse enough (:func:`limits`). The forward product and the
 weight gradient use them; the input gradient (dense in the output gradient) stays with the
 dense libraries. Each output is a sum of the same terms as the dense product in another order,
 so the results agree up to rounding (the tests compare them in float64).
@@ -23,15 +23,32 @@ from torch import Tensor
 
 from . import cpu
 
-__all__ = ["MAX_DENSITY", "MAX_DENSITY_WEIGHT_GRAD", "CSR", "enabled", "csr_from_dense", "csr_from_packed", "forward",
-           "weight_grad", "weight_grad_supported", "weight_to_taps", "taps_to_weight"]
+__all__ = ["limits", "max_density", "max_density_weight_grad", "CSR", "enabled", "csr_from_dense",
+           "csr_from_packed", "forward", "weight_grad", "weight_grad_supported", "weight_to_taps",
+           "taps_to_weight"]
 
-# Above these fractions of non-zeros the dense products are faster (measured on this project's
-# AVX-512 machine for the model's shapes: the forward breaks even near 0.3-0.4, the weight
-# gradient near 0.25-0.3). QKFORMER_SPARSE_MAX_DENSITY=0 turns the spike-driven products off.
-MAX_DENSITY = float(os.environ.get("QKFORMER_SPARSE_MAX_DENSITY", "0.33"))
-# (The choice must not depend on how the input was kept: compact storage is bit-identical.)
-MAX_DENSITY_WEIGHT_GRAD = min(MAX_DENSITY, 0.25)
+_limits: Optional[Tuple[float, float]] = None
+
+
+def limits() -> Tuple[float, float]:
+    """``(forward, weight gradient)``: above these fractions of non-zeros the dense products are
+    faster. Measured once per machine and thread count (:mod:`qkformer.sparse_limits`), or set
+    by ``QKFORMER_SPARSE_MAX_DENSITY`` (0: the spike-driven products are off)."""
+    global _limits
+    if _limits is None:
+        from .sparse_limits import limits as measured
+
+        forward, weight_grad, _ = measured()
+        _limits = (forward, weight_grad)
+    return _limits
+
+
+def max_density() -> float:
+    return limits()[0]
+
+
+def max_density_weight_grad() -> float:
+    return limits()[1]
 
 
 class CSR(NamedTuple):
@@ -48,7 +65,7 @@ class CSR(NamedTuple):
 
 def enabled(dtype: torch.dtype, device: torch.device) -> bool:
     """Sparse products exist for float32/float64 CPU tensors where the kernels are built."""
-    return (device.type == "cpu" and dtype in (torch.float32, torch.float64) and MAX_DENSITY > 0
+    return (device.type == "cpu" and dtype in (torch.float32, torch.float64)
             and cpu.library() is not None)
 
 
@@ -105,9 +122,9 @@ def _sparse_enough(counts: Tensor, cols: int, max_density: float) -> bool:
 
 def csr_from_dense(x: Tensor, max_density: Optional[float] = None) -> Optional[CSR]:
     """CSR of ``x`` [..., C] (rows: all leading positions), or None when it is denser than
-    ``max_density`` (default :data:`MAX_DENSITY`; counting is one cheap pass, filling happens only
-    for a sparse input)."""
-    max_density = MAX_DENSITY if max_density is None else max_density
+    ``max_density`` (default: the forward limit of :func:`limits`; counting is one cheap pass,
+    filling happens only for a sparse input)."""
+    max_density = limits()[0] if max_density is None else max_density
     _check_dense(x)
     C = x.shape[-1]
     x2 = x.contiguous().view(-1, C)
@@ -121,7 +138,7 @@ def csr_from_dense(x: Tensor, max_density: Optional[float] = None) -> Optional[C
 
 def csr_from_packed(stored: Tensor, how, max_density: Optional[float] = None) -> Optional[CSR]:
     """CSR straight from :func:`qkformer.fused.pack`'s bits or bytes, without unpacking."""
-    max_density = MAX_DENSITY if max_density is None else max_density
+    max_density = limits()[0] if max_density is None else max_density
     fmt, shape, dtype = how
     C = shape[-1]
     R = math.prod(shape[:-1])

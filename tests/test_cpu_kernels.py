@@ -30,7 +30,9 @@ print(fused.describe(m, "cpu"))
 
 
 def _probe(tmp_path, **env):
-    full = {**os.environ, "QKFORMER_CACHE_DIR": str(tmp_path / "cache"), **env}
+    # a fixed sparsity limit: these builds into empty caches need not measure one each
+    full = {**os.environ, "QKFORMER_CACHE_DIR": str(tmp_path / "cache"),
+            "QKFORMER_SPARSE_MAX_DENSITY": "0.33", **env}
     proc = subprocess.run([sys.executable, "-c", PROBE], cwd=REPO, env=full, capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -69,7 +71,7 @@ def test_required_kernels_make_a_failed_build_an_error(tmp_path):
     empty = tmp_path / "bin"
     empty.mkdir()
     env = {**os.environ, "QKFORMER_CACHE_DIR": str(tmp_path / "cache"), "PATH": str(empty),
-           "CXX": "", "QKFORMER_REQUIRE_CPU_KERNELS": "1"}
+           "CXX": "", "QKFORMER_REQUIRE_CPU_KERNELS": "1", "QKFORMER_SPARSE_MAX_DENSITY": "0.33"}
     proc = subprocess.run([sys.executable, "-c", PROBE], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode != 0

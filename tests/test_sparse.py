@@ -109,9 +109,8 @@ def test_units_use_the_sparse_products_on_sparse_inputs(monkeypatch):
     bn, lif = torch.nn.BatchNorm2d(48).double(), MultiStepLIF()
     x = (torch.rand(4, 8, 8, 32, dtype=torch.float64) < 0.15).double()
     results = []
-    for limit in (sparse.MAX_DENSITY, 0.0):
-        monkeypatch.setattr(sparse, "MAX_DENSITY", limit)
-        monkeypatch.setattr(sparse, "MAX_DENSITY_WEIGHT_GRAD", min(limit, 0.25))
+    for limit in (0.33, 0.0):
+        monkeypatch.setattr(sparse, "_limits", (limit, min(limit, 0.25)))
         xi = x.clone().requires_grad_()
         out = fused.spiking_unit(xi, conv.weight, None, bn, lif, kernel_size=3, steps=2,
                                  x_kind=fused.SPIKES)

@@ -40,8 +40,8 @@ from typing import Callable, Optional
 
 import torch
 
-__all__ = ["library", "unavailable_reason", "threaded", "isa", "required", "kernel", "supports",
-           "Parts", "SUFFIX"]
+__all__ = ["library", "build_file", "unavailable_reason", "threaded", "isa", "required", "kernel",
+           "supports", "Parts", "SUFFIX"]
 
 _SOURCES = tuple(Path(__file__).with_name(n) for n in ("fused_kernels.cpp", "sparse_kernels.cpp"))
 _HEADERS = (Path(__file__).with_name("parts.h"),)
@@ -207,6 +207,13 @@ def library() -> Optional[ctypes.CDLL]:
         raise RuntimeError(f"QKFORMER_REQUIRE_CPU_KERNELS is set but the CPU kernels are "
                            f"unavailable: {_reason}")
     return _lib
+
+
+def build_file() -> Optional[Path]:
+    """The compiled kernels' file in the cache (None without kernels): records measured on
+    this machine's build are kept beside it."""
+    lib = library()
+    return None if lib is None else Path(lib._name)
 
 
 def unavailable_reason() -> Optional[str]:

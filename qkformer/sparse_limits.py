@@ -1,0 +1,197 @@
+"""Up to which fraction of non-zeros the spike-driven products beat the dense ones, measured on
+this machine.
+
+The crossover depends on the CPU (AVX-512 compress-stores and 512-bit gathers against 256-bit
+AVX2), on the dense library and on the thread count, so it is not a constant of the code. The
+first process that needs it times both products on a few shapes of this model (projections
+over tokens and a 3x3 map, forward and weight gradient, float32) at several densities, takes
+the density where the sparse product stops winning (interpolated, on the geometric mean over
+the shapes), and stores the record beside the compiled kernels. Later processes read the record,
+so what a machine decides is fixed once measured. ``QKFORMER_SPARSE_MAX_DENSITY`` overrides both
+limits (0 turns the spike-driven products off).
+
+``python -m qkformer.sparse_limits`` prints the record (measuring it if needed); ``--remeasure``
+measures again.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Dict, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from . import cpu
+
+__all__ = ["DENSITIES", "limits", "measure", "record_path"]
+
+DENSITIES = (0.05, 0.1, 0.2, 0.3, 0.45, 0.6)
+CAP = 0.6  # above this the dense product wins on every CPU measured
+# (name, input shape [N, H, W, C] or [R, C], kernel size (0: projection), output channels):
+# the MLP's and the attention's projections and a SPEDS 3x3 map of the CIFAR/ImageNet models
+SHAPES = (
+    ("projection 384->384", (4096, 384), 0, 384),
+    ("projection 384->1536", (2048, 384), 0, 1536),
+    ("3x3 96->96", (8, 16, 16, 96), 3, 96),
+)
+_VERSION = 1
+
+
+def record_path() -> Optional[Path]:
+    """Where this machine's record lives: beside the kernels' build, per thread count."""
+    build = cpu.build_file()
+    if build is None:
+        return None
+    return build.with_name(f"{build.stem}.sparse-limits-{torch.get_num_threads()}t.json")
+
+
+def _ratio(sparse_fn, dense_fn, repeats: int = 5) -> float:
+    """Best sparse time over best dense time, the two timed alternately (a busy moment of the
+    machine then slows both, not one)."""
+    sparse_fn(), dense_fn()  # warm-up: first-touch pages, oneDNN primitive creation
+    best = [math.inf, math.inf]
+    for _ in range(repeats):
+        for i, fn in enumerate((sparse_fn, dense_fn)):
+            t0 = time.perf_counter()
+            fn()
+            best[i] = min(best[i], time.perf_counter() - t0)
+    return best[0] / best[1]
+
+
+def _monotone(values):
+    """The closest non-decreasing sequence (least squares, pool-adjacent-violators): the ratio
+    grows with the density, so a dip or a spike is timing noise."""
+    blocks = []  # [sum, count]
+    for v in values:
+        blocks.append([v, 1])
+        while len(blocks) > 1 and blocks[-2][0] / blocks[-2][1] > blocks[-1][0] / blocks[-1][1]:
+            s, n = blocks.pop()
+            blocks[-1][0] += s
+            blocks[-1][1] += n
+    return [s / n for s, n in blocks for _ in range(n)]
+
+
+def _products(shape, k, co, density, g):
+    from . import sparse  # sparse reads this module's limits: import here, not at the top
+
+    x = (torch.rand(shape, generator=g) < density).float()
+    w = torch.randn(co, shape[-1], max(k, 1), max(k, 1), generator=g) * 0.05
+    out_shape = (*shape[:-1], co)
+    dy = torch.randn(out_shape, generator=g)
+    if k == 0:
+        w2 = w.view(co, -1)
+        dense_fwd = lambda: x @ w2.t()  # noqa: E731
+        dense_dw = lambda: dy.t() @ x  # noqa: E731
+    else:
+        xc, dyc = x.permute(0, 3, 1, 2), dy.permute(0, 3, 1, 2)  # channels-last views
+        dense_fwd = lambda: F.conv2d(xc, w, None, 1, k // 2)  # noqa: E731
+        dense_dw = lambda: torch.ops.aten.convolution_backward(  # noqa: E731
+            dyc, xc, w, None, [1, 1], [k // 2] * 2, [1, 1], False, [0, 0], 1,
+            [False, True, False])
+    sparse_fwd = lambda: sparse.forward(sparse.csr_from_dense(x, 1.0), shape, w, None, k, 1)  # noqa: E731
+    sparse_dw = lambda: sparse.weight_grad(sparse.csr_from_dense(x, 1.0), shape, dy, w, k, 1)  # noqa: E731
+    return {"forward": (sparse_fwd, dense_fwd), "weight_grad": (sparse_dw, dense_dw)}
+
+
+def _crossover(densities, ratios) -> float:
+    """The density where the ratio sparse/dense time reaches 1, interpolated in log-ratio
+    between the last density where sparse wins and the first where it does not."""
+    ratios = [math.exp(v) for v in _monotone([math.log(r) for r in ratios])]
+    if ratios[0] >= 1:
+        return 0.0
+    for (d0, r0), (d1, r1) in zip(zip(densities, ratios), zip(densities[1:], ratios[1:])):
+        if r1 >= 1:
+            a, b = math.log(r0), math.log(r1)
+            return round(d0 + (d1 - d0) * (-a) / (b - a), 3)
+    return CAP
+
+
+def measure() -> Dict:
+    """Time the products on :data:`SHAPES` at :data:`DENSITIES`: the record (limits, ratios)."""
+    g = torch.Generator().manual_seed(0)
+    ratios: Dict[str, Dict[str, list]] = {"forward": {}, "weight_grad": {}}
+    t0 = time.perf_counter()
+    for name, shape, k, co in SHAPES:
+        for op in ratios:
+            ratios[op][name] = []
+        for d in DENSITIES:
+            for op, (sp, dn) in _products(shape, k, co, d, g).items():
+                ratios[op][name].append(_ratio(sp, dn))
+    mean = {op: [math.exp(sum(math.log(r[i]) for r in per.values()) / len(per))
+                 for i in range(len(DENSITIES))] for op, per in ratios.items()}
+    return {"version": _VERSION, "isa": cpu.isa(), "threads": torch.get_num_threads(),
+            "torch": torch.__version__, "densities": list(DENSITIES),
+            "forward": _crossover(DENSITIES, mean["forward"]),
+            "weight_grad": _crossover(DENSITIES, mean["weight_grad"]),
+            "ratios": {op: {n: [round(v, 3) for v in r] for n, r in per.items()}
+                       for op, per in ratios.items()},
+            "seconds": round(time.perf_counter() - t0, 2)}
+
+
+def _load(path: Path) -> Optional[Dict]:
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    ok = (isinstance(record, dict) and record.get("version") == _VERSION
+          and record.get("torch") == torch.__version__
+          and all(isinstance(record.get(k), (int, float)) for k in ("forward", "weight_grad")))
+    return record if ok else None
+
+
+def _save(record: Dict, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(json.dumps(record, indent=1))
+        os.replace(tmp, path)  # atomic: concurrent ranks read a whole record or none
+    except OSError:  # a read-only cache: measured again next time, nothing lost
+        if tmp.exists():
+            tmp.unlink()
+
+
+def limits(remeasure: bool = False) -> Tuple[float, float, str]:
+    """``(forward, weight gradient, where from)``: the densities up to which the spike-driven
+    products are used."""
+    forced = os.environ.get("QKFORMER_SPARSE_MAX_DENSITY")
+    if forced not in (None, ""):
+        try:
+            v = float(forced)
+        except ValueError:
+            raise ValueError(f"QKFORMER_SPARSE_MAX_DENSITY={forced!r} is not a number") from None
+        if not 0 <= v <= 1:
+            raise ValueError(f"QKFORMER_SPARSE_MAX_DENSITY={v} is not a fraction in [0, 1]")
+        return v, v, "QKFORMER_SPARSE_MAX_DENSITY"
+    path = record_path()
+    if path is None:  # no kernels: no spike-driven products
+        return 0.0, 0.0, "no CPU kernels"
+    record = None if remeasure else _load(path)
+    if record is None:
+        record = measure()
+        _save(record, path)
+    return float(record["forward"]), float(record["weight_grad"]), f"measured ({path.name})"
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m qkformer.sparse_limits",
+                                     description=__doc__.split("\n\n")[0])
+    parser.add_argument("--remeasure", action="store_true", help="measure again and store")
+    args = parser.parse_args(argv)
+    forward, weight_grad, source = limits(remeasure=args.remeasure)
+    print(f"spike-driven products up to {forward:.0%} non-zeros forward, {weight_grad:.0%} in "
+          f"the weight gradient ({source}; {cpu.isa()} kernels, {torch.get_num_threads()} threads)")
+    path = record_path()
+    record = _load(path) if path is not None else None
+    if record and source.startswith("measured"):
+        print("sparse / dense time at densities", record["densities"])
+        for op, per in record["ratios"].items():
+            for name, r in per.items():
+                print(f"  {op:12s} {name:22s} " + " ".join(f"{v:5.2f}" for v in r))
+
+
+if __name__ == "__main__":
+    main()
