@@ -16,8 +16,8 @@
 #include <cstdint>
 #include <cstring>
 #include <vector>
-#if defined(__AVX512F__)
-#include <immintrin.h>  // compress-stores: the CSR fill at memory speed where the CPU has them
+#if defined(__AVX512F__) || defined(__AVX2__)
+#include <immintrin.h>  // compress-stores (AVX-512) or table-driven permutes (AVX2) for the CSR fill
 #endif
 
 #include "parts.h"
@@ -119,6 +119,55 @@ void fill_values<float, float>(const float* x, i64 C, i64 r0, i64 r1, const i64*
 }
 #endif
 
+#if defined(__AVX2__) && !defined(__AVX512F__)
+// AVX2 has no compress: for each 8-bit mask of non-zeros, a table holds the positions of its set
+// bits, lowest first (8 bytes per mask), which a permute turns into the packed values and indices.
+struct SetBitTable {
+    alignas(64) uint8_t pos[256][8];
+    SetBitTable() {
+        for (int m = 0; m < 256; ++m) {
+            int k = 0;
+            for (int b = 0; b < 8; ++b)
+                if (m >> b & 1) pos[m][k++] = (uint8_t)b;
+            for (; k < 8; ++k) pos[m][k] = 0;
+        }
+    }
+};
+static const SetBitTable set_bits;
+
+static inline __m256i positions(unsigned m) {  // 8 int32 lanes: the set bits of m, lowest first
+    return _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)set_bits.pos[m]));
+}
+
+// 8 channels at a time, as the AVX-512 version below does with 16.
+template <>
+void fill_values<float, float>(const float* x, i64 C, i64 r0, i64 r1, const i64* rowptr,
+                               int32_t* idx, float* val) {
+    std::vector<int32_t> ti(C + 8);
+    std::vector<float> tv(C + 8);
+    for (i64 r = r0; r < r1; ++r) {
+        const float* xr = x + r * C;
+        i64 k = 0, c = 0;
+        for (; c + 8 <= C; c += 8) {
+            const __m256 v = _mm256_loadu_ps(xr + c);
+            const unsigned m = (unsigned)_mm256_movemask_ps(
+                _mm256_cmp_ps(v, _mm256_setzero_ps(), _CMP_NEQ_UQ));
+            const __m256i p = positions(m);
+            _mm256_storeu_si256((__m256i*)(ti.data() + k),
+                                _mm256_add_epi32(p, _mm256_set1_epi32((int)c)));
+            _mm256_storeu_ps(tv.data() + k, _mm256_permutevar8x32_ps(v, p));
+            k += __builtin_popcount(m);
+        }
+        for (; c < C; ++c) {
+            ti[k] = (int32_t)c;
+            tv[k] = xr[c];
+            k += xr[c] != 0.0f;
+        }
+        fill_row<float>(C, rowptr, r, idx, val, ti.data(), tv.data());
+    }
+}
+#endif
+
 static inline int bit(const uint8_t* bits, i64 i) { return (bits[i >> 3] >> (i & 7)) & 1; }
 
 static void count_bits(const uint8_t* bits, i64 C, i64 r0, i64 r1, int32_t* counts) {
@@ -158,6 +207,25 @@ static void fill_bits(const uint8_t* bits, i64 C, i64 r0, i64 r1, const i64* row
             }
             std::memcpy(idx + rowptr[r], ti.data(), k * sizeof(int32_t));
             for (i64 e = rowptr[r]; e < rowptr[r] + k; ++e) val[e] = T(1);
+        }
+        return;
+    }
+#elif defined(__AVX2__)
+    if (C % 8 == 0) {  // rows start on whole bytes: one byte = 8 channels = one table entry
+        for (i64 r = r0; r < r1; ++r) {
+            const uint8_t* br = bits + r * C / 8;
+            i64 k = rowptr[r];
+            for (i64 c = 0; c < C; c += 8) {
+                const unsigned m = br[c / 8];
+                const int n = __builtin_popcount(m);
+                if (n == 0) continue;
+                alignas(32) int32_t lanes[8];
+                _mm256_store_si256((__m256i*)lanes,
+                                   _mm256_add_epi32(positions(m), _mm256_set1_epi32((int)c)));
+                std::memcpy(idx + k, lanes, n * sizeof(int32_t));  // only this row's slots
+                k += n;
+            }
+            for (i64 e = rowptr[r]; e < k; ++e) val[e] = T(1);
         }
         return;
     }
