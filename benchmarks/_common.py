@@ -111,15 +111,10 @@ def calibrate_firing(model: torch.nn.Module, x: torch.Tensor, target: float = 0.
     (a trained QKFormer's spike inputs are 10-25 % ones; a freshly initialised one fires far
     less, which would flatter the spike-driven products). Returns the mean rate reached. The
     running statistics are left as they were; ``model`` is left in train mode."""
-    from qkformer.neuron import MultiStepLIF
+    from qkformer.unit import spiking_units
 
-    pairs = []
-    for owner in model.modules():
-        for name, lif in owner.named_children():
-            if isinstance(lif, MultiStepLIF) and name.endswith("_lif"):
-                bn = getattr(owner, name[: -len("lif")] + "bn", None)
-                if isinstance(bn, torch.nn.modules.batchnorm._BatchNorm):
-                    pairs.append((bn, lif))
+    pairs = [(u.bn, u.lif) for u in spiking_units(model)
+             if isinstance(u.bn, torch.nn.modules.batchnorm._BatchNorm)]
     rates = {}
     hooks = [lif.register_forward_hook(lambda m, a, o, i=i: rates.__setitem__(i, o.float().mean().item()))
              for i, (_, lif) in enumerate(pairs)]

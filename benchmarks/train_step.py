@@ -291,6 +291,28 @@ def _spawn(args, key: str, config: str, state: str, steps: int) -> dict:
     return result
 
 
+def cpu_isa_line() -> str:
+    """Which instruction sets ran: the CPU's widest vectors, what ATen, oneDNN and our kernels were
+    held to, and the spike-driven products' limits (measured on this machine, or forced)."""
+    from qkformer import cpu, sparse
+
+    flags = set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    except OSError:
+        pass
+    widest = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2"
+    held = ", ".join(f"{k}={os.environ[k]}" for k in ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY",
+                                                      "MKL_ENABLE_INSTRUCTIONS") if k in os.environ)
+    forward, weight_grad = sparse.limits()
+    return (f"ISA: CPU {widest}; ATen {torch.backends.cpu.get_cpu_capability()}; our kernels "
+            f"{cpu.isa()}{'; ' + held if held else ''}; spike-driven products up to "
+            f"{forward:.0%} forward, {weight_grad:.0%} weight gradient")
+
+
 def _native_bf16(device: str):
     if device == "cuda":
         return True, "CUDA"
@@ -422,6 +444,7 @@ def main(argv=None) -> int:
     if args.device == "cpu":
         print(f"bf16: {'native' if native_bf16[0] else 'emulated'} ({native_bf16[1]}); load "
               f"average before: {os.getloadavg()[0]:.2f}, {os.cpu_count()} logical CPUs", flush=True)
+        print(cpu_isa_line(), flush=True)
     dtypes = {"fp32": torch.float32, ("bf16" if args.device == "cpu" else "fp16"):
               torch.bfloat16 if args.device == "cpu" else torch.float16}
     min_time = 0.02 if args.quick else 0.2

@@ -20,6 +20,7 @@ from typing import NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor
+from torch.profiler import record_function
 
 from . import cpu
 
@@ -120,6 +121,7 @@ def _sparse_enough(counts: Tensor, cols: int, max_density: float) -> bool:
     return int(counts.sum(dtype=torch.int64)) <= max_density * counts.numel() * cols
 
 
+@record_function("qkformer.sparse.csr")
 def csr_from_dense(x: Tensor, max_density: Optional[float] = None) -> Optional[CSR]:
     """CSR of ``x`` [..., C] (rows: all leading positions), or None when it is denser than
     ``max_density`` (default: the forward limit of :func:`limits`; counting is one cheap pass,
@@ -136,6 +138,7 @@ def csr_from_dense(x: Tensor, max_density: Optional[float] = None) -> Optional[C
     return _csr(counts, C, x2.dtype, lambda parts, *out: fill(src, C, *parts.args, *out))
 
 
+@record_function("qkformer.sparse.csr")
 def csr_from_packed(stored: Tensor, how, max_density: Optional[float] = None) -> Optional[CSR]:
     """CSR straight from :func:`qkformer.fused.pack`'s bits or bytes, without unpacking."""
     max_density = limits()[0] if max_density is None else max_density
@@ -187,6 +190,7 @@ def taps_to_weight(taps: Tensor, like: Tensor) -> Tensor:
     return taps[0].t().contiguous().view(like.shape)
 
 
+@record_function("qkformer.sparse.forward")
 def forward(csr: CSR, x_shape, weight: Tensor, bias: Optional[Tensor], kernel_size: int,
             stride: int) -> Tensor:
     """The convolution (or projection) of the input ``csr`` describes; output token-major."""
@@ -211,6 +215,7 @@ def weight_grad_supported(kernel_size: int, stride: int) -> bool:
     return kernel_size == 0 or (stride == 1 and kernel_size in (1, 3))
 
 
+@record_function("qkformer.sparse.weight_grad")
 def weight_grad(csr: CSR, x_shape, grad_out: Tensor, weight: Tensor, kernel_size: int,
                 stride: int) -> Tensor:
     """Gradient of the product with respect to ``weight`` (shaped like it)."""
