@@ -30,8 +30,21 @@ def _add_branch(owner: nn.Module, name: str, dim: int, bias: bool,
 class QKAttentionBase(nn.Module):
     """Shared body of QKTA and QKCA: spiking Q and K, a binary mask from Q, mask K, project.
 
-    Cost is O(N*C) in time and memory: there is no N x N or d x d product, only a sum and a mask.
-    Subclasses choose the axis Q is summed over (``sum_dim`` of the ``[T, B, h, d, N]`` view).
+    Q and K are 1x1 conv -> BN -> LIF projections of the input; Q summed per head goes
+    through ``attn_lif`` (V_th 0.5, an OR on counts: docs/original.md §1.4) to a binary vector
+    that masks K; the result goes through the ``proj`` conv -> BN -> LIF. Cost is O(N*C) in time
+    and memory: there is no N x N or d x d product, only a sum and a mask. Subclasses choose the
+    axis Q is summed over (``sum_dim`` of the ``[T, B, h, d, N]`` view).
+
+    Args:
+        dim: channels C of input and output; ``q_conv``, ``k_conv`` and ``proj_conv`` are
+            ``Conv1d(dim, dim, 1)``.
+        num_heads: number of heads h; must divide ``dim``.
+
+    Shape:
+        - Input: ``[T, B, C, H, W]`` (spike counts of the residual stream); token-major
+          ``[T, B, H, W, C]`` when ``token_major``
+        - Output: spikes of the input's shape and layout
     """
 
     sum_dim: int
@@ -50,7 +63,8 @@ class QKAttentionBase(nn.Module):
         self.token_major = False
 
     def attention_mask(self, q: torch.Tensor) -> torch.Tensor:
-        """Binary attention vector from spiking Q ``[T, B, h, d, N]``."""
+        """Binary attention vector from spiking Q ``[T, B, h, d, N]``: ``[T, B, h, 1, N]``
+        (QKTA) or ``[T, B, h, d, 1]`` (QKCA)."""
         return self.attn_lif(q.sum(dim=self.sum_dim, keepdim=True))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -76,30 +90,65 @@ class QKAttentionBase(nn.Module):
 
 
 class QKTokenAttention(QKAttentionBase):
-    """QKTA: per head, sum Q over its d channels -> token vector A in {0,1}^N; output A ⊙ K."""
+    """Q-K token attention, QKTA (docs/original.md §2.2; attribute ``tssa``).
+
+    Per head, Q summed over the head's d channels gives a token vector A in {0,1}^N, which
+    selects the tokens of K: output ``proj(A ⊙ K)``. Linear in N.
+
+    Args:
+        dim: channels C of input and output.
+        num_heads: number of heads h; must divide ``dim``.
+
+    Shape:
+        - Input: ``[T, B, C, H, W]``; token-major ``[T, B, H, W, C]`` when ``token_major``
+        - Output: spikes of the input's shape and layout
+    """
 
     sum_dim = 3
 
 
 class QKChannelAttention(QKAttentionBase):
-    """QKCA (paper eq. for the channel form; absent from the original code).
+    """Q-K channel attention, QKCA (paper eq. for the channel form; absent from the original code).
 
     Our reading of the paper: per head, sum Q over the N tokens -> channel vector A in {0,1}^d,
     through the same V_th = 0.5 LIF as QKTA; output A ⊙ K masks K's channels. Any Q spike in a
     channel therefore opens that channel of K for every token. Parameters and names are those of
     QKTA, so the two are interchangeable in a state_dict.
+
+    Args:
+        dim: channels C of input and output.
+        num_heads: number of heads h; must divide ``dim``.
+
+    Shape:
+        - Input: ``[T, B, C, H, W]``; token-major ``[T, B, H, W, C]`` when ``token_major``
+        - Output: spikes of the input's shape and layout
     """
 
     sum_dim = 4
 
 
 class SpikingSelfAttention(nn.Module):
-    """Spikformer SSA: x = (Q · (Kᵀ · V)) · 0.125 per head, LIF(V_th 0.5), projection.
+    """Spikformer's spiking self-attention, SSA (docs/original.md §2.3).
 
-    ``legacy_proj_lif=True`` reproduces the original's batch-coupling bug (docs/original.md §2.5, Q1):
-    ``proj_lif`` sees ``[T*B, C*N]`` and treats the t-major T*B axis as time, so the membrane
-    runs on from one sample into the next. The released checkpoints' accuracies were measured
-    with it. ``False`` gives the intended per-sample LIF over T. The two agree when B = 1.
+    Per head x = (Q · (Kᵀ · V)) · 0.125 with spiking Q, K, V (1x1 conv -> BN -> LIF), then
+    ``attn_lif`` (V_th 0.5) and the ``proj`` conv -> BN -> LIF. No softmax: Q, K and V are
+    non-negative spikes.
+
+    Args:
+        dim: channels C of input and output.
+        num_heads: number of heads h; must divide ``dim``.
+        legacy_proj_lif: reproduce the original's batch-coupling bug (docs/original.md §2.5, Q1):
+            ``proj_lif`` sees ``[T*B, C*N]`` and treats the t-major T*B axis as time, so the
+            membrane runs on from one sample into the next. The released checkpoints'
+            accuracies were measured with it. ``False`` gives the intended per-sample LIF over
+            T. The two agree when B = 1. Default: True
+        kv_first: compute q·(kᵀ·v) (the original's order, linear in N) rather than (q·kᵀ)·v
+            (equal in value, quadratic in N). The fused path always uses the former.
+            Default: True
+
+    Shape:
+        - Input: ``[T, B, C, H, W]``; token-major ``[T, B, H, W, C]`` when ``token_major``
+        - Output: spikes of the input's shape and layout
     """
 
     scale = 0.125  # constant for every head width (docs/original.md Q3)

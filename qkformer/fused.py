@@ -120,9 +120,21 @@ def _same_shape(t: Tensor, shape, name: str) -> None:
 # compact storage
 # ---------------------------------------------------------------------------------------------
 def pack(x: Tensor, kind: int) -> Tuple[Tensor, Optional[tuple]]:
-    """What to keep of ``x`` for backward: ``(stored tensor, how to restore it)``. Spikes -> 1 bit
-    per element, counts -> 1 byte, analog (and anything that fails its check) -> ``x`` itself
-    (``how`` None). Compiled graphs keep ``x`` too: the checks are data-dependent branches."""
+    """What to keep of ``x`` for backward: ``(stored tensor, how to restore it)``.
+
+    Spikes -> 1 bit per element, counts -> 1 byte, analog (and anything that fails its check)
+    -> ``x`` itself (``how`` None). Compiled graphs keep ``x`` too: the checks are
+    data-dependent branches. Off under ``compact_storage(False)``.
+
+    Args:
+        x: the tensor to keep.
+        kind: :data:`ANALOG`, :data:`SPIKES` (values 0 or 1) or :data:`COUNTS` (integers 0-255).
+
+    Shape:
+        - Input: any
+        - Output: uint8 ``[ceil(numel / 8)]`` (bits) or ``[numel]`` (bytes), with ``how`` =
+          ``(format, shape, dtype)``; or ``x`` itself with ``how`` None
+    """
     if (kind == ANALOG or not compact_storage_enabled() or x.numel() == 0
             or torch.compiler.is_compiling() or is_fake(x)):
         return x, None
@@ -157,7 +169,16 @@ def pack(x: Tensor, kind: int) -> Tuple[Tensor, Optional[tuple]]:
 
 
 def unpack(data: Tensor, how: Optional[tuple]) -> Tensor:
-    """Inverse of :func:`pack`."""
+    """Inverse of :func:`pack`: ``unpack(*pack(x, kind))`` equals ``x``.
+
+    Args:
+        data: the stored tensor returned by :func:`pack`.
+        how: the restore information returned with it (None: ``data`` is returned as it is).
+
+    Shape:
+        - Input: uint8 ``[ceil(numel / 8)]`` or ``[numel]``
+        - Output: the packed tensor's shape and dtype (contiguous)
+    """
     if how is None:
         return data
     fmt, shape, dtype = how
@@ -185,7 +206,18 @@ def unpack(data: Tensor, how: Optional[tuple]) -> Tensor:
 # BatchNorm statistics and the fused BN -> [pool] -> LIF passes
 # ---------------------------------------------------------------------------------------------
 def batch_stats(y: Tensor) -> Tuple[Tensor, Tensor]:
-    """Per-channel mean and biased variance (float64) over all rows of ``y`` [..., C]."""
+    """Per-channel mean and biased variance over all rows of ``y``, in float64.
+
+    The statistics of ``nn.BatchNorm`` in training mode on the token-major layout (T, B and
+    space pooled, docs/original.md Q10), accumulated in float64.
+
+    Args:
+        y: token-major values, channels innermost.
+
+    Shape:
+        - Input: ``[*, C]``
+        - Output: ``(mean, var)``, each ``[C]`` float64
+    """
     C = y.shape[-1]
     y2 = y.reshape(-1, C)
     R = y2.shape[0]
@@ -239,9 +271,27 @@ def _affine_torch(y: Tensor, scale: Optional[Tensor], shift: Optional[Tensor]) -
 
 def bn_lif_forward(y: Tensor, steps: int, scale: Optional[Tensor], shift: Optional[Tensor],
                    tau: float, v_threshold: float, pool: bool = False, bcast: bool = False) -> Tensor:
-    """Spikes of LIF(pool?(y * scale + shift)) over ``steps`` time steps (the leading axis of
-    ``y``, or all of ``y`` repeated ``steps`` times when ``bcast``). ``scale``/``shift`` are per
-    channel (None: no BatchNorm). Output in ``y``'s dtype."""
+    """Spikes of LIF(pool?(y * scale + shift)) in one pass over ``y``, without autograd.
+
+    The time axis is t-major: ``y``'s leading extent splits into ``steps`` equal parts, or,
+    with ``bcast``, all of ``y`` is the input at each of ``steps`` steps.
+
+    Args:
+        y: the conv/GEMM output, token-major.
+        steps: LIF time steps.
+        scale, shift: per-channel BatchNorm affine in the arithmetic dtype (float32; float64
+            for float64 ``y``), or both None for no BatchNorm.
+        tau, v_threshold: the LIF's constants.
+        pool: MaxPool2d(3, 2, 1) between BatchNorm and LIF. Default: False
+        bcast: repeat ``y`` over the steps. Default: False
+
+    Shape:
+        - Input: ``y`` ``[*, C]``, its rows t-major and a multiple of ``steps`` in number (any
+          number with ``bcast``); with ``pool`` ``[steps * B, H, W, C]`` (``[B, H, W, C]``)
+        - Output: spikes in ``y``'s dtype, shaped like ``y`` (``[steps * M, *]`` for ``y``
+          ``[M, *]`` with ``bcast``); with ``pool`` ``[steps * B, H', W', C]``,
+          H' = (H - 1) // 2 + 1
+    """
     g, out_shape = _geometry(y, steps, pool, bcast)
     C = g["C"]
     if (scale is None) != (shift is None):
@@ -275,9 +325,25 @@ def bn_lif_backward(grad: Tensor, y: Tensor, steps: int, scale: Optional[Tensor]
                     shift: Optional[Tensor], tau: float, v_threshold: float, alpha: float,
                     detach_reset: bool, pool: bool = False, bcast: bool = False,
                     sums: bool = False) -> Tuple[Tensor, Optional[Tensor]]:
-    """Gradient with respect to Z = y * scale + shift (shape of ``y``, arithmetic dtype; summed
-    over the steps when ``bcast``), and with ``sums`` the per-channel ``[sum(g_Z),
-    sum(g_Z * y)]`` (float64, [2, C]) that the BatchNorm backward needs."""
+    """Backward pass of :func:`bn_lif_forward`: the gradient with respect to Z = y * scale + shift.
+
+    The LIF charges and the pool's argmax are recomputed from ``y`` rather than stored. With
+    ``bcast`` the gradient is summed over the steps. With ``sums`` it also returns the
+    per-channel ``[sum(g_Z), sum(g_Z * y)]`` that the BatchNorm backward needs, from the same
+    pass.
+
+    Args:
+        grad: gradient of the spikes, with their number of elements.
+        y, steps, scale, shift, tau, v_threshold, pool, bcast: as for :func:`bn_lif_forward`.
+        alpha: slope of the sigmoid surrogate.
+        detach_reset: treat the spike inside the reset as a constant.
+        sums: also compute the per-channel sums. Default: False
+
+    Shape:
+        - Input: ``grad`` with the elements of :func:`bn_lif_forward`'s output
+        - Output: ``(g_Z, sums)``: ``g_Z`` shaped like ``y`` in the arithmetic dtype (float32;
+          float64 for float64 ``y``); ``sums`` ``[2, C]`` float64, or None
+    """
     g, out_shape = _geometry(y, steps, pool, bcast)
     C = g["C"]
     if (scale is None) != (shift is None):
@@ -616,7 +682,10 @@ def spiking_unit(x: Tensor, weight: Tensor, bias: Optional[Tensor], bn: Optional
             checkpointed block is recomputed, so they are updated exactly once).
 
     Shape:
-        output spikes: the conv output's shape (pooled), ``[steps * N, ...]`` when ``bcast``.
+        - Input: ``[..., Cin]`` (projection), ``[N, H, W, Cin]`` (convolution; ``[B, H, W, Cin]``
+          with ``bcast``)
+        - Output: spikes, token-major: ``[..., Cout]`` (projection), ``[N, H', W', Cout]``
+          (convolution, H' after stride and pool); ``[steps * B, H', W', Cout]`` with ``bcast``
     """
     bns = [m for m in (bn if isinstance(bn, (list, tuple)) else [bn])
            if m is not None and not isinstance(m, torch.nn.Identity)]  # Identity: folded away
@@ -775,9 +844,22 @@ _qk_attention.register_autograd(_qk_backward, setup_context=_qk_setup)
 
 
 def qk_attention(qk: Tensor, num_heads: int, channel: bool, lif) -> Tensor:
-    """Q-K attention core on stacked spiking ``[q | k]`` ``[T, B, N, 2C]``: per head, Q summed
-    over its channels (QKTA; ``channel=False``) or each channel summed over the tokens (QKCA),
-    through ``lif`` (V_th 0.5: fires iff the count is >= 1), masks K. Returns ``[T, B, N, C]``."""
+    """Q-K attention core as one autograd node, on stacked spiking ``[q | k]``.
+
+    Per head, Q summed over its channels (QKTA; ``channel=False``) or each channel summed over
+    the tokens (QKCA), through ``lif`` (V_th 0.5: fires iff the count is >= 1,
+    docs/original.md §1.4), masks K. Keeps K as bits and the Q sums for backward.
+
+    Args:
+        qk: spikes of the Q and K projections, concatenated on the channels.
+        num_heads: number of heads h; must divide C.
+        channel: QKCA (True) or QKTA (False).
+        lif: the :class:`~qkformer.neuron.MultiStepLIF` whose parameters to use.
+
+    Shape:
+        - Input: ``[T, B, N, 2C]``
+        - Output: spikes ``[T, B, N, C]``
+    """
     out, _ = _qk_attention(qk, num_heads, channel, lif.tau, lif.v_threshold, lif.alpha,
                            lif.detach_reset)
     return out
@@ -877,7 +959,20 @@ _ssa_attention.register_autograd(_ssa_backward, setup_context=_ssa_setup)
 
 
 def ssa_attention(qkv: Tensor, num_heads: int, scale: float, lif) -> Tensor:
-    """Spikformer's SSA core on stacked spiking ``[q | k | v]`` ``[T, B, N, 3C]``:
-    ``lif((q (kᵀ v)) * scale)`` per head. Returns spikes ``[T, B, N, C]``."""
+    """Spikformer's SSA core as one autograd node: ``lif((q (kᵀ v)) * scale)`` per head.
+
+    The scores are sums of spikes, exact in any order, so the backward pass recomputes them;
+    only ``[q | k | v]`` is kept, as bits.
+
+    Args:
+        qkv: spikes of the Q, K and V projections, concatenated on the channels.
+        num_heads: number of heads h; must divide C.
+        scale: the score scale (0.125 in SSA).
+        lif: the :class:`~qkformer.neuron.MultiStepLIF` (``attn_lif``) whose parameters to use.
+
+    Shape:
+        - Input: ``[T, B, N, 3C]``
+        - Output: spikes ``[T, B, N, C]``
+    """
     return _ssa_attention(qkv, num_heads, scale, lif.tau, lif.v_threshold, lif.alpha,
                           lif.detach_reset)

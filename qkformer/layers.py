@@ -23,7 +23,20 @@ __all__ = ["SpikingMLP", "SpikingBlock", "ConvUnit", "SPEDS", "attention_attr_na
 
 
 class SpikingMLP(nn.Module):
-    """Two 1x1 conv -> BN -> LIF layers (docs/original.md §2.1); ``prefix`` is 'fc' (ImageNet) or 'mlp'."""
+    """Spiking MLP: two 1x1 conv -> BN -> LIF layers (docs/original.md §2.1).
+
+    Widens to ``hidden_dim`` and back; both layers end in a LIF, so the output is spikes.
+
+    Args:
+        dim: channels C of input and output.
+        hidden_dim: channels of the hidden layer (``dim * mlp_ratio`` in a block).
+        prefix: attribute prefix, 'fc' (ImageNet: ``fc1_conv``, ...) or 'mlp' (CIFAR, DVS:
+            ``mlp1_conv``, ...), so the state_dict keys are the original's. Default: 'fc'
+
+    Shape:
+        - Input: ``[T, B, C, H, W]``; token-major ``[T, B, H, W, C]`` when ``token_major``
+        - Output: spikes of the input's shape and layout
+    """
 
     def __init__(self, dim: int, hidden_dim: int, prefix: str = "fc"):
         super().__init__()
@@ -49,8 +62,27 @@ def attention_attr_name(attn_type: str, ssa_name: str) -> str:
 
 
 class SpikingBlock(nn.Module):
-    """x = x + attention(x); x = x + mlp(x). No norm, no LIF on the shortcut (docs/original.md §2.4), so the
-    residual stream is a sum of spike tensors (integer valued)."""
+    """Spiking transformer block: x = x + attention(x); x = x + mlp(x) (docs/original.md §2.4).
+
+    No norm and no LIF on the shortcut, so the residual stream is a sum of spike tensors
+    (integer valued).
+
+    Args:
+        dim: channels C of input and output.
+        num_heads: attention heads; must divide ``dim``.
+        mlp_ratio: hidden width of the MLP as a multiple of ``dim``. Default: 4.0
+        attn_type: 'qkta', 'qkca' or 'ssa' (see ``ATTENTION_TYPES``). Default: 'qkta'
+        ssa_name: attribute of an SSA module, 'attn' (ImageNet) or 'ssa' (CIFAR, DVS).
+            Default: 'attn'
+        mlp_prefix: attribute prefix of the MLP's units, 'fc' or 'mlp'. Default: 'fc'
+        legacy_ssa: SSA only: the original's ``proj_lif`` batch coupling
+            (docs/original.md §2.5). Default: True
+
+    Shape:
+        - Input: ``[T, B, C, H, W]`` integer counts; token-major ``[T, B, H, W, C]`` when
+          ``token_major`` is set on its layers
+        - Output: integer counts of the input's shape and layout
+    """
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, attn_type: str = "qkta",
                  ssa_name: str = "attn", mlp_prefix: str = "fc", legacy_ssa: bool = True):
@@ -92,6 +124,21 @@ class SPEDS(nn.Module):
     Main path: a chain of :class:`ConvUnit`. Shortcut: 1x1 conv (stride ``shortcut_stride``) ->
     BN -> LIF from the spikes of unit ``shortcut_from`` (or from the raw input when -1).
     Output = main + shortcut, values in {0, 1, 2}.
+
+    Args:
+        in_chans: channels of the input.
+        out_chans: channels of the output; unit i outputs ``out_chans // units[i].out_div``.
+        units: the main path, each a 3x3 conv -> BN -> [MaxPool(3, 2, 1)] -> LIF.
+        shortcut_from: index of the unit whose spikes feed the shortcut, -1 for the input.
+            Default: -1
+        shortcut_stride: stride of the shortcut's 1x1 conv; must equal the downsampling by the
+            pools after ``shortcut_from``. Default: 2
+
+    Shape:
+        - Input: ``[T, B, in_chans, H, W]``; token-major ``[T, B, H, W, in_chans]``, or with
+          ``steps`` a static image batch ``[B, H, W, in_chans]``
+        - Output: ``[T, B, out_chans, H', W']``, token-major ``[T, B, H', W', out_chans]``,
+          where H' = ceil(H / r), W' = ceil(W / r), r = ``downsample`` = 2 ** (number of pools)
     """
 
     def __init__(self, in_chans: int, out_chans: int, units: Sequence[ConvUnit],

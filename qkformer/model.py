@@ -78,22 +78,37 @@ def _per_stage(value, n: int, what: str) -> tuple:
 
 
 class HierarchicalSpikingTransformer(nn.Module):
-    """QKFormer. ``embed_dims``, ``depths``, ``num_heads`` and ``attn_types`` are per stage.
+    """QKFormer, the hierarchical spiking transformer.
+
+    Each stage i is a SPEDS patch embedding (``patch_embed<i>``) followed by ``depths[i]``
+    spiking blocks (``stage<i>``); the head averages the last stage's spikes over the tokens
+    and then over T, and applies a linear classifier. Static images are fed unchanged at each
+    of T steps (direct encoding, docs/original.md §2.6). ``embed_dims``, ``depths``,
+    ``num_heads`` and ``attn_types`` are per stage (a single value is used for every stage).
 
     Args:
-        family: 'imagenet', 'cifar' or 'dvs' (or a :class:`FamilyLayout`).
+        family: 'imagenet', 'cifar' or 'dvs' (or a :class:`FamilyLayout`). Default: 'imagenet'
+        embed_dims: channels of each stage. Default: (96, 192, 384)
+        depths: blocks per stage. Default: (1, 2, 7)
+        num_heads: attention heads per stage. Default: 6
+        mlp_ratio: MLP hidden width as a multiple of the stage width. Default: 4.0
+        attn_types: 'qkta', 'qkca' or 'ssa' per stage. Default: ('qkta', 'qkta', 'ssa')
+        in_chans: input channels (3 for RGB, 2 for event polarities). Default: 3
+        num_classes: classes of the head; 0 leaves no head (``nn.Identity``). Default: 1000
         T: time steps for static input (ignored for event input, whose T comes from the data).
+            Default: 4
+        img_size: the training resolution, recorded for data configs; any size that is a
+            multiple of :attr:`patch_factor` works at inference. Default: 224
         legacy_ssa: reproduce the SSA ``proj_lif`` batch coupling (docs/original.md §2.5).
             Default True, as the released checkpoints were evaluated with it; False gives
             per-sample outputs.
-        img_size: the training resolution, recorded for data configs; any size that is a
-            multiple of :attr:`patch_factor` works at inference.
         fast_path: run the fused token-major fast path (default) or the reference path
             (layer by layer as the original; module hooks see every neuron). Same state_dict.
 
     Shape:
-        input: images ``[B, in_chans, H, W]``, or event frames ``[B, T, in_chans, H, W]``.
-        output: logits ``[B, num_classes]``.
+        - Input: images ``[B, in_chans, H, W]``, or event frames ``[B, T, in_chans, H, W]``
+          (DVS family); H and W positive multiples of :attr:`patch_factor`
+        - Output: logits ``[B, num_classes]`` (``[B, embed_dims[-1]]`` without a head)
     """
 
     def __init__(self, family="imagenet", embed_dims: Sequence[int] = (96, 192, 384),
@@ -270,19 +285,38 @@ class HierarchicalSpikingTransformer(nn.Module):
         return x.permute(0, 1, 4, 2, 3) if self.fast_path else x
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Raw input -> the last stage's spikes ``[T, B, C, H, W]`` (unpooled)."""
+        """The last stage's output, unpooled: the residual stream after its last block.
+
+        Args:
+            x: the raw input, as for :meth:`forward`.
+
+        Shape:
+            - Input: ``[B, in_chans, H, W]``, or events ``[B, T, in_chans, H, W]``
+            - Output: ``[T, B, embed_dims[-1], H / r, W / r]`` with r = :attr:`patch_factor`:
+              integer spike counts (a permuted view of the token-major tensor on the fast path)
+        """
         x, steps = self._stem_input(x)
         for x in self._stage_outputs(x, steps):
             pass
         return self._spike_layout(x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """Spikes ``[T, B, C, H, W]`` -> mean over the tokens, then over T -> head.
-        ``pre_logits``: the pooled features ``[B, num_features]``."""
+        """Mean over the tokens, then over T, then the linear head.
+
+        Args:
+            x: the output of :meth:`forward_features`.
+            pre_logits: return the pooled features instead of the logits. Default: False
+
+        Shape:
+            - Input: ``[T, B, num_features, H', W']``
+            - Output: ``[B, num_classes]``, or ``[B, num_features]`` with ``pre_logits``
+        """
         x = x.flatten(3).mean(3).mean(0)
         return x if pre_logits else self.head(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits ``[B, num_classes]`` of images ``[B, in_chans, H, W]`` or events
+        ``[B, T, in_chans, H, W]``: :meth:`forward_features`, then :meth:`forward_head`."""
         return self.forward_head(self.forward_features(x))
 
     def forward_intermediates(self, x: torch.Tensor, indices: Optional[Union[int, List[int]]] = None,

@@ -113,9 +113,23 @@ def _backward(grad_spikes, h_seq, tau, v_threshold, alpha, detach_reset, backend
 
 def lif_forward(x: torch.Tensor, tau: float, v_threshold: float, save_h: bool,
                 backend: str = "auto"):
-    """Spikes of ``x`` ([T, ...], V_0 = 0) and, if ``save_h``, the charged potentials H that
-    :func:`lif_backward` needs, else None; both shaped like ``x``, contiguous, of its dtype.
-    No autograd: the outputs do not require grad."""
+    """Multistep LIF forward pass without autograd, for layers with their own backward.
+
+    Returns the spikes of ``x`` (starting from V_0 = 0) and, if ``save_h``, the charged
+    potentials H that :func:`lif_backward` needs, else None. Both are contiguous and of
+    ``x``'s dtype; neither requires grad.
+
+    Args:
+        x: the input current, time on the first axis.
+        tau: membrane time constant.
+        v_threshold: firing threshold V_th.
+        save_h: also return H (only the backward pass needs it).
+        backend: 'auto', 'torch' or 'cupy' (see :func:`resolve_backend`).
+
+    Shape:
+        - Input: ``[T, *]``
+        - Output: ``(spikes, H)``, each ``[T, *]`` like ``x`` (H None unless ``save_h``)
+    """
     _check_input(x)
     if x.requires_grad:  # the loops write with out=, which autograd refuses on such inputs
         x = x.detach()
@@ -127,9 +141,25 @@ def lif_forward(x: torch.Tensor, tau: float, v_threshold: float, save_h: bool,
 
 def lif_backward(grad_spikes: torch.Tensor, h_seq: torch.Tensor, tau: float, v_threshold: float,
                  alpha: float, detach_reset: bool, backend: str = "auto") -> torch.Tensor:
-    """Input gradient of the LIF from the gradient of its spikes and the H that
-    :func:`lif_forward` saved (``grad_spikes``: any layout with ``h_seq``'s number of elements);
-    shaped like ``grad_spikes``, contiguous, of ``h_seq``'s dtype. No autograd."""
+    """Multistep LIF backward pass (BPTT with the sigmoid surrogate) without autograd.
+
+    The input gradient is computed from the gradient of the spikes and the H that
+    :func:`lif_forward` saved (docs/original.md §1.3); spikes are recomputed from H. The result
+    is contiguous, of ``h_seq``'s dtype.
+
+    Args:
+        grad_spikes: gradient of the spikes, in any layout with ``h_seq``'s number of elements.
+        h_seq: the charged potentials saved by :func:`lif_forward`.
+        tau: membrane time constant.
+        v_threshold: firing threshold V_th.
+        alpha: slope of the sigmoid surrogate.
+        detach_reset: treat the spike inside the reset as a constant.
+        backend: 'auto', 'torch' or 'cupy' (see :func:`resolve_backend`).
+
+    Shape:
+        - Input: ``grad_spikes`` any shape with ``h_seq.numel()`` elements; ``h_seq`` ``[T, *]``
+        - Output: shaped like ``grad_spikes``
+    """
     _check_input(h_seq)
     grad_spikes, h_seq = grad_spikes.detach(), h_seq.detach()
     grad_x = _backward(grad_spikes, h_seq, tau, v_threshold, alpha, detach_reset, backend)
@@ -227,7 +257,25 @@ _lif_forward_op.register_autograd(_op_backward, setup_context=_setup_context)
 
 def lif_multistep(x: torch.Tensor, tau: float = 2.0, v_threshold: float = 1.0, alpha: float = 4.0,
                   detach_reset: bool = True, backend: str = "auto") -> torch.Tensor:
-    """Functional multistep LIF over the first axis of ``x`` ([T, ...]), starting from V = 0."""
+    """Functional multistep LIF over the first axis of ``x``, starting from V = 0.
+
+    The functional form of :class:`MultiStepLIF`, with autograd: only H is saved for the
+    backward pass, and only when ``x`` requires grad. Under ``torch.compile`` it is the custom
+    op ``qkformer::lif_forward``, one opaque node.
+
+    Args:
+        x: the input current, time on the first axis.
+        tau: membrane time constant. Default: 2.0
+        v_threshold: firing threshold V_th (a spike when H >= V_th). Default: 1.0
+        alpha: slope of the sigmoid surrogate gradient. Default: 4.0
+        detach_reset: treat the spike inside the reset as a constant in the backward pass.
+            Default: True
+        backend: 'auto', 'torch' or 'cupy' (see :func:`resolve_backend`). Default: 'auto'
+
+    Shape:
+        - Input: ``[T, *]``
+        - Output: ``[T, *]``, spikes in {0, 1} of the input's dtype
+    """
     _check_input(x)
     _check_backend(backend)
     # Inside Function.forward grad mode is off and needs_input_grad ignores no_grad: decide here.
@@ -239,9 +287,26 @@ def lif_multistep(x: torch.Tensor, tau: float = 2.0, v_threshold: float = 1.0, a
 
 
 class MultiStepLIF(nn.Module):
-    """Stateless multistep LIF neuron. Input ``[T, ...]``; output spikes, same shape and dtype.
+    """Stateless multistep leaky integrate-and-fire neuron (docs/original.md §1).
 
-    Holds no parameters or buffers, so it adds nothing to a state_dict (as in the original).
+    Charges with H_t = V_{t-1} + (X_t - V_{t-1}) / tau, fires S_t = 1[H_t >= V_th] and resets
+    hard to 0, over the first axis of the input, starting from V_0 = 0 on every call. The
+    backward pass uses the sigmoid surrogate with slope ``alpha``. Holds no parameters or
+    buffers, so it adds nothing to a state_dict (as in the original).
+
+    Args:
+        tau: membrane time constant. Default: 2.0
+        v_threshold: firing threshold V_th; 0.5 for the attention neurons (on Q-K attention's
+            counts that is an OR, docs/original.md §1.4). Default: 1.0
+        detach_reset: treat the spike inside the reset as a constant in the backward pass.
+            Default: True
+        alpha: slope of the sigmoid surrogate gradient. Default: 4.0
+        backend: 'auto' (the CUDA kernel where it works, else the torch loops), 'torch' or
+            'cupy'. Default: 'auto'
+
+    Shape:
+        - Input: ``[T, *]``, time first
+        - Output: ``[T, *]``, spikes in {0, 1}, same shape and dtype as the input
     """
 
     def __init__(self, tau: float = 2.0, v_threshold: float = 1.0, detach_reset: bool = True,

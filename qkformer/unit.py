@@ -32,6 +32,12 @@ class SpikingUnit:
 
     The submodules are looked up by name on every use, so a BatchNorm folded away (replaced by
     ``nn.Identity``) or a converted copy of the layer is seen as it is now.
+
+    Shape:
+        - Input: reference path (``unit(x)``): ``[T, B, Cin, *]`` (``*`` = N for a ``Conv1d``
+          projection, H, W for a ``Conv2d``); fast path (:meth:`fused`): token-major, see there
+        - Output: spikes ``[T, B, Cout, *']``, ``*'`` after the conv's stride and the pool;
+          the fast path keeps the input's layout
     """
 
     __slots__ = ("owner", "name", "pool_name")
@@ -77,12 +83,15 @@ class SpikingUnit:
 
     # -- reference path: the modules themselves, frame by frame -----------------------------
     def conv_bn(self, x: torch.Tensor) -> torch.Tensor:
-        """BN(conv(x)) (and the pool) on ``[T, B, C, ...]`` through the ``[T*B, ...]`` view."""
+        """BN(conv(x)) (and the pool) on ``[T, B, C, ...]`` through the ``[T*B, ...]`` view: the
+        unit without its neuron, for a layer that runs the LIF itself (SSA's ``proj_lif``).
+        Returns ``[T, B, Cout, ...]``, analog."""
         mods = (self.conv, self.bn) + ((self.pool,) if self.pool_name else ())
         return per_frame(x, *mods)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """The reference path: ``lif(pool?(bn(conv(x))))`` on ``[T, B, C, ...]``."""
+        """The reference path: ``lif(pool?(bn(conv(x))))`` on ``[T, B, Cin, ...]``; returns
+        spikes ``[T, B, Cout, ...]``."""
         return self.lif(self.conv_bn(x))
 
     # -- fast path ---------------------------------------------------------------------------
@@ -111,8 +120,22 @@ class SpikingUnit:
         return dict(kernel_size=k[0], stride=s[0], pool=pool is not None)
 
     def fused(self, x: torch.Tensor, steps: int, x_kind: int, bcast: bool = False) -> torch.Tensor:
-        """The fast path on token-major ``x`` (``[..., Cin]`` for a projection, ``[N, H, W, Cin]``
-        for a convolution; see :func:`qkformer.fused.spiking_unit`)."""
+        """The fast path on token-major ``x``, as one autograd node
+        (:func:`qkformer.fused.spiking_unit`).
+
+        Args:
+            x: ``[..., Cin]`` (e.g. ``[T, B, N, Cin]``) for a ``Conv1d`` projection or a 1x1,
+                stride-1 ``Conv2d``; ``[T*B, H, W, Cin]`` for any other convolution.
+            steps: the LIF time steps, the t-major leading extent (T; T*B for the legacy SSA
+                ``proj_lif``).
+            x_kind: ``fused.ANALOG``, ``SPIKES`` or ``COUNTS``: how ``x`` is kept for backward.
+            bcast: ``x`` is a static image batch ``[B, H, W, Cin]`` fed at each of ``steps``
+                steps.
+
+        Returns:
+            Spikes, token-major: ``[..., Cout]`` for a projection, ``[T*B, H', W', Cout]`` for
+            a convolution (after stride and pool).
+        """
         conv = self.conv
         return fused.spiking_unit(x, conv.weight, conv.bias, self.bn, self.lif, steps=steps,
                                   bcast=bcast, x_kind=x_kind, **self.geometry())
