@@ -7,7 +7,8 @@ first process that needs it times both products on a few shapes of this model (p
 over tokens and a 3x3 map, forward and weight gradient, float32) at several densities, takes
 the density where the sparse product stops winning (interpolated, on the geometric mean over
 the shapes), and stores the record beside the compiled kernels. Later processes read the record,
-so what a machine decides is fixed once measured. ``QKFORMER_SPARSE_MAX_DENSITY`` overrides both
+so what a machine decides is fixed once measured. A machine too busy to time anything (load
+average above half its cores) gets fixed defaults for its instruction set instead, unstored. ``QKFORMER_SPARSE_MAX_DENSITY`` overrides both
 limits (0 turns the spike-driven products off).
 
 ``python -m qkformer.sparse_limits`` prints the record (measuring it if needed); ``--remeasure``
@@ -171,9 +172,39 @@ def limits(remeasure: bool = False) -> Tuple[float, float, str]:
         return 0.0, 0.0, "no CPU kernels"
     record = None if remeasure else _load(path)
     if record is None:
+        busy = _busy()
+        if busy and not remeasure:  # timings now would decide for good on noise
+            forward, weight_grad = UNMEASURED[_widest()]
+            return forward, weight_grad, f"not measured ({busy}): defaults for {_widest()}"
         record = measure()
         _save(record, path)
     return float(record["forward"]), float(record["weight_grad"]), f"measured ({path.name})"
+
+
+# Used while the machine is too busy to measure (not stored): on AVX-512 the limits found in the
+# model's train step (docs/performance.md); on AVX2 the dense products, which never lose there.
+UNMEASURED = {"avx512": (0.33, 0.25), "avx2": (0.0, 0.0), "other": (0.0, 0.0)}
+
+
+def _widest() -> str:
+    if cpu.isa() == "avx2":
+        return "avx2"
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "other"
+    return "avx512" if " avx512f" in text else "avx2" if " avx2" in text else "other"
+
+
+def _busy() -> str:
+    """Why the machine is too busy to time products on (empty when it is not): more runnable
+    work than a quarter of a core beyond the threads this process would use."""
+    try:
+        load = os.getloadavg()[0]
+    except OSError:
+        return ""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return f"load average {load:.1f} on {cores} cores" if load > 0.25 + 0.5 * cores else ""
 
 
 def main(argv=None) -> None:
