@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import threading
 from typing import List, Optional, Tuple
 
@@ -37,7 +38,7 @@ from torch._subclasses.fake_tensor import is_fake
 from . import cpu, sparse
 from .neuron import lif_backward, lif_forward
 
-__all__ = ["ANALOG", "SPIKES", "COUNTS", "describe", "pack", "unpack", "compact_storage",
+__all__ = ["ANALOG", "SPIKES", "COUNTS", "fast_path_ready", "describe", "pack", "unpack", "compact_storage",
            "compact_storage_enabled", "batch_stats", "bn_lif_forward", "bn_lif_backward",
            "spiking_unit", "qk_attention", "ssa_attention"]
 
@@ -67,12 +68,27 @@ def _kernels(t: Tensor) -> bool:
     return cpu.supports(t)
 
 
+def fast_path_ready(device) -> bool:
+    """Whether the fast path is the faster route on ``device``. On the CPU it runs compiled
+    kernels. Elsewhere it has no kernels of its own yet, only the same algorithm in torch ops,
+    which by a count of launches and bytes moved is slower on a GPU than the layer-by-layer
+    computation with the CUDA LIF kernel: models there take the reference path unless
+    ``QKFORMER_CUDA_FAST_PATH=1`` (tests, measurements) asks for the torch-op fast path."""
+    if torch.device(device).type == "cpu":
+        return True
+    return os.environ.get("QKFORMER_CUDA_FAST_PATH", "0") not in ("", "0")
+
+
 def describe(model, device) -> str:
     """One line for the logs: which path ``model`` runs and, on the fast path, with what."""
     if not getattr(model, "fast_path", False):
         return "path: reference (layer by layer)"
     device = torch.device(device)
     checkpointing = ", gradient checkpointing" if getattr(model, "grad_checkpointing", False) else ""
+    if not fast_path_ready(device):
+        return (f"path: reference (layer by layer) on {device.type}: the fast path has no "
+                f"{device.type} kernels yet and its torch-op form would be slower there "
+                f"(QKFORMER_CUDA_FAST_PATH=1 runs it anyway){checkpointing}")
     if device.type != "cpu":
         return f"path: fast (fused units in torch ops with the LIF backend above{checkpointing})"
     if cpu.library() is None:

@@ -190,6 +190,13 @@ class HierarchicalSpikingTransformer(nn.Module):
         finally:
             self.set_fast_path(previous)
 
+    def _path_for(self, x: torch.Tensor):
+        """The reference path where the fast path is not the faster one
+        (:func:`qkformer.fused.fast_path_ready`: off the CPU), else the path as set."""
+        if self.fast_path and not fused.fast_path_ready(x.device):
+            return self.reference_path()
+        return contextlib.nullcontext()
+
     # -- timm model contract -------------------------------------------------------------------
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> dict:
@@ -295,10 +302,11 @@ class HierarchicalSpikingTransformer(nn.Module):
             - Output: ``[T, B, embed_dims[-1], H / r, W / r]`` with r = :attr:`patch_factor`:
               integer spike counts (a permuted view of the token-major tensor on the fast path)
         """
-        x, steps = self._stem_input(x)
-        for x in self._stage_outputs(x, steps):
-            pass
-        return self._spike_layout(x)
+        with self._path_for(x):
+            x, steps = self._stem_input(x)
+            for x in self._stage_outputs(x, steps):
+                pass
+            return self._spike_layout(x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """Mean over the tokens, then over T, then the linear head.
@@ -341,18 +349,19 @@ class HierarchicalSpikingTransformer(nn.Module):
         if fmt not in ("TNCHW", "NCHW", "NHWC"):
             raise ValueError(f"output_fmt {fmt!r}: expected 'TNCHW', 'NCHW' or 'NHWC'")
         take, max_index = feature_take_indices(self.num_stages, indices)
-        x, steps = self._stem_input(x)
-        maps = []
-        for i, x in enumerate(self._stage_outputs(x, steps)):
-            if i in take:
-                spikes = self._spike_layout(x)
-                maps.append(spikes if fmt == "TNCHW" else
-                            spikes.mean(0) if fmt == "NCHW" else spikes.mean(0).permute(0, 2, 3, 1))
-            if stop_early and i >= max_index:
-                break
-        if intermediates_only:
-            return maps
-        return self._spike_layout(x), maps
+        with self._path_for(x):
+            x, steps = self._stem_input(x)
+            maps = []
+            for i, x in enumerate(self._stage_outputs(x, steps)):
+                if i in take:
+                    spikes = self._spike_layout(x)
+                    maps.append(spikes if fmt == "TNCHW" else spikes.mean(0) if fmt == "NCHW"
+                                else spikes.mean(0).permute(0, 2, 3, 1))
+                if stop_early and i >= max_index:
+                    break
+            if intermediates_only:
+                return maps
+            return self._spike_layout(x), maps
 
     def prune_intermediate_layers(self, indices: Union[int, List[int]] = 1, prune_norm: bool = False,
                                   prune_head: bool = True) -> List[int]:

@@ -372,13 +372,34 @@ def test_compile_fullgraph_fast_path_matches_eager():
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-6, msg=n)
 
 
+def test_off_the_cpu_models_take_the_reference_path(monkeypatch):
+    """Without kernels of its own a device runs the reference path (the torch-op fast path is
+    slower than it on a GPU by the count); QKFORMER_CUDA_FAST_PATH=1 keeps the fast path."""
+    monkeypatch.delenv("QKFORMER_CUDA_FAST_PATH", raising=False)
+    model = timm.create_model("qkformer_cifar10", embed_dims=32, depths=(1, 1, 1), num_heads=2, T=1)
+    assert fused.fast_path_ready("cpu") and not fused.fast_path_ready("cuda")
+    assert "path: reference (layer by layer) on cuda" in fused.describe(model, "cuda")
+    assert "path: fast" in fused.describe(model, "cpu")
+    seen = []
+    for x in (torch.empty(0, device="meta"), torch.empty(0)):
+        with model._path_for(x):
+            seen.append((model.fast_path, model.patch_embed1.token_major))
+    assert seen == [(False, False), (True, True)] and model.fast_path
+    monkeypatch.setenv("QKFORMER_CUDA_FAST_PATH", "1")
+    assert fused.fast_path_ready("cuda")
+    with model._path_for(torch.empty(0, device="meta")):
+        assert model.fast_path
+    assert "path: fast" in fused.describe(model, "cuda")
+
+
 # ---------------------------------------------------------------------------------- on a GPU
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 
 
 @cuda
 @pytest.mark.parametrize("family,overrides", CASES[::2], ids=IDS[::2])
-def test_gpu_fast_path_float64_matches_reference(family, overrides):
+def test_gpu_fast_path_float64_matches_reference(family, overrides, monkeypatch):
+    monkeypatch.setenv("QKFORMER_CUDA_FAST_PATH", "1")  # the torch-op fast path, not the default
     """On CUDA the fused units run in torch ops (and the LIF backend): still the same network."""
     ref, fast, x = _pair(family, overrides)
     ref, fast, x = ref.cuda(), fast.cuda(), x.cuda()
@@ -405,7 +426,8 @@ def test_gpu_fast_path_float64_matches_reference(family, overrides):
 
 
 @cuda
-def test_gpu_fast_path_amp_and_checkpointing():
+def test_gpu_fast_path_amp_and_checkpointing(monkeypatch):
+    monkeypatch.setenv("QKFORMER_CUDA_FAST_PATH", "1")
     _, fast, x = _pair("cifar", dict(), torch.float32)
     fast, x = fast.cuda().train(), x.cuda()
     ckpt = copy.deepcopy(fast)
