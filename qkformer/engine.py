@@ -120,10 +120,13 @@ def autocast_for(device: torch.device, amp: bool):
 def _fault(kind: str, step: int) -> bool:
     """Fault injection for the tests (``QKFORMER_FAULT=kill@7``, ``nan@3`` or ``slow@1``, which
     creates the file ``QKFORMER_FAULT_MARK`` and waits, a minute at most, until it is deleted):
-    real failures at a chosen global step (epoch x batches per epoch + batch), so recovery paths
-    are exercised end to end."""
+    real failures at a chosen global step (epoch x batches per epoch + batch), on every rank or
+    on one (``kill@7:rank1``), so recovery paths are exercised end to end."""
     spec = os.environ.get("QKFORMER_FAULT", "")
-    return any(f == f"{kind}@{step}" for f in spec.split(","))
+    if os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
+        return False  # a fault strikes the first attempt of an elastic job, not its restarts
+    rank = os.environ.get("RANK", "0")
+    return any(f in (f"{kind}@{step}", f"{kind}@{step}:rank{rank}") for f in spec.split(","))
 
 
 def _progress(iterable, total: int, desc: str, enabled: bool):
