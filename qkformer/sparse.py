@@ -22,9 +22,9 @@ import torch
 from torch import Tensor
 from torch.profiler import record_function
 
-from . import cpu
+from . import cpu, sparse_limits
 
-__all__ = ["limits", "max_density", "max_density_weight_grad", "CSR", "enabled", "csr_from_dense",
+__all__ = ["limits", "timing_pairs", "max_density", "max_density_weight_grad", "CSR", "enabled", "csr_from_dense",
            "csr_from_packed", "forward", "weight_grad", "weight_grad_supported", "weight_to_taps",
            "taps_to_weight"]
 
@@ -37,11 +37,32 @@ def limits() -> Tuple[float, float]:
     by ``QKFORMER_SPARSE_MAX_DENSITY`` (0: the spike-driven products are off)."""
     global _limits
     if _limits is None:
-        from .sparse_limits import limits as measured
-
-        forward, weight_grad, _ = measured()
+        forward, weight_grad, _ = sparse_limits.limits(timing_pairs)
         _limits = (forward, weight_grad)
     return _limits
+
+
+def timing_pairs(shape, kernel_size: int, out_channels: int, density: float, g):
+    """What :mod:`qkformer.sparse_limits` times: per operation ('forward', 'weight_grad'), the
+    spike-driven product and the dense one the fast path would run instead, as callables on a
+    float32 spike input of ``shape`` (``[R, C]`` or ``[N, H, W, C]``) with that density."""
+    k, co = kernel_size, out_channels
+    x = (torch.rand(shape, generator=g) < density).float()
+    w = torch.randn(co, shape[-1], max(k, 1), max(k, 1), generator=g) * 0.05
+    dy = torch.randn((*shape[:-1], co), generator=g)
+    if k == 0:
+        w2 = w.view(co, -1)
+        dense_fwd = lambda: x @ w2.t()  # noqa: E731
+        dense_dw = lambda: dy.t() @ x  # noqa: E731
+    else:
+        xc, dyc = x.permute(0, 3, 1, 2), dy.permute(0, 3, 1, 2)  # channels-last views
+        dense_fwd = lambda: torch.nn.functional.conv2d(xc, w, None, 1, k // 2)  # noqa: E731
+        dense_dw = lambda: torch.ops.aten.convolution_backward(  # noqa: E731
+            dyc, xc, w, None, [1, 1], [k // 2] * 2, [1, 1], False, [0, 0], 1,
+            [False, True, False])
+    sparse_fwd = lambda: forward(csr_from_dense(x, 1.0), shape, w, None, k, 1)  # noqa: E731
+    sparse_dw = lambda: weight_grad(csr_from_dense(x, 1.0), shape, dy, w, k, 1)  # noqa: E731
+    return {"forward": (sparse_fwd, dense_fwd), "weight_grad": (sparse_dw, dense_dw)}
 
 
 def max_density() -> float:

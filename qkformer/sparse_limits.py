@@ -11,21 +11,19 @@ so what a machine decides is fixed once measured. A machine too busy to time any
 average above half its cores) gets fixed defaults for its instruction set instead, unstored. ``QKFORMER_SPARSE_MAX_DENSITY`` overrides both
 limits (0 turns the spike-driven products off).
 
-``python -m qkformer.sparse_limits`` prints the record (measuring it if needed); ``--remeasure``
-measures again.
+``python benchmarks/sparse_limits.py`` prints the record and the timed ratios (measuring them if
+needed); ``--remeasure`` measures again.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
 import time
 from pathlib import Path
-from typing import Dict, Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 
 from . import cpu
 
@@ -77,28 +75,6 @@ def _monotone(values):
     return [s / n for s, n in blocks for _ in range(n)]
 
 
-def _products(shape, k, co, density, g):
-    from . import sparse  # sparse reads this module's limits: import here, not at the top
-
-    x = (torch.rand(shape, generator=g) < density).float()
-    w = torch.randn(co, shape[-1], max(k, 1), max(k, 1), generator=g) * 0.05
-    out_shape = (*shape[:-1], co)
-    dy = torch.randn(out_shape, generator=g)
-    if k == 0:
-        w2 = w.view(co, -1)
-        dense_fwd = lambda: x @ w2.t()  # noqa: E731
-        dense_dw = lambda: dy.t() @ x  # noqa: E731
-    else:
-        xc, dyc = x.permute(0, 3, 1, 2), dy.permute(0, 3, 1, 2)  # channels-last views
-        dense_fwd = lambda: F.conv2d(xc, w, None, 1, k // 2)  # noqa: E731
-        dense_dw = lambda: torch.ops.aten.convolution_backward(  # noqa: E731
-            dyc, xc, w, None, [1, 1], [k // 2] * 2, [1, 1], False, [0, 0], 1,
-            [False, True, False])
-    sparse_fwd = lambda: sparse.forward(sparse.csr_from_dense(x, 1.0), shape, w, None, k, 1)  # noqa: E731
-    sparse_dw = lambda: sparse.weight_grad(sparse.csr_from_dense(x, 1.0), shape, dy, w, k, 1)  # noqa: E731
-    return {"forward": (sparse_fwd, dense_fwd), "weight_grad": (sparse_dw, dense_dw)}
-
-
 def _crossover(densities, ratios) -> float:
     """The density where the ratio sparse/dense time reaches 1, interpolated in log-ratio
     between the last density where sparse wins and the first where it does not."""
@@ -112,8 +88,11 @@ def _crossover(densities, ratios) -> float:
     return CAP
 
 
-def measure() -> Dict:
-    """Time the products on :data:`SHAPES` at :data:`DENSITIES`: the record (limits, ratios)."""
+def measure(pairs: Callable) -> Dict:
+    """Time the products on :data:`SHAPES` at :data:`DENSITIES`: the record (limits, ratios).
+    ``pairs(shape, kernel_size, out_channels, density, generator)`` returns, per operation
+    ('forward', 'weight_grad'), the spike-driven and the dense product as callables
+    (:func:`qkformer.sparse.timing_pairs`)."""
     g = torch.Generator().manual_seed(0)
     ratios: Dict[str, Dict[str, list]] = {"forward": {}, "weight_grad": {}}
     t0 = time.perf_counter()
@@ -121,7 +100,7 @@ def measure() -> Dict:
         for op in ratios:
             ratios[op][name] = []
         for d in DENSITIES:
-            for op, (sp, dn) in _products(shape, k, co, d, g).items():
+            for op, (sp, dn) in pairs(shape, k, co, d, g).items():
                 ratios[op][name].append(_ratio(sp, dn))
     mean = {op: [math.exp(sum(math.log(r[i]) for r in per.values()) / len(per))
                  for i in range(len(DENSITIES))] for op, per in ratios.items()}
@@ -155,9 +134,9 @@ def _save(record: Dict, path: Path) -> None:
             tmp.unlink()
 
 
-def limits(remeasure: bool = False) -> Tuple[float, float, str]:
+def limits(pairs: Callable, remeasure: bool = False) -> Tuple[float, float, str]:
     """``(forward, weight gradient, where from)``: the densities up to which the spike-driven
-    products are used."""
+    products are used (``pairs``: see :func:`measure`)."""
     forced = os.environ.get("QKFORMER_SPARSE_MAX_DENSITY")
     if forced not in (None, ""):
         try:
@@ -176,7 +155,7 @@ def limits(remeasure: bool = False) -> Tuple[float, float, str]:
         if busy and not remeasure:  # timings now would decide for good on noise
             forward, weight_grad = UNMEASURED[_widest()]
             return forward, weight_grad, f"not measured ({busy}): defaults for {_widest()}"
-        record = measure()
+        record = measure(pairs)
         _save(record, path)
     return float(record["forward"]), float(record["weight_grad"]), f"measured ({path.name})"
 
@@ -205,24 +184,3 @@ def _busy() -> str:
         return ""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return f"load average {load:.1f} on {cores} cores" if load > 0.25 + 0.5 * cores else ""
-
-
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m qkformer.sparse_limits",
-                                     description=__doc__.split("\n\n")[0])
-    parser.add_argument("--remeasure", action="store_true", help="measure again and store")
-    args = parser.parse_args(argv)
-    forward, weight_grad, source = limits(remeasure=args.remeasure)
-    print(f"spike-driven products up to {forward:.0%} non-zeros forward, {weight_grad:.0%} in "
-          f"the weight gradient ({source}; {cpu.isa()} kernels, {torch.get_num_threads()} threads)")
-    path = record_path()
-    record = _load(path) if path is not None else None
-    if record and source.startswith("measured"):
-        print("sparse / dense time at densities", record["densities"])
-        for op, per in record["ratios"].items():
-            for name, r in per.items():
-                print(f"  {op:12s} {name:22s} " + " ".join(f"{v:5.2f}" for v in r))
-
-
-if __name__ == "__main__":
-    main()

@@ -29,18 +29,18 @@ def test_crossover_interpolates_where_the_sparse_product_stops_winning():
 
 def test_the_environment_forces_both_limits(monkeypatch):
     monkeypatch.setenv("QKFORMER_SPARSE_MAX_DENSITY", "0.2")
-    assert sparse_limits.limits() == (0.2, 0.2, "QKFORMER_SPARSE_MAX_DENSITY")
+    assert sparse_limits.limits(sparse.timing_pairs) == (0.2, 0.2, "QKFORMER_SPARSE_MAX_DENSITY")
     for bad in ("x", "1.5", "-0.1"):
         monkeypatch.setenv("QKFORMER_SPARSE_MAX_DENSITY", bad)
         with pytest.raises(ValueError, match="QKFORMER_SPARSE_MAX_DENSITY"):
-            sparse_limits.limits()
+            sparse_limits.limits(sparse.timing_pairs)
 
 
 PROBE = """
 import json, sys, time
 from qkformer import cpu, sparse, sparse_limits
 t0 = time.perf_counter()
-f, w, source = sparse_limits.limits(remeasure=sys.argv[1] == "remeasure")
+f, w, source = sparse_limits.limits(sparse.timing_pairs, remeasure=sys.argv[1] == "remeasure")
 if sys.argv[1] == "remeasure":
     sparse._limits = (f, w)
 print(json.dumps(dict(f=f, w=w, source=source, path=str(sparse_limits.record_path()),
@@ -86,16 +86,16 @@ def test_a_busy_machine_gets_defaults_and_stores_nothing(monkeypatch, tmp_path):
     record = tmp_path / "fused_kernels-x.sparse-limits-2t.json"
     monkeypatch.setattr(sparse_limits, "record_path", lambda: record)
     monkeypatch.setattr(os, "getloadavg", lambda: (9.0, 9.0, 9.0))
-    monkeypatch.setattr(sparse_limits, "measure", lambda: pytest.fail("measured while busy"))
-    f, w, source = sparse_limits.limits()
+    monkeypatch.setattr(sparse_limits, "measure", lambda pairs: pytest.fail("measured while busy"))
+    f, w, source = sparse_limits.limits(sparse.timing_pairs)
     assert source.startswith("not measured (load average 9.0")
     assert (f, w) == sparse_limits.UNMEASURED[sparse_limits._widest()]
     assert not record.exists()
     monkeypatch.setattr(os, "getloadavg", lambda: (0.0, 0.0, 0.0))
-    monkeypatch.setattr(sparse_limits, "measure", lambda: {
+    monkeypatch.setattr(sparse_limits, "measure", lambda pairs: {
         "version": sparse_limits._VERSION, "torch": torch.__version__, "forward": 0.2,
         "weight_grad": 0.1})
-    assert sparse_limits.limits()[:2] == (0.2, 0.1) and record.exists()
+    assert sparse_limits.limits(sparse.timing_pairs)[:2] == (0.2, 0.1) and record.exists()
 
 
 @pytest.mark.parametrize("limits", [(1.0, 1.0), (0.0, 0.0), (1.0, 0.0), (0.0, 1.0)],
