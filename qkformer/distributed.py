@@ -66,9 +66,19 @@ def init_distributed(device: str = "auto") -> DistInfo:
         dev = torch.device("cuda", local if dev.index is None else dev.index)
         torch.cuda.set_device(dev)
     if world > 1 and not dist.is_initialized():
-        timeout = float(os.environ.get("QKFORMER_DIST_TIMEOUT_S", DIST_TIMEOUT_S))
-        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo",
-                                timeout=datetime.timedelta(seconds=timeout))
+        timeout = datetime.timedelta(
+            seconds=float(os.environ.get("QKFORMER_DIST_TIMEOUT_S", DIST_TIMEOUT_S)))
+        backend = "nccl" if dev.type == "cuda" else "gloo"
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+        if attempt is None:
+            dist.init_process_group(backend=backend, timeout=timeout)
+        else:
+            # torchrun keeps one store across restarts: without a prefix per attempt, a restarted
+            # rank can read a dead peer's address left by the previous attempt and fail to connect
+            store, _, _ = next(dist.rendezvous("env://", rank, world, timeout=timeout))
+            store = dist.PrefixStore(f"qkformer-attempt-{attempt}", store)
+            dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world,
+                                    timeout=timeout)
     return DistInfo(rank, world, local, dev)
 
 

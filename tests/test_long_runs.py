@@ -158,8 +158,7 @@ def _torchrun(data, out, restarts, **env):
 def test_torchrun_restarts_a_killed_rank_and_resumes_exactly(pngs, tmp_path):
     """Two gloo processes, 6 batches of 2 per rank and epoch; rank 1 is SIGKILLed before batch 2
     of epoch 1: torchrun restarts the group, which resumes from the step checkpoint of update 8
-    and ends with the weights of the uninterrupted two-process run. (The c10d rendezvous: with
-    the static one, torch 2.14's restarted workers wait forever.)"""
+    and ends with the weights of the uninterrupted two-process run."""
     full, cut = tmp_path / "full", tmp_path / "cut"
     r, _ = _torchrun(pngs, full, 0)
     assert r.returncode == 0, r.stderr[-3000:]
