@@ -196,6 +196,17 @@ def _model():
                              num_classes=2, T=2)
 
 
+def test_checkpoints_get_the_umask_permissions(tmp_path):
+    model = _model()
+    old = os.umask(0o027)
+    try:
+        save_checkpoint(tmp_path / "c.pth", model, torch.optim.SGD(model.parameters(), lr=0.1),
+                        0, None)
+    finally:
+        os.umask(old)
+    assert (tmp_path / "c.pth").stat().st_mode & 0o777 == 0o640  # not mkstemp's private 0o600
+
+
 def test_full_disk_and_read_only_folder_keep_the_previous_checkpoint(small_tmpfs):
     model = _model()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
