@@ -1,0 +1,264 @@
+"""What one AMP training step would cost on a GPU, counted on the CPU (no GPU needed).
+
+For the original's computation (reference path: convolution, BatchNorm, and the LIF as the one
+fused CUDA kernel it launches) and for this package's fast path in the form it would take on
+CUDA (its fused units as torch ops, ``QKFORMER_CPU_KERNELS=0``, with the same LIF kernel), one
+training step (forward, backward, AdamW) runs under a dispatch-mode counter on the CPU in the
+16-bit AMP dtype, and the counter adds up (per image unless said):
+
+* kernel launches per step (they do not grow with the batch): every ATen op that is not a view or an empty allocation; the LIF as one
+  launch per forward and one per backward (the CUDA kernel's);
+* host synchronisations: ops that read a device value on the host (``.item()``, ``nonzero``, ...);
+* bytes read and written by the non-GEMM kernels (every tensor argument and result, once);
+* GEMM / convolution FLOPs (torch's FlopCounterMode formulas);
+* the peak of live memory during the step (every storage allocated inside it, freed when its
+  last reference goes), i.e. activations and temporaries; parameters, gradients and optimizer
+  state are listed apart.
+
+The roofline model of the step time, clearly a model: GEMM FLOPs at a sustained fraction of the
+dense fp16 tensor-core peak, plus bytes at a fraction of HBM bandwidth, plus launches at a fixed
+cost each. It ranks the two computations; it does not replace a measurement
+(``benchmarks/gpu_check.sh`` on a GPU).
+
+    python benchmarks/gpu_cost.py [--models cifar hst384] [--batch 32] [--quick]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import weakref
+from collections import Counter
+
+os.environ["QKFORMER_CPU_KERNELS"] = "0"  # the fused units as torch ops, as on CUDA
+os.environ.setdefault("QKFORMER_CUDA_FAST_PATH", "1")
+
+import torch  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
+
+from _common import MODELS, batch, build  # noqa: E402
+
+# Sustained fractions used by the model (not measured here): GEMMs at 60 % of the dense fp16
+# tensor-core peak, memory-bound kernels at 70 % of HBM bandwidth, 4 us per launch.
+GPUS = {"H100 SXM": (989e12, 3.35e12), "H200": (989e12, 4.8e12)}
+GEMM_EFF, BW_EFF, LAUNCH_S = 0.6, 0.7, 4e-6
+
+_GEMMS = {"mm", "addmm", "bmm", "baddbmm", "convolution", "convolution_backward", "_convolution",
+          "cudnn_convolution", "linear"}
+_NO_LAUNCH = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided",
+              "detach", "lift_fresh", "_to_copy_noop", "set_", "resize_", "_unsafe_view",
+              "alias", "view", "_reshape_alias", "as_strided", "expand", "permute", "t",
+              "transpose", "unsqueeze", "squeeze", "select", "slice", "split", "split_with_sizes",
+              "chunk", "unbind", "unflatten", "view_as", "_local_scalar_dense"}
+_SYNCS = {"_local_scalar_dense", "nonzero", "is_nonzero", "item", "masked_select",
+          "unique", "_unique2", "equal"}
+
+
+def _tensors(obj):
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, (list, tuple)):
+        for o in obj:
+            yield from _tensors(o)
+    elif isinstance(obj, dict):
+        for o in obj.values():
+            yield from _tensors(o)
+
+
+def _custom_op(func):
+    """The Python definition of a ``qkformer::`` custom op, else None."""
+    if getattr(func, "namespace", None) != "qkformer":
+        return None
+    from torch._library.custom_ops import _maybe_get_opdef
+
+    return _maybe_get_opdef(func._name if hasattr(func, "_name") else str(func))
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+class StepCounter(TorchDispatchMode):
+    """Counts launches, syncs, non-GEMM bytes and live memory of the ops run inside it."""
+
+    def __init__(self):
+        super().__init__()
+        self.launches = 0
+        self.syncs = 0
+        self.bytes = 0
+        self.by_op = Counter()
+        self.launch_ops = Counter()
+        self.live = 0
+        self.peak = 0
+        self._seen = set()
+        self.quiet = 0  # > 0 inside the LIF, which is counted as its one kernel
+
+    def _track(self, out):
+        for t in _tensors(out):
+            try:
+                s = t.untyped_storage()
+            except (RuntimeError, NotImplementedError):
+                continue
+            key = s.data_ptr()
+            if key in self._seen or s.nbytes() == 0:
+                continue
+            self._seen.add(key)
+            n = s.nbytes()
+            self.live += n
+            self.peak = max(self.peak, self.live)
+
+            def freed(key=key, n=n, counter=weakref.ref(self)):
+                c = counter()
+                if c is not None:
+                    c.live -= n
+                    c._seen.discard(key)
+            weakref.finalize(s, freed)
+
+    def kernel(self, name: str, nbytes: int) -> None:
+        self.launches += 1
+        self.launch_ops[name] += 1
+        self.bytes += nbytes
+        self.by_op[name] += nbytes
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        opdef = _custom_op(func)
+        if opdef is not None:  # this package's ops: count what they run, not the op itself
+            with self:
+                out = opdef._init_fn(*args, **kwargs)
+            return out
+        out = func(*args, **kwargs)
+        name = func.overloadpacket.__name__
+        self._track(out)
+        if self.quiet or name in _NO_LAUNCH or func.is_view:
+            if not self.quiet and name in _SYNCS:
+                self.syncs += 1
+            return out
+        if name in _SYNCS:
+            self.syncs += 1
+        if name in _GEMMS:
+            self.launches += 1
+            self.launch_ops[name] += 1
+            return out
+        nbytes = sum(_nbytes(t) for t in _tensors((args, kwargs, out)))
+        self.kernel(name, nbytes)
+        return out
+
+
+def _count_lif_as_kernels(counter: StepCounter):
+    """The LIF's forward and backward as the one launch each of the CUDA kernel: it reads the
+    input (the gradient and H) and writes the spikes and H (the input gradient)."""
+    from qkformer import neuron
+
+    fwd, bwd = neuron._forward, neuron._backward
+
+    def forward(x, tau, v_threshold, save_h, backend):
+        counter.quiet += 1
+        try:
+            spikes, h = fwd(x, tau, v_threshold, save_h, backend)
+        finally:
+            counter.quiet -= 1
+        counter.kernel("lif_forward (kernel)",
+                       _nbytes(x) + _nbytes(spikes) + (_nbytes(h) if h is not None else 0))
+        return spikes, h
+
+    def backward(grad, h, tau, v_threshold, alpha, detach_reset, backend):
+        counter.quiet += 1
+        try:
+            gx = bwd(grad, h, tau, v_threshold, alpha, detach_reset, backend)
+        finally:
+            counter.quiet -= 1
+        counter.kernel("lif_backward (kernel)", _nbytes(grad) + _nbytes(h) + _nbytes(gx))
+        return gx
+
+    neuron._forward, neuron._backward = forward, backward
+    return lambda: (setattr(neuron, "_forward", fwd), setattr(neuron, "_backward", bwd))
+
+
+def count_step(model_key: str, kind: str, size: int, dtype: torch.dtype) -> dict:
+    """``kind``: 'reference' (the original's computation) or 'fast'."""
+    model = build(model_key, kind)
+    x, y = batch(model_key, model, size)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
+    model.train()
+
+    def forward_backward():
+        with torch.autocast("cpu", dtype=dtype):
+            loss = torch.nn.functional.cross_entropy(model(x).float(), y)
+        loss.backward()
+
+    def update():
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    forward_backward()
+    update()  # optimizer state exists before the counted step, as in a running job
+    counter = StepCounter()
+    restore = _count_lif_as_kernels(counter)
+    flops = FlopCounterMode(display=False)
+    try:
+        with flops, counter:
+            forward_backward()
+            syncs = counter.syncs
+            update()  # AdamW's step counts are host scalars on a GPU too: no syncs counted
+            counter.syncs = syncs
+    finally:
+        restore()
+    params = sum(_nbytes(p) for p in model.parameters())
+    state = sum(_nbytes(t) for s in opt.state.values() for t in _tensors(s))
+    return dict(launches=counter.launches, syncs=counter.syncs, bytes=counter.bytes / size,
+                flops=flops.get_total_flops() / size, peak=counter.peak / size,
+                fixed=params * 2 + state, top=counter.by_op.most_common(6),
+                top_launches=counter.launch_ops.most_common(8))
+
+
+def model_time(r: dict, peak_flops: float, bandwidth: float, size: int) -> float:
+    """Seconds per step of ``size`` images by the roofline model."""
+    return (size * (r["flops"] / (peak_flops * GEMM_EFF) + r["bytes"] / (bandwidth * BW_EFF))
+            + r["launches"] * LAUNCH_S)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--models", nargs="+", default=["cifar", "hst384"], choices=list(MODELS))
+    p.add_argument("--count-batch", type=int, default=2,
+                   help="images in the counted step (counts are per image)")
+    p.add_argument("--batch", type=int, default=32, help="batch of the modelled GPU step")
+    p.add_argument("--dtype", choices=["float16", "bfloat16"], default="bfloat16",
+                   help="the AMP dtype on the CPU (same sizes as the GPU's fp16)")
+    p.add_argument("--quick", action="store_true", help="tiny models (a smoke test)")
+    args = p.parse_args(argv)
+    models = ["quick", "quick-dvs"] if args.quick else args.models
+    dtype = getattr(torch, args.dtype)
+    print(f"counted on the CPU ({args.dtype} autocast as the GPU's 16-bit AMP), per image; "
+          f"the fast path as torch ops (QKFORMER_CPU_KERNELS=0), the LIF as one kernel launch")
+    for key in models:
+        rows = {kind: count_step(key, kind, args.count_batch, dtype)
+                for kind in ("reference", "fast")}
+        o, f = rows["reference"], rows["fast"]
+        print(f"\n{key}: {MODELS[key][0]}, {MODELS[key][2]} px")
+        print(f"{'':34s} {'original':>14s} {'fast (CUDA)':>14s} {'ratio':>7s}"
+              f"   (original: reference path + LIF kernel)")
+        for label, k, unit in (("kernel launches / step", "launches", 1),
+                               ("non-GEMM bytes / image (MB)", "bytes", 1e6),
+                               ("GEMM GFLOP / image", "flops", 1e9),
+                               ("peak live memory / image (MB)", "peak", 1e6)):
+            ratio = f[k] / o[k] if o[k] else float("nan")
+            print(f"{label:34s} {o[k] / unit:14.1f} {f[k] / unit:14.1f} {ratio:6.2f}x")
+        print(f"{'host synchronisations / step':34s} {o['syncs']:14d} {f['syncs']:14d}")
+        print(f"parameters + gradients + AdamW state: {o['fixed'] / 1e6:.1f} MB")
+        for gpu, (peak, bw) in GPUS.items():
+            to, tf = (model_time(r, peak, bw, args.batch) for r in (o, f))
+            print(f"model, {gpu}, batch {args.batch}: original {to * 1e3:.0f} ms, fast {tf * 1e3:.0f} "
+                  f"ms per step ({to / tf:.2f}x)")
+        for kind, r in rows.items():
+            print(f"most launched, {kind}: " + ", ".join(f"{n} {c}" for n, c in r["top_launches"]))
+        print("largest non-GEMM byte movers, fast: "
+              + ", ".join(f"{n} {b / args.count_batch / 1e6:.0f} MB" for n, b in f["top"]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
