@@ -316,7 +316,7 @@ def cpu_isa_line() -> str:
 def _native_bf16(device: str):
     if device == "cuda":
         return True, "CUDA"
-    from qkformer.engine import cpu_bf16_native
+    from qkformer.precision import cpu_bf16_native
 
     return cpu_bf16_native()
 

@@ -23,7 +23,8 @@ from .checkpoint import extract_state_dict, load_checkpoint, match_variant
 from .config import ConfigError, run_cli
 from .cpu import memory
 from .distributed import ShardSampler, init_distributed, is_main
-from .engine import evaluate, read_checkpoint_file, resolve_amp
+from .engine import evaluate, read_checkpoint_file
+from .precision import resolve_amp
 from .neuron import describe_backend
 from .train import check_data_dir, check_input_size
 

@@ -6,7 +6,7 @@ from types import MappingProxyType
 import pytest
 import torch
 
-from qkformer import engine, evaluate, train
+from qkformer import evaluate, precision, train
 from qkformer.data.synthetic_images import write_png_image_folder
 
 X86 = {"architecture": "x86_64", "avx512_f": True, "avx2": True}
@@ -22,51 +22,51 @@ X86 = {"architecture": "x86_64", "avx512_f": True, "avx2": True}
 ])
 def test_cpu_bf16_detection(monkeypatch, caps, native, why):
     monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: MappingProxyType(caps))
-    assert engine.cpu_bf16_native() == (native, why)
+    assert precision.cpu_bf16_native() == (native, why)
 
 
 def test_cpu_bf16_detection_on_older_torch(monkeypatch):
     monkeypatch.delattr(torch.cpu, "get_capabilities", raising=False)
-    monkeypatch.setattr(engine.platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(precision.platform, "machine", lambda: "x86_64")
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True, raising=False)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
-    assert engine.cpu_bf16_native() == (True, "AVX512_BF16")
+    assert precision.cpu_bf16_native() == (True, "AVX512_BF16")
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False, raising=False)
-    assert engine.cpu_bf16_native()[0] is False
+    assert precision.cpu_bf16_native()[0] is False
 
 
 def test_detection_agrees_with_torch_here():
     caps = torch.cpu.get_capabilities()
     expected = bool(caps.get("avx512_bf16") or caps.get("amx_bf16") or caps.get("bf16")
                     or caps.get("sve_bf16")) and torch.backends.mkldnn.is_available()
-    assert engine.cpu_bf16_native()[0] == expected
+    assert precision.cpu_bf16_native()[0] == expected
 
 
 @pytest.mark.parametrize("native", [True, False])
 def test_resolve_amp_on_cpu(monkeypatch, native):
-    monkeypatch.setattr(engine, "cpu_bf16_native", lambda: (native, "FEATURE"))
+    monkeypatch.setattr(precision, "cpu_bf16_native", lambda: (native, "FEATURE"))
     cpu = torch.device("cpu")
     for auto in (None, "auto", "AUTO"):
-        on, line = engine.resolve_amp(cpu, auto)
+        on, line = precision.resolve_amp(cpu, auto)
         assert on is native
         assert line == ("precision: bf16 autocast (auto: this CPU computes bf16 natively, FEATURE)"
                         if native else "precision: fp32 (auto: bf16 would be emulated on this "
                         "CPU, FEATURE; --amp forces it on)")
-    on, line = engine.resolve_amp(cpu, True)
+    on, line = precision.resolve_amp(cpu, True)
     assert on and line.startswith("precision: bf16 autocast (amp forced on;")
     assert ("native: FEATURE" if native else "emulated, slower than fp32: FEATURE") in line
-    assert engine.resolve_amp(cpu, False) == (False, "precision: fp32 (amp forced off)")
+    assert precision.resolve_amp(cpu, False) == (False, "precision: fp32 (amp forced off)")
     with pytest.raises(ValueError, match="true, false or auto"):
-        engine.resolve_amp(cpu, "sometimes")
+        precision.resolve_amp(cpu, "sometimes")
 
 
 def test_resolve_amp_on_cuda(monkeypatch):
-    monkeypatch.setattr(engine, "cpu_bf16_native", lambda: (False, "irrelevant"))
+    monkeypatch.setattr(precision, "cpu_bf16_native", lambda: (False, "irrelevant"))
     cuda = torch.device("cuda")
-    assert engine.resolve_amp(cuda) == (True, "precision: fp16 autocast with GradScaler (CUDA)")
-    assert engine.resolve_amp(cuda, None, training=False) == (True,
+    assert precision.resolve_amp(cuda) == (True, "precision: fp16 autocast with GradScaler (CUDA)")
+    assert precision.resolve_amp(cuda, None, training=False) == (True,
                                                               "precision: fp16 autocast (CUDA)")
-    assert engine.resolve_amp(cuda, True)[0] and not engine.resolve_amp(cuda, False)[0]
+    assert precision.resolve_amp(cuda, True)[0] and not precision.resolve_amp(cuda, False)[0]
 
 
 def test_amp_flags_and_recipe_values(tmp_path):
@@ -79,13 +79,13 @@ def test_amp_flags_and_recipe_values(tmp_path):
     recipe = tmp_path / "r.yml"
     recipe.write_text("amp: auto\n")
     args = parse_with_config(train.build_parser(), [], str(recipe))
-    assert args.amp == "auto" and engine.resolve_amp(torch.device("cuda"), args.amp)[0]
+    assert args.amp == "auto" and precision.resolve_amp(torch.device("cuda"), args.amp)[0]
 
 
 def test_scripts_print_precision_and_backend_once(monkeypatch, tmp_path, capsys):
     data = write_png_image_folder(tmp_path / "pngs", classes=2, per_class_train=2,
                                   per_class_val=1, size=(20, 20))
-    monkeypatch.setattr(engine, "cpu_bf16_native", lambda: (False, "no AVX512_BF16 (stand-in)"))
+    monkeypatch.setattr(precision, "cpu_bf16_native", lambda: (False, "no AVX512_BF16 (stand-in)"))
     out = tmp_path / "run"
     # no recipe (the shipped ones set amp explicitly): the parser's default, auto
     train.main(["--data-dir", str(data), "--output-dir", str(out), "--model", "qkformer_cifar10",
@@ -98,7 +98,7 @@ def test_scripts_print_precision_and_backend_once(monkeypatch, tmp_path, capsys)
         "precision: fp32 (auto: bf16 would be emulated on this CPU, no AVX512_BF16 (stand-in); "
         "--amp forces it on)"]
     assert "amp: false" in (out / "args.yaml").read_text()  # what ran is recorded
-    monkeypatch.setattr(engine, "cpu_bf16_native", lambda: (True, "AVX512_BF16 (stand-in)"))
+    monkeypatch.setattr(precision, "cpu_bf16_native", lambda: (True, "AVX512_BF16 (stand-in)"))
     evaluate.main(["--checkpoint", str(out / "checkpoint-last.pth"), "--data-dir", str(data),
                    "--batch-size", "2", "--workers", "0", "--no-progress"])
     printed = capsys.readouterr().out.splitlines()
