@@ -26,7 +26,8 @@ from .distributed import ShardSampler, init_distributed, is_main
 from .engine import evaluate, read_checkpoint_file
 from .precision import resolve_amp
 from .neuron import describe_backend
-from .train import check_data_dir, check_input_size
+from .builder import (ARCHITECTURE_ARGS, architecture_args, build_model, check_data_dir,
+                      check_input_size)
 
 __all__ = ["build_parser", "main"]
 
@@ -72,8 +73,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _model_from_checkpoint(args, ckpt, num_classes: int):
-    from .train import build_model, build_parser as train_parser
-
     saved = ckpt.get("args") if isinstance(ckpt, dict) else None
     saved = vars(saved) if isinstance(saved, argparse.Namespace) else {}
     name = args.model or saved.get("model")
@@ -84,10 +83,10 @@ def _model_from_checkpoint(args, ckpt, num_classes: int):
         if fit is None:
             raise ValueError("cannot tell which variant the checkpoint is for; pass --model")
         name = fit.split(" ")[0]
-    margs = train_parser().parse_args([])
-    for k, v in saved.items():  # our own checkpoints carry their architecture overrides
-        if hasattr(margs, k):
-            setattr(margs, k, v)
+    margs = architecture_args()
+    for k in ARCHITECTURE_ARGS:  # our own checkpoints carry their architecture overrides
+        if saved.get(k) is not None:
+            setattr(margs, k, saved[k])
     margs.model = name
     margs.T = args.T or saved.get("T") or saved.get("time_step") or 4
     margs.input_size = args.input_size or saved.get("input_size") or variants.VARIANTS[name]["img_size"]
