@@ -36,11 +36,11 @@ from . import fused, variants  # noqa: F401  (variants: timm registration)
 from .checkpoint import extract_state_dict, load_checkpoint
 from .cpu import memory
 from .config import ConfigError, OneLineErrorParser, parse_with_config, run_cli
-from .distributed import (ShardSampler, any_rank, gather_objects, init_distributed, is_main)
+from .distributed import (ShardSampler, all_reduce_sum, any_rank, gather_objects,
+                          init_distributed, is_main)
 from .engine import (NonFiniteLossError, check_training_checkpoint, evaluate,
-                     read_checkpoint_file, resolve_amp, restore_training_state, resume_checkpoint,
-                     rng_state, save_checkpoint, train_one_epoch)
-from . import run_state
+                     read_checkpoint_file, resolve_amp, restore_training_state, rng_state,
+                     save_checkpoint, train_one_epoch)
 from .run_state import (EXIT_PREEMPTED, Preemption, RunLock, SeededSamples, check_output_dir,
                         prune_steps, remove_partial_files, resume_candidates, step_checkpoint_path)
 from .neuron import describe_backend
@@ -562,8 +562,9 @@ def _train(args, dist, out: Path, preempt) -> dict:
         due = due or (args.save_every_min > 0
                       and time.monotonic() - last_save >= args.save_every_min * 60)
         stop = preempt is not None and preempt.requested is not None
-        if dist.distributed:  # every rank saves and stops at the same update
-            due, stop = any_rank(due, dist.device), any_rank(stop, dist.device)
+        if dist.distributed:  # every rank saves and stops at the same update (one all-reduce)
+            due, stop = (bool(v > 0) for v in all_reduce_sum([float(due), float(stop)],
+                                                             dist.device).tolist())
         if (due and done < n_iters) or stop:  # at the epoch's end the epoch checkpoint follows
             path = save_step(done, run_sums)
             last_save = time.monotonic()
