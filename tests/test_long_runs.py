@@ -176,3 +176,44 @@ def test_torchrun_without_restarts_left_ends_both_ranks(pngs, tmp_path):
     assert "Signal 9 (SIGKILL)" in r.stderr or "exitcode  : -9" in r.stderr, r.stderr[-3000:]
     assert seconds < 240  # the survivor is stopped, not left waiting in an all-reduce
     assert read_checkpoint(tmp_path / "checkpoint-step-000000008.pth")["step"]["batches"] == 2
+
+
+@pytest.mark.slow
+def test_srun_style_ranks_stop_together_on_sigusr1_and_resume_exactly(pngs, tmp_path):
+    """Two ranks started as srun starts them (SLURM_PROCID/SLURM_NTASKS, no torchrun); SIGUSR1
+    reaches rank 1 only: both ranks stop after the same update with status 75, rank 0 writes one
+    step checkpoint holding both ranks' states, and the resumed pair ends with the weights of an
+    uninterrupted pair."""
+    def launch(out, *extra):
+        env = _env(MASTER_ADDR="localhost", MASTER_PORT=str(_free_port()), SLURM_NTASKS="2")
+        for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+            env.pop(k, None)
+        return [subprocess.Popen(_cmd(pngs, out, "--batch-size", "2", "--workers", "0", *extra),
+                                 cwd=REPO, env={**env, "SLURM_PROCID": str(r),
+                                                "SLURM_LOCALID": str(r)},
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                for r in (0, 1)]
+
+    def finish(procs):
+        outs = [p.communicate(timeout=300) for p in procs]
+        return [p.returncode for p in procs], outs
+
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    codes, outs = finish(launch(full))
+    assert codes == [0, 0], outs[0][1][-2000:] + outs[1][1][-2000:]
+    procs = launch(cut)
+    deadline = time.monotonic() + 300
+    while not list(cut.glob("checkpoint-step-000000002.pth")):
+        assert all(p.poll() is None for p in procs) and time.monotonic() < deadline
+        time.sleep(0.05)
+    procs[1].send_signal(signal.SIGUSR1)
+    codes, outs = finish(procs)
+    assert codes == [EXIT_PREEMPTED] * 2, outs[0][1][-2000:] + outs[1][1][-2000:]
+    assert "SIGUSR1 received" in outs[1][1] and "stopped on a signal on another rank" in outs[0][0]
+    step = read_checkpoint(sorted(cut.glob("checkpoint-step-*.pth"))[-1])["step"]
+    assert len(step["ranks"]) == 2
+    assert not torch.equal(step["ranks"][0]["rng"]["torch"], step["ranks"][1]["rng"]["torch"])
+    codes, outs = finish(launch(cut, "--resume", "auto"))
+    assert codes == [0, 0], outs[0][1][-2000:] + outs[1][1][-2000:]
+    assert f"resumed from {cut / 'checkpoint-step-'}" in outs[0][0]
+    _assert_same_final_state(full, cut)
