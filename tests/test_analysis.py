@@ -16,6 +16,7 @@ from torch import nn
 import qkformer  # noqa: F401  (timm registration)
 from qkformer.analysis import (attention_cost, attention_maps, curves, energy, firing, fit_slopes,
                                timesteps)
+from qkformer.analysis import _common as analysis_common
 from qkformer.analysis._common import synthetic_batches
 from qkformer.attention import QKTokenAttention, SpikingSelfAttention
 from qkformer.data.synthetic_images import write_png_image_folder
@@ -604,3 +605,35 @@ def test_package_entry_point_runs_a_tool(tmp_path):
     assert r.returncode == 1 and r.stderr.startswith("error: unknown --model 'qkformer_cifar1'")
     r = _analysis("plots")
     assert r.returncode == 2 and "unknown analysis tool 'plots'" in r.stderr
+
+
+def _trained_checkpoint(tmp_path):
+    """A checkpoint as training writes it: weights and the arguments it was trained with (a
+    size and T that are not the variant's defaults)."""
+    import argparse
+
+    torch.manual_seed(0)
+    model = timm.create_model("qkformer_cifar10", embed_dims=32, depths=(1, 1, 1), num_heads=2,
+                              T=2, img_size=16, num_classes=10)
+    args = argparse.Namespace(model="qkformer_cifar10", T=2, input_size=16, embed_dims=[32],
+                              depths=[1, 1, 1], num_heads=[2], mlp_ratio=None, attn_types=None,
+                              legacy_ssa=True, dataset="digits")
+    path = tmp_path / "checkpoint-best.pth"
+    torch.save({"model": model.state_dict(), "args": args, "epoch": 3}, path)
+    return path, model
+
+
+def test_tools_build_the_model_the_checkpoint_was_trained_as(tmp_path):
+    path, trained = _trained_checkpoint(tmp_path)
+    model = analysis_common.build_model(None, str(path))
+    assert (model.T, model.img_size, model.num_classes) == (2, 16, 10)
+    for k, v in trained.state_dict().items():
+        assert torch.equal(model.state_dict()[k], v), k
+    with pytest.warns(UserWarning, match="T=3 but the checkpoint was trained with T=2"):
+        assert analysis_common.build_model(None, str(path), {"T": 3}).T == 3
+    with pytest.raises(ValueError, match="--model is needed"):
+        analysis_common.build_model(None, None)
+    out = tmp_path / "out"
+    firing.main(["--checkpoint", str(path), "--synthetic", "--batches", "1", "--batch-size", "2",
+                 "--out", str(out)])
+    assert any(out.iterdir())

@@ -40,21 +40,41 @@ def is_event_model(model: nn.Module) -> bool:
     return bool(getattr(layout, "events", False))
 
 
-def build_model(name: str, checkpoint: Optional[str] = None, model_kwargs: Optional[Mapping] = None,
-                device="cpu") -> nn.Module:
-    """``timm.create_model(name, **model_kwargs)``, weights from ``checkpoint`` (strict), eval mode."""
+def build_model(name: Optional[str], checkpoint: Optional[str] = None,
+                model_kwargs: Optional[Mapping] = None, device="cpu") -> nn.Module:
+    """``timm.create_model(name, **model_kwargs)``, weights from ``checkpoint`` (strict), eval mode.
+
+    A checkpoint written by this package's training records the network it was trained as (its
+    name, T, input size, widths, ...): that description is the default, so ``name`` may be None
+    and ``model_kwargs`` only changes what it says (one warning line per contradiction)."""
+    import warnings
+
     import timm
 
     import qkformer  # noqa: F401  (registers the variants with timm)
+    from qkformer.builder import saved_architecture
+    from qkformer.checkpoint import load_checkpoint, read_checkpoint
 
+    ckpt = read_checkpoint(checkpoint) if checkpoint else None
+    saved_name, saved = saved_architecture(ckpt) if ckpt is not None else (None, {})
+    kwargs = dict(model_kwargs or {})
+    if name is None and saved_name is None:
+        raise ValueError("--model is needed: the checkpoint does not say which network it holds"
+                         if checkpoint else "--model is needed (or a --checkpoint that names it)")
+    if name is not None and saved_name is not None and name != saved_name:
+        warnings.warn(f"--model {name} but the checkpoint was trained as {saved_name}",
+                      stacklevel=2)
+    name = name or saved_name
+    for k, v in kwargs.items():
+        if k in saved and saved[k] != v:
+            warnings.warn(f"--model-kwargs {k}={v!r} but the checkpoint was trained with "
+                          f"{k}={saved[k]!r}", stacklevel=2)
     if not timm.is_model(name):
         raise ValueError(f"unknown --model {name!r}; the qkformer models are "
                          f"{', '.join(qkformer.VARIANTS)}")
-    model = timm.create_model(name, **dict(model_kwargs or {}))
-    if checkpoint:
-        from qkformer.checkpoint import load_checkpoint
-
-        load_checkpoint(model, checkpoint, strict=True)
+    model = timm.create_model(name, **{**saved, **kwargs})
+    if ckpt is not None:
+        load_checkpoint(model, ckpt, strict=True)
     return model.to(device).eval()
 
 
@@ -105,9 +125,11 @@ def image_folder_loader(model: nn.Module, data_dir, split: str = "val", batch_si
 
 # -- CLI -----------------------------------------------------------------------------------------
 def add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="timm name, e.g. qkformer_cifar10")
+    p.add_argument("--model", default=None,
+                   help="timm name, e.g. qkformer_cifar10 (default: what --checkpoint was trained as)")
     p.add_argument("--model-kwargs", type=json.loads, default={},
-                   help='JSON overrides for timm.create_model, e.g. \'{"T": 2, "embed_dims": 64}\'')
+                   help='JSON overrides for timm.create_model, e.g. \'{"T": 2, "embed_dims": 64}\' '
+                        "(default: what --checkpoint was trained with)")
     p.add_argument("--checkpoint", default=None, help="weights (.pth/.pth.tar/.safetensors)")
     p.add_argument("--device", default="cpu")
 
@@ -147,7 +169,9 @@ def run_title(model: str, data: Optional[str] = None, T=None, **more) -> str:
 
 
 def model_from_args(args) -> nn.Module:
-    return build_model(args.model, args.checkpoint, args.model_kwargs, args.device)
+    model = build_model(args.model, args.checkpoint, args.model_kwargs, args.device)
+    args.model = args.model or model.pretrained_cfg.get("architecture", type(model).__name__)
+    return model
 
 
 def batches_from_args(args, model: nn.Module):
