@@ -498,6 +498,14 @@ def _train(args, dist, out: Path, preempt) -> dict:
         if step is not None and ranks is not None and len(ranks) != dist.world_size:
             raise ValueError(f"{resumed} is a step checkpoint of {len(ranks)} processes; resume "
                              f"it with {len(ranks)} (or resume from an epoch checkpoint)")
+        if step is not None and (ranks is None or step.get("iters", n_iters) != n_iters
+                                 or step.get("accum_iter", args.accum_iter) != args.accum_iter):
+            # the saved position counts batches of the saved run's size
+            raise ValueError(f"{resumed} is a step checkpoint of a run with other batches "
+                             f"({step.get('iters')} per epoch, --accum-iter "
+                             f"{step.get('accum_iter')}; now {n_iters}, {args.accum_iter}): "
+                             f"resume it with the same --batch-size, --max-iters and "
+                             f"--accum-iter, or resume from an epoch checkpoint")
         mine = ranks[dist.rank] if ranks is not None and len(ranks) == dist.world_size else None
         restore_training_state(ckpt, model, optimizer, scaler, scheduler,
                                rng=mine["rng"] if mine else None)
@@ -550,7 +558,7 @@ def _train(args, dist, out: Path, preempt) -> dict:
         path = step_checkpoint_path(out, update)
         save_checkpoint(path, net, optimizer, epoch, args, scaler, scheduler, best_acc1=best,
                         step={"update": update, "batches": done, "sums": list(run_sums),
-                              "ranks": ranks})
+                              "iters": n_iters, "accum_iter": args.accum_iter, "ranks": ranks})
         if is_main():
             prune_steps(out, args.keep_last)
         return path

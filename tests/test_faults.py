@@ -319,3 +319,12 @@ def test_unreadable_image_is_found_before_the_first_step(monkeypatch, tmp_path):
                      default_config="imagenet")
     assert msg == f"error: 1 unreadable training image file(s), e.g. {empty} is empty"
     assert not list((tmp_path / "out").glob("checkpoint-*"))
+
+
+def test_step_checkpoint_resumed_with_other_batches_is_refused(monkeypatch, pngs, interrupted):
+    for p in interrupted.glob("checkpoint-last.pth"):
+        p.unlink()  # the newest usable one is then the step checkpoint of update 3
+    msg = _cli_error(monkeypatch, train.main, _args(pngs, interrupted, "--resume", "auto",
+                                                    "--max-iters", "1"), default_config="cifar10")
+    assert "checkpoint-step-000000003.pth is a step checkpoint of a run with other batches " \
+           "(2 per epoch, --accum-iter 1; now 1, 1)" in msg
