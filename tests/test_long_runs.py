@@ -2,6 +2,7 @@
 preempted (SIGTERM) in the middle of an epoch and resumed with ``--resume auto`` ends with weights
 bit-identical to a run that was never interrupted (CPU, fp32, one loader worker, augmentation on:
 RandAugment, random erasing, random resized crops)."""
+import json
 import os
 import random
 import signal
@@ -217,3 +218,30 @@ def test_srun_style_ranks_stop_together_on_sigusr1_and_resume_exactly(pngs, tmp_
     assert codes == [0, 0], outs[0][1][-2000:] + outs[1][1][-2000:]
     assert f"resumed from {cut / 'checkpoint-step-'}" in outs[0][0]
     _assert_same_final_state(full, cut)
+
+
+@pytest.mark.slow
+def test_sigterm_in_the_last_batch_of_an_epoch(pngs, tmp_path, uninterrupted):
+    """The stop lands on the epoch's last update: the step checkpoint says the epoch's training
+    is done, and the resumed run goes straight to its evaluation and epoch checkpoint."""
+    mark = tmp_path / "in-last-batch"
+    out = tmp_path / "out"
+    p = subprocess.Popen(_cmd(pngs, out), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         env=_env(QKFORMER_FAULT=f"slow@{ITERS - 1}", QKFORMER_FAULT_MARK=str(mark)),
+                         text=True)
+    deadline = time.monotonic() + 300
+    while not mark.exists():
+        assert p.poll() is None and time.monotonic() < deadline, p.communicate()[1][-3000:]
+        time.sleep(0.05)
+    p.send_signal(signal.SIGTERM)
+    time.sleep(0.2)
+    mark.unlink()  # let the batch run
+    _, stderr = p.communicate(timeout=300)
+    assert p.returncode == EXIT_PREEMPTED, stderr[-3000:]
+    step = read_checkpoint(out / f"checkpoint-step-{ITERS:09d}.pth")["step"]
+    assert step["batches"] == ITERS and not (out / "checkpoint-last.pth").exists()
+    r = _train(pngs, out, "--resume", "auto")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"at epoch 0, batch {ITERS} of {ITERS}" in r.stdout
+    assert [json.loads(line)["epoch"] for line in (out / "log.jsonl").open()] == [0, 1]
+    _assert_same_final_state(uninterrupted(1), out)
