@@ -6,6 +6,9 @@
 
 Recipes (docs/original.md §6) are package data, ``qkformer/configs/*.yml``; ``--config`` also takes
 the path of your own YAML file, and every option can be overridden on the command line.
+
+Long runs (step checkpoints with the exact data position, ``--resume auto``, preemption signals
+and exit status 75, torchrun restarts, one run per output folder): docs/long_runs.md.
 """
 from __future__ import annotations
 
