@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple
 
 import torch
 
 from .config import ConfigError
 
-__all__ = ["ARCHITECTURE_ARGS", "architecture_args", "build_model", "saved_architecture",
-           "check_data_dir", "check_input_size"]
+__all__ = ["ARCHITECTURE_ARGS", "architecture_args", "build_model", "check_data_dir",
+           "check_input_size"]
 
 # The command-line arguments that shape the network (besides --model, --T, --input-size and
 # --legacy-ssa), with their defaults: None keeps the variant's own value.
@@ -41,39 +40,6 @@ def build_model(args, num_classes: int):
                               fast_path=getattr(args, "fast_path", True), **overrides)
     model.set_grad_checkpointing(getattr(args, "grad_checkpointing", False))
     return model
-
-
-def saved_architecture(ckpt: Any) -> Tuple[Optional[str], Dict[str, Any]]:
-    """``(timm name, timm.create_model keyword arguments)`` of the network a checkpoint was
-    trained as, from the arguments this package's training stores in it (``T``, input size,
-    widths, depths, heads, attention types, SSA form; the class count from the head). ``(None,
-    {})`` for a file that records none (a released or foreign checkpoint)."""
-    from . import variants
-    from .checkpoint import extract_state_dict
-
-    saved = ckpt.get("args") if isinstance(ckpt, dict) else None
-    saved = vars(saved) if isinstance(saved, argparse.Namespace) else dict(saved or {})
-    name = saved.get("model")
-    if not isinstance(name, str) or name.lower() not in variants.VARIANTS:
-        return None, {}
-    kwargs: Dict[str, Any] = {}
-    if saved.get("T") or saved.get("time_step"):
-        kwargs["T"] = int(saved.get("T") or saved.get("time_step"))
-    if saved.get("input_size"):
-        kwargs["img_size"] = int(saved["input_size"])
-    if saved.get("legacy_ssa") is not None:
-        kwargs["legacy_ssa"] = bool(saved["legacy_ssa"])
-    for k in ARCHITECTURE_ARGS:
-        v = saved.get(k)
-        if v is not None:
-            kwargs[k] = (tuple(v) if len(v) > 1 else v[0]) if isinstance(v, (list, tuple)) else v
-    try:
-        head = extract_state_dict(ckpt).get("head.bias")
-    except ValueError:
-        head = None
-    if head is not None:
-        kwargs["num_classes"] = int(head.shape[0])
-    return name.lower(), kwargs
 
 
 def check_data_dir(data_dir) -> None:

@@ -58,7 +58,7 @@ from torch import nn
 __all__ = ["SAFE_GLOBALS", "UnsafeCheckpointError", "CheckpointMismatchError", "read_checkpoint",
            "extract_state_dict", "checkpoint_filter_fn", "load_checkpoint", "match_variant",
            "save_safetensors", "atomic_save", "export_hub", "convert", "is_step_checkpoint",
-           "describe_fit"]
+           "describe_fit", "saved_architecture"]
 
 _logger = logging.getLogger(__name__)
 
@@ -539,13 +539,24 @@ def save_safetensors(source: Union[nn.Module, Mapping[str, Any], PathLike], path
     os.replace(tmp, path)
 
 
+def _without_t(description: str) -> str:
+    """A registry description without its size and T (those of the variant's recipe)."""
+    return ", ".join(p for p in description.split(", ")
+                     if not p.startswith("T=") and " x " not in p)
+
+
 def _model_card(model: nn.Module, name: str, src: Path) -> Dict[str, Any]:
     """What timm's ``generate_readme`` needs for a short Hub model card."""
-    cfg, arch = model.pretrained_cfg, getattr(model, "arch_args", {})
+    cfg = model.pretrained_cfg
+    if describe_fit(model.state_dict()) is not None:
+        what = _without_t(cfg.get("description") or name)
+    else:  # the registry's description would name the variant's widths, not these
+        what = f"{name} (a custom architecture: config.json has its arguments)"
     card = dict(
         tags=["image-classification", "timm", "spiking-neural-network"],
         license="other",  # the weights' terms are the authors'; nothing here relicenses them
-        description=(f"QKFormer {cfg.get('description') or name}, converted from "
+        description=(f"QKFormer {what}, T={model.T}, "
+                     f"{model.img_size} x {model.img_size} input, converted from "
                      f"`{src.name}` by `python -m qkformer.checkpoint export-hub`. The weights' "
                      f"terms are those of their authors' release."),
         details={
@@ -553,7 +564,7 @@ def _model_card(model: nn.Module, name: str, src: Path) -> Dict[str, Any]:
             "Model Stats": {
                 "Params (M)": f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}",
                 "Image size": f"{model.img_size} x {model.img_size}",
-                "Time steps (T)": arch.get("T", getattr(model, "T", "?")),
+                "Time steps (T)": model.T,
             },
         },
         usage=("```python\nimport timm\nimport qkformer  # registers the architecture with timm\n\n"
@@ -577,6 +588,7 @@ def export_hub(src: PathLike, out_dir: PathLike, model_name: str,
     from timm.models import save_for_hf
     from timm.models._hub import generate_readme
 
+    model_name, model_kwargs = _model_of(src, model_name, model_kwargs)
     arch = model_name.split(".")[0]
     known = timm.list_models("qkformer_*")
     if arch not in known:
@@ -615,6 +627,24 @@ def export_hub(src: PathLike, out_dir: PathLike, model_name: str,
     return out_dir
 
 
+def _model_of(src: PathLike, model_name: Optional[str],
+              model_kwargs: Optional[Mapping[str, Any]]) -> Tuple[str, Dict[str, Any]]:
+    """The model to write ``src`` for: the one it was trained as (:func:`saved_architecture`),
+    changed by ``model_name`` / ``model_kwargs`` where given."""
+    name, saved = saved_architecture(read_checkpoint(src))
+    kwargs = dict(model_kwargs or {})
+    if model_name is None:
+        if name is None:
+            fit = describe_fit(extract_state_dict(read_checkpoint(src)))
+            raise ValueError(f"{Path(src).name} does not say which model it holds: pass --model"
+                             + (f" (its weights fit {fit})" if fit else ""))
+        model_name = name
+    if name is not None and model_name.split(".")[0] == name:
+        saved.pop("num_classes", None)  # timm takes the class count from the weights' head
+        kwargs = {**saved, **kwargs}
+    return model_name, kwargs
+
+
 def _runs_legacy_ssa(model: nn.Module, default: bool = True) -> bool:
     flags = {m.legacy_proj_lif for m in model.modules() if hasattr(m, "legacy_proj_lif")}
     return flags.pop() if len(flags) == 1 else default
@@ -636,6 +666,7 @@ def convert(src: PathLike, dst: PathLike, model_name: str,
     src, dst = Path(src), Path(dst)
     if not dst.suffix or dst.is_dir():
         return export_hub(src, dst, model_name, model_kwargs)
+    model_name, model_kwargs = _model_of(src, model_name, model_kwargs)
     arch = model_name.split(".")[0]
     known = timm.list_models("qkformer_*")
     if arch not in known:
@@ -675,7 +706,8 @@ def main(argv=None) -> None:
                                             "config.json, README.md) for local-dir:/hf-hub:")
     hub.add_argument("src")
     hub.add_argument("out_dir")
-    hub.add_argument("--model", required=True, help="timm name, e.g. qkformer_10_768.in1k_384")
+    hub.add_argument("--model", default=None, help="timm name, e.g. qkformer_10_768.in1k_384 "
+                     "(default: the model the checkpoint was trained as)")
     hub.add_argument("--model-kwargs", dest="model_kwargs", default="{}", type=_json_object,
                      help='architecture overrides as JSON, e.g. \'{"T": 2, "embed_dims": 64}\'')
     cnv = sub.add_parser("convert", help="write any readable layout (the authors', STEP's, ours) "
@@ -683,7 +715,8 @@ def main(argv=None) -> None:
                                           "without a suffix)")
     cnv.add_argument("src")
     cnv.add_argument("dst")
-    cnv.add_argument("--model", required=True, help="timm name, e.g. qkformer_cifar10")
+    cnv.add_argument("--model", default=None, help="timm name, e.g. qkformer_cifar10 (default: "
+                     "the model the checkpoint was trained as)")
     cnv.add_argument("--model-kwargs", dest="model_kwargs", default="{}", type=_json_object,
                      help='architecture overrides as JSON, e.g. \'{"depths": [1, 1, 7]}\'')
     args = parser.parse_args(argv)
@@ -710,8 +743,56 @@ def main(argv=None) -> None:
         else:
             print(f"layout: {top}")
         sd = extract_state_dict(ckpt)  # a STEP file whose neurons differ is refused here
-        print(f"tensors: {len(sd)}, parameters+buffers: {sum(v.numel() for v in sd.values()):,}")
-        print(f"fits variant: {describe_fit(sd)}")
+        params = sum(v.numel() for k, v in sd.items() if not k.endswith(_BUFFERS))
+        print(f"tensors: {len(sd)}, parameters: {params:,}, "
+              f"parameters+buffers: {sum(v.numel() for v in sd.values()):,}")
+        name, kwargs = saved_architecture(ckpt)
+        if name is not None:
+            print(f"model: {name} " + " ".join(f"{k}={v!r}" for k, v in sorted(kwargs.items())))
+        fit = describe_fit(sd)
+        print(f"fits variant: {fit}" + ("" if fit else " (a custom architecture" + (
+            "; the model line above builds it)" if name else ")")))
+        stored = {k: ckpt[k] for k in ("epoch", "step", "best_acc1", "acc1", "metric")
+                  if isinstance(ckpt, Mapping) and isinstance(ckpt.get(k), (int, float))}
+        if stored:
+            print("stored: " + ", ".join(f"{k} {v}" for k, v in stored.items()))
+
+
+# the training arguments that shape the network, besides model, T, input size and SSA form
+_ARCHITECTURE_KEYS = ("embed_dims", "depths", "num_heads", "mlp_ratio", "attn_types")
+
+
+def saved_architecture(ckpt: Any) -> Tuple[Optional[str], Dict[str, Any]]:
+    """``(timm name, timm.create_model keyword arguments)`` of the network a checkpoint was
+    trained as, from the arguments this package's training (and :func:`convert`) stores in it (``T``, input size,
+    widths, depths, heads, attention types, SSA form; the class count from the head). ``(None,
+    {})`` for a file that records none (a released or foreign checkpoint)."""
+    saved = ckpt.get("args") if isinstance(ckpt, dict) else None
+    saved = vars(saved) if isinstance(saved, argparse.Namespace) else dict(saved or {})
+    name = saved.get("model")
+    if not isinstance(name, str) or not name.lower().startswith("qkformer_"):
+        return None, {}
+    kwargs: Dict[str, Any] = {}
+    if saved.get("T") or saved.get("time_step"):
+        kwargs["T"] = int(saved.get("T") or saved.get("time_step"))
+    if saved.get("input_size"):
+        kwargs["img_size"] = int(saved["input_size"])
+    if saved.get("legacy_ssa") is not None:
+        kwargs["legacy_ssa"] = bool(saved["legacy_ssa"])
+    for k in _ARCHITECTURE_KEYS:
+        v = saved.get(k)
+        if v is not None:
+            kwargs[k] = (tuple(v) if len(v) > 1 else v[0]) if isinstance(v, (list, tuple)) else v
+    try:
+        head = extract_state_dict(ckpt).get("head.bias")
+    except ValueError:
+        head = None
+    if head is not None:
+        kwargs["num_classes"] = int(head.shape[0])
+    return name.lower(), kwargs
+
+
+_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
 
 
 def _json_object(text: str) -> Dict[str, Any]:

@@ -204,6 +204,36 @@ def test_inspect_cli(tmp_path, capsys):
     assert "fits variant: None" in out
 
 
+def test_a_trained_checkpoint_says_what_it_holds(tmp_path, capsys):
+    """inspect, export-hub and convert read the model from the training arguments in the file:
+    no --model, no architecture flags, and the card states the file's own T and size."""
+    torch.manual_seed(0)
+    model = timm.create_model("qkformer_cifar10", embed_dims=32, depths=(1, 1, 1), num_heads=2,
+                              T=2, img_size=16, num_classes=10)
+    args = argparse.Namespace(model="qkformer_cifar10", T=2, input_size=16, embed_dims=[32],
+                              depths=[1, 1, 1], num_heads=[2], mlp_ratio=None, attn_types=None,
+                              legacy_ssa=True)
+    path = tmp_path / "c.pth"
+    torch.save({"model": model.state_dict(), "args": args, "epoch": 11, "best_acc1": 98.4}, path)
+    main(["inspect", str(path)])
+    out = capsys.readouterr().out
+    assert "model: qkformer_cifar10 T=2 depths=(1, 1, 1) embed_dims=32 img_size=16" in out
+    assert "stored: epoch 11, best_acc1 98.4" in out and "parameters: " in out
+    main(["export-hub", str(path), str(tmp_path / "hub")])
+    card = (tmp_path / "hub" / "README.md").read_text()
+    assert "T=2, 16 x 16 input" in card and "T=4" not in card and "HST-4-384" not in card
+    hub = timm.create_model(f"local-dir:{tmp_path / 'hub'}", pretrained=True)
+    main(["convert", str(path), str(tmp_path / "c.safetensors")])
+    for m in (hub,):
+        assert (m.T, m.img_size, m.num_classes) == (2, 16, 10)
+        for k, v in model.state_dict().items():
+            assert torch.equal(m.state_dict()[k], v), k
+    bare = tmp_path / "bare.pth"
+    torch.save(model.state_dict(), bare)
+    with pytest.raises(ValueError, match="does not say which model it holds: pass --model"):
+        main(["export-hub", str(bare), str(tmp_path / "hub2")])
+
+
 def test_truncated_and_missing_files(tmp_path):
     src, dst = _pair()
     path = tmp_path / "c.pth"

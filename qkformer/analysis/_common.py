@@ -52,8 +52,7 @@ def build_model(name: Optional[str], checkpoint: Optional[str] = None,
     import timm
 
     import qkformer  # noqa: F401  (registers the variants with timm)
-    from qkformer.builder import saved_architecture
-    from qkformer.checkpoint import load_checkpoint, read_checkpoint
+    from qkformer.checkpoint import load_checkpoint, read_checkpoint, saved_architecture
 
     ckpt = read_checkpoint(checkpoint) if checkpoint else None
     saved_name, saved = saved_architecture(ckpt) if ckpt is not None else (None, {})
