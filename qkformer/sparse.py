@@ -45,7 +45,8 @@ def limits() -> Tuple[float, float]:
 def timing_pairs(shape, kernel_size: int, out_channels: int, density: float, g):
     """What :mod:`qkformer.sparse_limits` times: per operation ('forward', 'weight_grad'), the
     spike-driven product and the dense one the fast path would run instead, as callables on a
-    float32 spike input of ``shape`` (``[R, C]`` or ``[N, H, W, C]``) with that density."""
+    float32 spike input of ``shape`` (``[R, C]`` or ``[N, H, W, C]``) with that density, each
+    starting from what the fast path has at hand (the input itself forward, its bits backward)."""
     k, co = kernel_size, out_channels
     x = (torch.rand(shape, generator=g) < density).float()
     w = torch.randn(co, shape[-1], max(k, 1), max(k, 1), generator=g) * 0.05
@@ -53,15 +54,30 @@ def timing_pairs(shape, kernel_size: int, out_channels: int, density: float, g):
     if k == 0:
         w2 = w.view(co, -1)
         dense_fwd = lambda: x @ w2.t()  # noqa: E731
-        dense_dw = lambda: dy.t() @ x  # noqa: E731
     else:
         xc, dyc = x.permute(0, 3, 1, 2), dy.permute(0, 3, 1, 2)  # channels-last views
         dense_fwd = lambda: torch.nn.functional.conv2d(xc, w, None, 1, k // 2)  # noqa: E731
+    # the weight gradient reads the input as the unit kept it for backward: spikes as bits
+    n = x.numel()
+    bits = torch.zeros((n + 7) // 8 * 8, dtype=torch.uint8)
+    bits[:n] = x.reshape(-1) != 0
+    bits = (bits.view(-1, 8) << torch.arange(8, dtype=torch.uint8)).sum(1, dtype=torch.uint8)
+    how = ("bits", x.shape, x.dtype)
+
+    def unpacked():
+        out = torch.empty(shape)
+        cpu.kernel("from_bits", torch.float32)(bits.data_ptr(), out.data_ptr(), n,
+                                               *cpu.Parts(n, 8).args)
+        return out
+
+    if k == 0:
+        dense_dw = lambda: dy.t() @ unpacked()  # noqa: E731
+    else:
         dense_dw = lambda: torch.ops.aten.convolution_backward(  # noqa: E731
-            dyc, xc, w, None, [1, 1], [k // 2] * 2, [1, 1], False, [0, 0], 1,
-            [False, True, False])
+            dyc, unpacked().permute(0, 3, 1, 2), w, None, [1, 1], [k // 2] * 2, [1, 1], False,
+            [0, 0], 1, [False, True, False])
     sparse_fwd = lambda: forward(csr_from_dense(x, 1.0), shape, w, None, k, 1)  # noqa: E731
-    sparse_dw = lambda: weight_grad(csr_from_dense(x, 1.0), shape, dy, w, k, 1)  # noqa: E731
+    sparse_dw = lambda: weight_grad(csr_from_packed(bits, how, 1.0), shape, dy, w, k, 1)  # noqa: E731
     return {"forward": (sparse_fwd, dense_fwd), "weight_grad": (sparse_dw, dense_dw)}
 
 

@@ -9,7 +9,8 @@ the density where the sparse product stops winning (interpolated, on the geometr
 the shapes), and stores the record beside the compiled kernels. Later processes read the record,
 so what a machine decides is fixed once measured. A machine too busy to time anything (load
 average above half its cores) gets fixed defaults for its instruction set instead, unstored. ``QKFORMER_SPARSE_MAX_DENSITY`` overrides both
-limits (0 turns the spike-driven products off).
+limits (``F`` for both, ``F,W`` for forward and weight gradient; 0 turns the spike-driven
+products off).
 
 ``python benchmarks/sparse_limits.py`` prints the record and the timed ratios (measuring them if
 needed); ``--remeasure`` measures again.
@@ -138,14 +139,16 @@ def limits(pairs: Callable, remeasure: bool = False) -> Tuple[float, float, str]
     """``(forward, weight gradient, where from)``: the densities up to which the spike-driven
     products are used (``pairs``: see :func:`measure`)."""
     forced = os.environ.get("QKFORMER_SPARSE_MAX_DENSITY")
-    if forced not in (None, ""):
+    if forced not in (None, ""):  # "F" for both, or "F,W": forward, weight gradient
         try:
-            v = float(forced)
+            values = [float(v) for v in forced.split(",")]
         except ValueError:
-            raise ValueError(f"QKFORMER_SPARSE_MAX_DENSITY={forced!r} is not a number") from None
-        if not 0 <= v <= 1:
-            raise ValueError(f"QKFORMER_SPARSE_MAX_DENSITY={v} is not a fraction in [0, 1]")
-        return v, v, "QKFORMER_SPARSE_MAX_DENSITY"
+            raise ValueError(f"QKFORMER_SPARSE_MAX_DENSITY={forced!r} is not a number or a pair "
+                             f"of numbers") from None
+        if len(values) not in (1, 2) or not all(0 <= v <= 1 for v in values):
+            raise ValueError(f"QKFORMER_SPARSE_MAX_DENSITY={forced!r}: one or two fractions in "
+                             f"[0, 1] (forward[,weight gradient])")
+        return values[0], values[-1], "QKFORMER_SPARSE_MAX_DENSITY"
     path = record_path()
     if path is None:  # no kernels: no spike-driven products
         return 0.0, 0.0, "no CPU kernels"

@@ -30,7 +30,9 @@ def test_crossover_interpolates_where_the_sparse_product_stops_winning():
 def test_the_environment_forces_both_limits(monkeypatch):
     monkeypatch.setenv("QKFORMER_SPARSE_MAX_DENSITY", "0.2")
     assert sparse_limits.limits(sparse.timing_pairs) == (0.2, 0.2, "QKFORMER_SPARSE_MAX_DENSITY")
-    for bad in ("x", "1.5", "-0.1"):
+    monkeypatch.setenv("QKFORMER_SPARSE_MAX_DENSITY", "0.3,0.1")
+    assert sparse_limits.limits(sparse.timing_pairs)[:2] == (0.3, 0.1)
+    for bad in ("x", "1.5", "-0.1", "0.1,0.2,0.3", "0.2,"):
         monkeypatch.setenv("QKFORMER_SPARSE_MAX_DENSITY", bad)
         with pytest.raises(ValueError, match="QKFORMER_SPARSE_MAX_DENSITY"):
             sparse_limits.limits(sparse.timing_pairs)
