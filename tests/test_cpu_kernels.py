@@ -120,6 +120,12 @@ def run():
             out[f"{dtype} spconv"] = sparse.forward(csr, x.shape, w, None, 3, 1)
             dy = torch.randn(8, 16, 16, 64, generator=g).to(dtype)
             out[f"{dtype} spconv dw"] = sparse.weight_grad(csr, x.shape, dy, w, 3, 1)
+            for co in (12, 24, 40):  # output channels past a vector: a tail on some ISAs only
+                for k in (0, 3):
+                    wk = torch.randn(co, 96, max(k, 1), max(k, 1), generator=g).to(dtype)
+                    dyk = torch.randn(8, 16, 16, co, generator=g).to(dtype)
+                    out[f"{dtype} spconv fwd k{k} co{co}"] = sparse.forward(csr, x.shape, wk, None, k, 1)
+                    out[f"{dtype} spconv dw k{k} co{co}"] = sparse.weight_grad(csr, x.shape, dyk, wk, k, 1)
     return out
 torch.set_num_threads(1)
 one = run()

@@ -13,6 +13,7 @@
 // in a fixed order (taps, then channels by index), so results do not depend on the threading:
 // the forward splits output pixels over threads, the weight gradient splits output channels.
 // The gradient with respect to x needs all of dy and is left to the dense libraries.
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <vector>
@@ -22,16 +23,25 @@
 
 #include "parts.h"
 
-// 64-byte vectors through GCC's vector extensions: AVX-512 where the CPU has it, two AVX2
-// halves elsewhere, no intrinsics to maintain per instruction set.
+// Vectors through GCC's vector extensions, one register wide: 64 bytes with AVX-512, 32 bytes
+// elsewhere (AVX2 has 16 registers: 64-byte vectors, two registers each, spilled the
+// accumulator tiles). Every output element is summed on its own in the same order whatever the
+// width, so the results are the same bits on every instruction set.
+#if defined(__AVX512F__)
+#define QK_VEC_BYTES 64
+#define QK_WIDE_REGISTERS 1  // 32 registers: room for two vectors per 3x3 tap
+#else
+#define QK_VEC_BYTES 32
+#define QK_WIDE_REGISTERS 0
+#endif
 template <class T> struct Vec;
 template <> struct Vec<float> {
-    typedef float V __attribute__((vector_size(64)));
-    static const int N = 16;
+    typedef float V __attribute__((vector_size(QK_VEC_BYTES)));
+    static const int N = QK_VEC_BYTES / 4;
 };
 template <> struct Vec<double> {
-    typedef double V __attribute__((vector_size(64)));
-    static const int N = 8;
+    typedef double V __attribute__((vector_size(QK_VEC_BYTES)));
+    static const int N = QK_VEC_BYTES / 8;
 };
 
 template <class T>
@@ -447,22 +457,31 @@ static void dw_channels(const ChannelLists<T>& lists, const Geometry& g, const T
     }
 }
 
+// The output channels past the last whole vector, summed as dw_channels sums them (a block's
+// terms into a zeroed accumulator, then added to dw), so they round the same whichever
+// channels a vector width leaves to this tail.
 template <class T, int K>
 static void dw_channels_tail(const ChannelLists<T>& lists, const Geometry& g, const T* dy, T* dw,
                              i64 co0, i64 co1) {
-    const i64 k = g.k, pad = g.pad, W = g.W, H = g.H;
-    for (i64 c = 0; c < g.C; ++c)
-        for (i64 e = lists.ptr[c]; e < lists.ptr[c + 1]; ++e) {
+    const i64 k = g.k, pad = g.pad, W = g.W, H = g.H, n = co1 - co0;
+    std::vector<T> acc(K * n);
+    for (i64 c = 0; c < g.C; ++c) {
+        const i64 e0 = lists.ptr[c], e1 = lists.ptr[c + 1];
+        if (e0 == e1) continue;
+        std::fill(acc.begin(), acc.end(), T(0));
+        for (i64 e = e0; e < e1; ++e) {
             const i64 q = lists.q[e];
             const i64 iw = K > 1 ? q % W : 0, ih = K > 1 ? (q / W) % H : 0;
             for (int d = 0; d < K; ++d) {
                 const i64 oh = ih - (d / k - pad), ow = iw - (d % k - pad);
                 if (K > 1 && (oh < 0 || oh >= g.Ho || ow < 0 || ow >= g.Wo)) continue;
                 const i64 p = q - ((d / k - pad) * W + (d % k - pad));
-                for (i64 co = co0; co < co1; ++co)
-                    dw[(d * g.C + c) * g.Co + co] += lists.v[e] * dy[p * g.Co + co];
+                for (i64 j = 0; j < n; ++j) acc[d * n + j] += lists.v[e] * dy[p * g.Co + co0 + j];
             }
         }
+        for (int d = 0; d < K; ++d)
+            for (i64 j = 0; j < n; ++j) dw[(d * g.C + c) * g.Co + co0 + j] += acc[d * n + j];
+    }
 }
 
 template <class T, int K>
@@ -477,7 +496,7 @@ static void dw_blocks(const i64* rowptr, const int32_t* idx, const T* val, const
         if (K == 1) {
             for (; c + 8 * L <= co1; c += 8 * L) dw_channels<T, K, 8>(lists, g, dy, dw, c);
             for (; c + 2 * L <= co1; c += 2 * L) dw_channels<T, K, 2>(lists, g, dy, dw, c);
-        } else {
+        } else if (QK_WIDE_REGISTERS) {  // 9 taps x 2 vectors: 18 of 32 registers
             for (; c + 2 * L <= co1; c += 2 * L) dw_channels<T, K, 2>(lists, g, dy, dw, c);
         }
         for (; c + L <= co1; c += L) dw_channels<T, K, 1>(lists, g, dy, dw, c);
