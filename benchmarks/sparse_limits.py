@@ -16,7 +16,7 @@ import argparse
 import torch
 
 import _common  # noqa: F401  (the repository on sys.path)
-from qkformer import cpu, sparse, sparse_limits
+from qkformer import sparse, sparse_limits
 from train_step import cpu_isa_line
 
 

@@ -23,7 +23,8 @@ from .checkpoint import extract_state_dict, load_checkpoint, match_variant
 from .config import ConfigError, run_cli
 from .cpu import memory
 from .distributed import ShardSampler, init_distributed, is_main
-from .engine import evaluate, read_checkpoint_file
+from .engine import evaluate
+from .training_checkpoint import read_checkpoint_file
 from .precision import resolve_amp
 from .neuron import describe_backend
 from .builder import (ARCHITECTURE_ARGS, architecture_args, build_model, check_data_dir,

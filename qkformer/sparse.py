@@ -15,7 +15,6 @@ outputs.
 from __future__ import annotations
 
 import math
-import os
 from typing import NamedTuple, Optional, Tuple
 
 import torch

@@ -37,13 +37,15 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 
 from . import fused, variants  # noqa: F401  (variants: timm registration)
 from .checkpoint import extract_state_dict, load_checkpoint
+from .builder import build_model, check_data_dir, check_input_size
 from .cpu import memory
 from .config import ConfigError, OneLineErrorParser, parse_with_config, run_cli
 from .distributed import (ShardSampler, all_reduce_sum, any_rank, gather_objects,
                           init_distributed, is_main)
-from .engine import (NonFiniteLossError, check_training_checkpoint, evaluate,
-                     read_checkpoint_file, resolve_amp, restore_training_state, rng_state,
-                     save_checkpoint, train_one_epoch)
+from .engine import NonFiniteLossError, evaluate, train_one_epoch
+from .precision import resolve_amp
+from .training_checkpoint import (check_training_checkpoint, read_checkpoint_file,
+                                  restore_training_state, rng_state, save_checkpoint)
 from .run_state import (EXIT_PREEMPTED, Preemption, RunLock, SeededSamples, check_output_dir,
                         prune_steps, remove_partial_files, resume_candidates, step_checkpoint_path)
 from .neuron import describe_backend
@@ -139,21 +141,6 @@ def build_parser(description: str = "Train QKFormer") -> argparse.ArgumentParser
       help="cap iterations per epoch (quick runs and tests)")
     a("--progress", action=argparse.BooleanOptionalAction, default=True)
     return p
-
-
-def build_model(args, num_classes: int):
-    import timm
-
-    overrides = {k: getattr(args, k) for k in ("embed_dims", "depths", "num_heads", "mlp_ratio",
-                                               "attn_types") if getattr(args, k, None) is not None}
-    for k in ("embed_dims", "depths", "num_heads", "attn_types"):
-        if k in overrides:
-            overrides[k] = tuple(overrides[k]) if len(overrides[k]) > 1 else overrides[k][0]
-    model = timm.create_model(args.model, T=args.T, num_classes=num_classes,
-                              img_size=args.input_size, legacy_ssa=args.legacy_ssa,
-                              fast_path=getattr(args, "fast_path", True), **overrides)
-    model.set_grad_checkpointing(getattr(args, "grad_checkpointing", False))
-    return model
 
 
 def _at_least_1(v) -> bool:
@@ -254,22 +241,6 @@ def check_args(args) -> None:
     except ValueError as e:
         raise ConfigError(f"cannot build {args.model} with these architecture options: {e}") from e
     check_input_size(model, args.input_size)
-
-
-def check_data_dir(data_dir) -> None:
-    if data_dir is not None and Path(data_dir).exists() and not Path(data_dir).is_dir():
-        raise ConfigError(f"--data-dir {data_dir} is a file; it must be the dataset's folder "
-                          f"(see the README for the layouts)")
-
-
-def check_input_size(model, size: int) -> None:
-    """``--input-size`` against the model's own input check, on a shape-only (meta) tensor."""
-    c = model.in_chans
-    shape = (1, 1, c, size, size) if model.layout.events else (1, c, size, size)
-    try:
-        model.encode(torch.empty(shape, device="meta"))
-    except ValueError as e:
-        raise ConfigError(f"--input-size {size}: {e}") from e
 
 
 def build_datasets(args):

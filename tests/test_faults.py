@@ -21,7 +21,7 @@ from qkformer import evaluate, train
 from qkformer.checkpoint import read_checkpoint
 from qkformer.config import run_cli
 from qkformer.data.synthetic_images import write_png_image_folder
-from qkformer.engine import save_checkpoint
+from qkformer.training_checkpoint import save_checkpoint
 from qkformer.run_state import LOCK_NAME, CheckpointWriteError
 
 REPO = Path(__file__).resolve().parents[1]
