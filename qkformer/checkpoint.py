@@ -619,6 +619,7 @@ def export_hub(src: PathLike, out_dir: PathLike, model_name: str,
         name = arch + (f".{tag}" if tag and tag != "untrained" else "")
         (tmp / "README.md").write_text(generate_readme(_model_card(model, name, src), name),
                                        encoding="utf-8")
+        _refuse_foreign_files(out_dir, [f.name for f in tmp.iterdir()])
         out_dir.mkdir(exist_ok=True)
         for f in tmp.iterdir():
             os.replace(f, out_dir / f.name)
@@ -643,6 +644,25 @@ def _model_of(src: PathLike, model_name: Optional[str],
         saved.pop("num_classes", None)  # timm takes the class count from the weights' head
         kwargs = {**saved, **kwargs}
     return model_name, kwargs
+
+
+_EXPORT_MARK = "python -m qkformer.checkpoint export-hub"
+
+
+def _refuse_foreign_files(out_dir: Path, names: Sequence[str]) -> None:
+    """An export replaces only an earlier export's files: a folder holding files of any other
+    kind is refused, so nothing a user put there is lost."""
+    if not out_dir.exists():
+        return
+    if not out_dir.is_dir():
+        raise ValueError(f"{out_dir} is a file, not a folder for the export")
+    present = sorted(p.name for p in out_dir.iterdir())
+    ours = (out_dir / "README.md").is_file() and _EXPORT_MARK in (
+        out_dir / "README.md").read_text(encoding="utf-8", errors="replace")
+    foreign = [n for n in present if not (ours and n in names)]
+    if foreign:
+        raise ValueError(f"{out_dir} already holds files this export did not write "
+                         f"({', '.join(foreign[:5])}); give an empty or new folder")
 
 
 def _runs_legacy_ssa(model: nn.Module, default: bool = True) -> bool:
@@ -694,6 +714,13 @@ def convert(src: PathLike, dst: PathLike, model_name: str,
     return dst
 
 
+def _add_model_args(parser: argparse.ArgumentParser, name: str, kwargs: str) -> None:
+    parser.add_argument("--model", default=None, help=f"timm name, e.g. {name} (default: the "
+                        f"model the checkpoint was trained as)")
+    parser.add_argument("--model-kwargs", dest="model_kwargs", default="{}", type=_json_object,
+                        help=f"architecture overrides as JSON, e.g. '{kwargs}'")
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m qkformer.checkpoint", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -706,19 +733,13 @@ def main(argv=None) -> None:
                                             "config.json, README.md) for local-dir:/hf-hub:")
     hub.add_argument("src")
     hub.add_argument("out_dir")
-    hub.add_argument("--model", default=None, help="timm name, e.g. qkformer_10_768.in1k_384 "
-                     "(default: the model the checkpoint was trained as)")
-    hub.add_argument("--model-kwargs", dest="model_kwargs", default="{}", type=_json_object,
-                     help='architecture overrides as JSON, e.g. \'{"T": 2, "embed_dims": 64}\'')
+    _add_model_args(hub, "qkformer_10_768.in1k_384", '{"T": 2, "embed_dims": 64}')
     cnv = sub.add_parser("convert", help="write any readable layout (the authors', STEP's, ours) "
                                           "as our .pth, .safetensors, or a Hub folder (OUT "
                                           "without a suffix)")
     cnv.add_argument("src")
     cnv.add_argument("dst")
-    cnv.add_argument("--model", default=None, help="timm name, e.g. qkformer_cifar10 (default: "
-                     "the model the checkpoint was trained as)")
-    cnv.add_argument("--model-kwargs", dest="model_kwargs", default="{}", type=_json_object,
-                     help='architecture overrides as JSON, e.g. \'{"depths": [1, 1, 7]}\'')
+    _add_model_args(cnv, "qkformer_cifar10", '{"depths": [1, 1, 7]}')
     args = parser.parse_args(argv)
     if args.cmd == "convert":
         out = convert(args.src, args.dst, args.model, args.model_kwargs)
@@ -806,10 +827,6 @@ def _json_object(text: str) -> Dict[str, Any]:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, FileNotFoundError) as e:
-        # A wrong file or model is a user error and its message is the whole story. (The typed
-        # errors are ValueErrors; under -m the package's copy of this module raises them.)
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    from qkformer.config import run_cli  # every error one line, as the other command lines
+
+    run_cli(main, from_command_line=True)

@@ -48,6 +48,33 @@ def fire_bn(model: torch.nn.Module, seed: int = 1) -> None:
                 m.bias.copy_(torch.randn(n, generator=g) * 0.5 + 0.5)
 
 
+def cli_error(monkeypatch, main, argv, **kwargs) -> str:
+    """The message ``main`` exits with when run from the command line with ``argv``: one
+    ``error:`` line, no traceback."""
+    import sys
+
+    monkeypatch.setattr(sys, "argv", ["prog", *argv])
+    with pytest.raises(SystemExit) as e:
+        main(**kwargs)
+    msg = e.value.code
+    assert isinstance(msg, str) and msg.startswith("error: "), msg
+    assert "\n" not in msg and "Traceback" not in msg, msg
+    return msg
+
+
+def count_calls(monkeypatch, module, names) -> dict:
+    """Wrap ``module.<name>`` for each name so that calls are counted; returns the counts."""
+    calls = {name: 0 for name in names}
+    for name in names:
+        original = getattr(module, name)
+
+        def counted(*a, _name=name, _f=original, **k):
+            calls[_name] += 1
+            return _f(*a, **k)
+        monkeypatch.setattr(module, name, counted)
+    return calls
+
+
 def saved_bytes(fn) -> int:
     """Bytes autograd keeps for backward while ``fn()`` runs, each storage counted once."""
     seen = {}

@@ -8,8 +8,8 @@ import timm
 import torch
 
 from qkformer.checkpoint import (CheckpointMismatchError, UnsafeCheckpointError, atomic_save,
-                                 load_checkpoint, main, match_variant, read_checkpoint,
-                                 save_safetensors)
+                                 export_hub, load_checkpoint, main, match_variant,
+                                 read_checkpoint, save_safetensors)
 
 TINY = dict(embed_dims=32, depths=(1, 1, 1), num_heads=2, num_classes=5, T=1, img_size=16)
 
@@ -298,3 +298,38 @@ def test_convert_released_layout_round_trip(tmp_path, suffix):
         assert ckpt["args"].depths == (1, 1, 1) and ckpt["args"].input_size == 16
     with pytest.raises(ValueError, match="is none of"):
         main(["convert", str(tmp_path / "c.pth"), str(out), "--model", "resnet18"])
+
+
+def test_export_never_replaces_files_it_did_not_write(tmp_path):
+    src, _ = _pair()
+    path = tmp_path / "c.pth"
+    torch.save({"model": src.state_dict()}, path)
+    name, kwargs = "qkformer_cifar10", dict(TINY)
+    folder = tmp_path / "hub"
+    folder.mkdir()
+    (folder / "README.md").write_text("my notes")
+    with pytest.raises(ValueError, match="already holds files this export did not write"):
+        export_hub(path, folder, name, kwargs)
+    assert (folder / "README.md").read_text() == "my notes"
+    again = tmp_path / "hub2"
+    export_hub(path, again, name, kwargs)
+    export_hub(path, again, name, kwargs)  # an earlier export of ours is replaced
+    (again / "extra.txt").write_text("mine")
+    with pytest.raises(ValueError, match="extra.txt"):
+        export_hub(path, again, name, kwargs)
+
+
+def test_checkpoint_cli_errors_are_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    src, _ = _pair()
+    path = tmp_path / "c.pth"
+    torch.save({"model": src.state_dict()}, path)
+    proc = subprocess.run([sys.executable, "-m", "qkformer.checkpoint", "convert", str(path),
+                           str(tmp_path / "o.pth"), "--model", "qkformer_cifar10",
+                           "--model-kwargs", '{"bogus_key": 1}'], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 1
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "bogus_key" in lines[0], lines

@@ -14,6 +14,7 @@ import torch
 from qkformer import VARIANTS, evaluate, train
 from qkformer.config import error_message, parse_with_config
 from qkformer.data.synthetic_images import write_png_image_folder
+from conftest import cli_error as _cli_error
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--embed-dims", "16", "32", "64", "--depths", "1", "1", "1", "--num-heads", "2",
@@ -21,15 +22,6 @@ TINY = ["--embed-dims", "16", "32", "64", "--depths", "1", "1", "1", "--num-head
         "--batch-size", "2", "--epochs", "1", "--warmup-epochs", "0", "--cooldown-epochs", "0"]
 
 
-def _cli_error(monkeypatch, main, argv, **kwargs) -> str:
-    """The message ``main`` exits with when run from the command line with ``argv``."""
-    monkeypatch.setattr(sys, "argv", ["prog", *argv])
-    with pytest.raises(SystemExit) as e:
-        main(**kwargs)
-    msg = e.value.code
-    assert isinstance(msg, str) and msg.startswith("error: "), msg
-    assert "\n" not in msg and "Traceback" not in msg, msg
-    return msg
 
 
 @pytest.fixture(scope="module")

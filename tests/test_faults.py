@@ -23,6 +23,7 @@ from qkformer.config import run_cli
 from qkformer.data.synthetic_images import write_png_image_folder
 from qkformer.training_checkpoint import save_checkpoint
 from qkformer.run_state import LOCK_NAME, CheckpointWriteError
+from conftest import cli_error as _cli_error
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--embed-dims", "16", "32", "64", "--depths", "1", "1", "1", "--num-heads", "2",
@@ -41,14 +42,6 @@ def _args(data, out, *extra):
     return ["--data-dir", str(data), "--output-dir", str(out), *TINY, *extra]
 
 
-def _cli_error(monkeypatch, main, argv, **kwargs) -> str:
-    monkeypatch.setattr(sys, "argv", ["prog", *argv])
-    with pytest.raises(SystemExit) as e:
-        main(**kwargs)
-    msg = e.value.code
-    assert isinstance(msg, str) and msg.startswith("error: "), msg
-    assert "\n" not in msg and "Traceback" not in msg, msg
-    return msg
 
 
 def _popen(argv, **env):

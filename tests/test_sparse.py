@@ -94,15 +94,10 @@ def test_special_values_reach_the_output():
 def test_units_use_the_sparse_products_on_sparse_inputs(monkeypatch):
     """A fused unit with a sparse spike input goes through the sparse forward and weight
     gradient, and its results equal the dense path (kernels' density limit 0) in float64."""
-    calls = {"forward": 0, "weight_grad": 0}
-    for name in calls:
-        original = getattr(sparse, name)
-
-        def counted(*a, _name=name, _f=original, **k):
-            calls[_name] += 1
-            return _f(*a, **k)
-        monkeypatch.setattr(sparse, name, counted)
+    from conftest import count_calls
     from qkformer.neuron import MultiStepLIF
+
+    calls = count_calls(monkeypatch, sparse, ("forward", "weight_grad"))
 
     torch.manual_seed(0)
     conv = torch.nn.Conv2d(32, 48, 3, 1, 1, bias=False).double()

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from qkformer import cpu, sparse, sparse_limits
+from conftest import count_calls
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.skipif(cpu.library() is None,
@@ -41,6 +42,7 @@ def test_the_environment_forces_both_limits(monkeypatch):
 PROBE = """
 import json, sys, time
 from qkformer import cpu, sparse, sparse_limits
+from conftest import count_calls
 t0 = time.perf_counter()
 f, w, source = sparse_limits.limits(sparse.timing_pairs, remeasure=sys.argv[1] == "remeasure")
 if sys.argv[1] == "remeasure":
@@ -107,14 +109,7 @@ def test_fast_path_matches_reference_on_both_sides_of_the_limits(monkeypatch, li
     """Which product runs changes rounding only: float64 equality holds either way."""
     import test_fast_path
 
-    calls = {"forward": 0, "weight_grad": 0}
-    for name in calls:
-        original = getattr(sparse, name)
-
-        def counted(*a, _name=name, _f=original, **k):
-            calls[_name] += 1
-            return _f(*a, **k)
-        monkeypatch.setattr(sparse, name, counted)
+    calls = count_calls(monkeypatch, sparse, ("forward", "weight_grad"))
     monkeypatch.setattr(sparse, "_limits", limits)
     test_fast_path.test_train_step_float64_matches_reference(family, {})
     assert (calls["forward"] > 0) == (limits[0] > 0)
