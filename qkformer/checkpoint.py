@@ -827,6 +827,15 @@ def _json_object(text: str) -> Dict[str, Any]:
 
 
 if __name__ == "__main__":
-    from qkformer.config import run_cli  # every error one line, as the other command lines
-
-    run_cli(main, from_command_line=True)
+    # Every error one line, as the other command lines (this generic layer does not import
+    # their driver code): a wrong file, model or --model-kwargs key is the user's to fix.
+    try:
+        main()
+    except KeyboardInterrupt:
+        print("error: interrupted (Ctrl-C)", file=sys.stderr)
+        sys.exit(130)
+    except Exception as e:
+        if os.environ.get("QKFORMER_TRACEBACK"):
+            raise
+        kind = "" if isinstance(e, (ValueError, OSError)) else f"{type(e).__name__}: "
+        sys.exit("error: " + " ".join(f"{kind}{e}".split()))

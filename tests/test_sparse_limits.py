@@ -42,7 +42,6 @@ def test_the_environment_forces_both_limits(monkeypatch):
 PROBE = """
 import json, sys, time
 from qkformer import cpu, sparse, sparse_limits
-from conftest import count_calls
 t0 = time.perf_counter()
 f, w, source = sparse_limits.limits(sparse.timing_pairs, remeasure=sys.argv[1] == "remeasure")
 if sys.argv[1] == "remeasure":
