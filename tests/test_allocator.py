@@ -41,9 +41,12 @@ def _probe(keep: bool):
 
 @glibc
 def test_freed_memory_is_reused_without_page_faults():
-    line, faults = _probe(keep=True)
-    assert "keeps freed memory" in line
-    assert faults < 200  # 16384 pages of 4 KiB when glibc maps the tensor afresh
+    # the best of three processes: on a loaded host one probe process now and then pages its
+    # tensor in afresh in every cycle; a setting that does not work does so in all three
+    probes = [_probe(keep=True) for _ in range(3)]
+    assert all("keeps freed memory" in line for line, _ in probes)
+    faults = min(f for _, f in probes)
+    assert faults < 200, probes  # 16384 pages of 4 KiB when glibc maps the tensor afresh
     line, faults = _probe(keep=False)
     assert line == f"allocator: as it was ({memory.ENV}=0)"
     assert faults > 8000  # the default really pays them, so the check above means something

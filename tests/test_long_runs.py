@@ -76,8 +76,9 @@ def uninterrupted(pngs, tmp_path_factory):
 @pytest.mark.slow
 @pytest.mark.parametrize("accum", [1, 2])
 def test_sigkill_mid_epoch_then_resume_is_bit_identical(pngs, tmp_path, uninterrupted, accum):
-    # a random batch of the second epoch (not its first, not past its last)
-    step = ITERS + random.Random().randint(1, ITERS - 1)
+    # a random batch of the second epoch after its first update (with --accum-iter 2 a kill at
+    # its second batch would leave only the first epoch's checkpoints), not past its last
+    step = ITERS + random.Random().randint(accum, ITERS - 1)
     r = _train(pngs, tmp_path, "--accum-iter", str(accum), QKFORMER_FAULT=f"kill@{step}")
     assert r.returncode == -signal.SIGKILL, r.stderr[-3000:]
     steps = sorted(tmp_path.glob("checkpoint-step-*.pth"))
