@@ -14,9 +14,10 @@ and the neuron forward, one pass back, and it keeps for the backward pass only
 attention cores, stored the same way. Each is a ``torch.library`` custom op with a fake kernel
 and an autograd formula, so ``torch.compile(fullgraph=True)`` sees single opaque nodes.
 
-On CPU the passes are the compiled kernels of :mod:`qkformer.cpu`; elsewhere (CUDA, or no C++
-compiler) the same algorithm runs in torch ops with the LIF of :mod:`qkformer.neuron`, backend
-'auto' (its self-checked CuPy kernel on CUDA). A ``MultiStepLIF``'s own ``backend`` setting
+Each pass has three routes (:func:`route`): on CPU the compiled kernels of :mod:`qkformer.cpu`;
+on CUDA the Triton kernels of :mod:`qkformer.triton_units` (after a self-check against the torch
+route, per device and dtype); elsewhere (no C++ compiler, no Triton, a failed self-check) the
+same algorithm in torch ops with the LIF of :mod:`qkformer.neuron`, backend 'auto'. A ``MultiStepLIF``'s own ``backend`` setting
 applies to the reference path, where the module itself runs.
 The formulas equal the reference modules' (``nn.BatchNorm*`` in train and eval mode, the
 multistep LIF, ``max_pool2d``) up to floating-point rounding; the tests hold them to the
@@ -35,10 +36,10 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch._subclasses.fake_tensor import is_fake
 
-from . import cpu, sparse
+from . import cpu, sparse, triton_units
 from .neuron import lif_backward, lif_forward
 
-__all__ = ["ANALOG", "SPIKES", "COUNTS", "fast_path_ready", "describe", "pack", "unpack", "compact_storage",
+__all__ = ["ANALOG", "SPIKES", "COUNTS", "route", "forced_route", "fast_path_ready", "describe", "pack", "unpack", "compact_storage",
            "compact_storage_enabled", "batch_stats", "bn_lif_forward", "bn_lif_backward",
            "spiking_unit", "qk_attention", "ssa_attention"]
 
@@ -64,19 +65,64 @@ def compact_storage(enabled: bool):
         _state.compact = previous
 
 
+ROUTES = ("cpu", "triton", "torch")
+
+
+def route(t: Tensor) -> str:
+    """Which kernels run the passes on ``t``: 'cpu' (compiled CPU kernels), 'triton' (the
+    self-checked Triton kernels: CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``),
+    or 'torch' (the same algorithm in torch ops)."""
+    forced = getattr(_state, "route", None)
+    if forced is not None:
+        return forced
+    if cpu.supports(t):
+        return "cpu"
+    if triton_units.handles(t) and triton_units.verdict(t.device, t.dtype, _triton_self_check):
+        return "triton"
+    return "torch"
+
+
+@contextlib.contextmanager
+def forced_route(name: Optional[str]):
+    """Run every pass on route ``name`` within the block (tests, the self-check); None: the
+    usual choice."""
+    if name is not None and name not in ROUTES:
+        raise ValueError(f"unknown route {name!r}; expected one of {ROUTES}")
+    previous = getattr(_state, "route", None)
+    _state.route = name
+    try:
+        yield
+    finally:
+        _state.route = previous
+
+
 def _kernels(t: Tensor) -> bool:
-    return cpu.supports(t)
+    return route(t) == "cpu"
+
+
+def _triton(t: Tensor) -> bool:
+    return route(t) == "triton"
+
+
+_AMP_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def fast_path_ready(device) -> bool:
-    """Whether the fast path is the faster route on ``device``. On the CPU it runs compiled
-    kernels. Elsewhere it has no kernels of its own yet, only the same algorithm in torch ops,
-    which by a count of launches and bytes moved is slower on a GPU than the layer-by-layer
-    computation with the CUDA LIF kernel: models there take the reference path unless
-    ``QKFORMER_CUDA_FAST_PATH=1`` (tests, measurements) asks for the torch-op fast path."""
-    if torch.device(device).type == "cpu":
+    """Whether the fast path is the faster route on ``device``: on the CPU (compiled kernels,
+    or their torch-op form), and on CUDA where the Triton units pass their self-check for
+    float32 and both 16-bit types. Elsewhere only the torch-op form would run, which by a count
+    of launches and bytes (``benchmarks/gpu_cost.py``) is slower on a GPU than the layer-by-layer
+    computation with the CUDA LIF kernel: models take the reference path there unless
+    ``QKFORMER_CUDA_FAST_PATH=1`` (tests, measurements) asks for the fast path anyway."""
+    device = torch.device(device)
+    if device.type == "cpu":
         return True
-    return os.environ.get("QKFORMER_CUDA_FAST_PATH", "0") not in ("", "0")
+    if os.environ.get("QKFORMER_CUDA_FAST_PATH", "0") not in ("", "0"):
+        return True
+    probe = lambda dtype: torch.empty(0, dtype=dtype, device=device)  # noqa: E731
+    return device.type == "cuda" and all(
+        triton_units.handles(probe(d)) and triton_units.verdict(device, d, _triton_self_check)
+        for d in _AMP_DTYPES)
 
 
 def describe(model, device) -> str:
@@ -86,10 +132,14 @@ def describe(model, device) -> str:
     device = torch.device(device)
     checkpointing = ", gradient checkpointing" if getattr(model, "grad_checkpointing", False) else ""
     if not fast_path_ready(device):
-        return (f"path: reference (layer by layer) on {device.type}: the fast path has no "
-                f"{device.type} kernels yet and its torch-op form would be slower there "
-                f"(QKFORMER_CUDA_FAST_PATH=1 runs it anyway){checkpointing}")
+        return (f"path: reference (layer by layer, the original's computation) on {device.type}: "
+                f"{triton_units.describe(device)}, and the fast path's torch-op form would be "
+                f"slower there (QKFORMER_CUDA_FAST_PATH=1 runs it anyway){checkpointing}")
     if device.type != "cpu":
+        probe = torch.empty(0, device=device)
+        if triton_units.handles(probe) and _triton(probe):
+            return (f"path: fast (fused units as Triton kernels, triton "
+                    f"{triton_units._triton_version()}{checkpointing})")
         return f"path: fast (fused units in torch ops with the LIF backend above{checkpointing})"
     if cpu.library() is None:
         return (f"path: fast (fused units in torch ops, since the CPU kernels are unavailable: "
@@ -156,6 +206,10 @@ def pack(x: Tensor, kind: int) -> Tuple[Tensor, Optional[tuple]]:
         return x, None
     flat = x.contiguous().view(-1)
     n = flat.numel()
+    if _triton(flat):
+        fmt = "bits" if kind == SPIKES else "u8"
+        record = triton_units.pack(flat, fmt)
+        return record.data, (fmt, x.shape, x.dtype, record)
     if kind == SPIKES:
         out = torch.empty((n + 7) // 8, dtype=torch.uint8, device=x.device)
         if _kernels(flat):
@@ -184,6 +238,17 @@ def pack(x: Tensor, kind: int) -> Tuple[Tensor, Optional[tuple]]:
     return out, (fmt, x.shape, x.dtype)
 
 
+def _kept(stored: Tensor, how: Optional[tuple]) -> Tuple[Tensor, Optional[tuple]]:
+    """What the backward pass reads of a packed input: the packed copy when its device-side
+    check is known to have passed, else the original (still referenced until then)."""
+    if how is None or len(how) < 4:
+        return stored, how
+    record = how[3]
+    if record.fits():
+        return stored, how[:3]
+    return record.original, None
+
+
 def unpack(data: Tensor, how: Optional[tuple]) -> Tensor:
     """Inverse of :func:`pack`: ``unpack(*pack(x, kind))`` equals ``x``.
 
@@ -197,12 +262,14 @@ def unpack(data: Tensor, how: Optional[tuple]) -> Tensor:
     """
     if how is None:
         return data
-    fmt, shape, dtype = how
+    fmt, shape, dtype = how[:3]
     n = math.prod(shape)
     if data.dtype != torch.uint8 or data.numel() != ((n + 7) // 8 if fmt == "bits" else n):
         raise ValueError(f"unpack: {data.numel()} values of {data.dtype} do not hold {fmt} of "
                          f"shape {tuple(shape)}")
     data = data.contiguous()
+    if _triton(data.new_empty(0, dtype=dtype)):
+        return triton_units.unpack(data, fmt, n, dtype).view(shape)
     out = torch.empty(n, dtype=dtype, device=data.device)
     if _kernels(out):
         if fmt == "bits":
@@ -313,6 +380,11 @@ def bn_lif_forward(y: Tensor, steps: int, scale: Optional[Tensor], shift: Option
     if (scale is None) != (shift is None):
         raise ValueError("bn_lif_forward: scale and shift go together")
     scale, shift = _channels(scale, y, "scale"), _channels(shift, y, "shift")
+    if _triton(y):
+        y = y.contiguous()
+        s = torch.empty(out_shape, dtype=y.dtype, device=y.device)
+        triton_units.bn_lif_forward(y, s, steps, g, scale, shift, tau, v_threshold, pool, bcast)
+        return s
     if _kernels(y):
         y = y.contiguous()
         s = torch.empty(out_shape, dtype=y.dtype)
@@ -368,6 +440,21 @@ def bn_lif_backward(grad: Tensor, y: Tensor, steps: int, scale: Optional[Tensor]
     if math.prod(grad.shape) != math.prod(out_shape):
         raise ValueError(f"bn_lif_backward: a gradient of shape {tuple(grad.shape)} for spikes "
                          f"of shape {tuple(out_shape)}")
+    if _triton(y):
+        y = y.contiguous()
+        grad = grad.to(y.dtype).contiguous()
+        if pool:
+            gz, part = triton_units.pool_lif_backward(grad, y, steps, g, scale, shift, tau,
+                                                      v_threshold, alpha, detach_reset, bcast, sums)
+            gz = gz.view(y.shape)
+        else:
+            gz = torch.empty(y.shape, dtype=_arith(y.dtype), device=y.device)
+            triton_units.bn_lif_backward(grad, y, steps, g, scale, shift, tau, v_threshold, alpha,
+                                         detach_reset, bcast, False, out=gz)
+            part = (triton_units.bn_lif_backward(grad, y, steps, g, scale, shift, tau,
+                                                 v_threshold, alpha, detach_reset, bcast, True)
+                    if sums else None)
+        return gz, (part.sum(0) if sums else None)
     if _kernels(y):
         y = y.contiguous()
         grad = grad.to(y.dtype).contiguous()
@@ -516,18 +603,20 @@ def _spiking_unit(x: Tensor, weight: Tensor, bias: Optional[Tensor], bn_weight: 
             var = torch.zeros(0, dtype=torch.float64, device=y.device)
             invstd = torch.zeros(0, dtype=torch.float64, device=y.device)
             scale = shift = None
+        elif _triton(y):  # fresh tensors, in two launches
+            mean, var, invstd, scale, shift = triton_units.colstats_coefficients(
+                y.reshape(-1, y.shape[-1]), batch_stats_, running_mean, running_var, bn_weight,
+                bn_bias, eps)
         else:
             if batch_stats_:
                 mean, var = batch_stats(y)
             else:
                 mean, var = running_mean.double(), running_var.double()
+            mean, var = mean.clone(), var.clone()  # never an alias of an input
             invstd = (var + eps).rsqrt()
-            gamma = bn_weight.double() if bn_weight is not None else torch.ones_like(mean)
-            beta = bn_bias.double() if bn_bias is not None else torch.zeros_like(mean)
-            scale64 = gamma * invstd
-            scale, shift = scale64.to(A), (beta - mean * scale64).to(A)
+            _, scale, shift = _bn_affine(bn_weight, bn_bias, mean, invstd, A)
         spikes = bn_lif_forward(y, steps, scale, shift, tau, v_threshold, pool, bcast)
-    return spikes, y, mean.clone(), var.clone(), invstd, w_cast
+    return spikes, y, mean, var, invstd, w_cast
 
 
 @_spiking_unit.register_fake
@@ -572,6 +661,77 @@ def _unit_setup(ctx, inputs, output):
 _FORMATS = (None, "bits", "u8")  # how x is stored: itself, or packed (see pack())
 
 
+def _bn_affine(bn_weight, bn_bias, mean: Tensor, invstd: Tensor, A: torch.dtype):
+    """BatchNorm as Z = y scale + shift: (scale in float64, scale and shift in ``A``)."""
+    gamma = bn_weight.double() if bn_weight is not None else torch.ones_like(invstd)
+    beta = bn_bias.double() if bn_bias is not None else torch.zeros_like(invstd)
+    scale64 = gamma * invstd
+    return scale64, scale64.to(A), (beta - mean * scale64).to(A)
+
+
+def _unit_input_grad(grad, y, mean, invstd, bn_weight, bn_bias, steps, pool, bcast, use_bn,
+                     batch_stats_, tau, v_threshold, alpha, detach_reset, need):
+    """The unit's gradient with respect to its conv output y, and those of gamma and beta
+    (None where not wanted), on the CPU-kernel or torch-op route."""
+    A = _arith(y.dtype)
+    scale64, scale, shift = (_bn_affine(bn_weight, bn_bias, mean, invstd, A) if use_bn
+                             else (None, None, None))
+    gz, sums = bn_lif_backward(grad, y, steps, scale, shift, tau, v_threshold, alpha,
+                               detach_reset, pool, bcast, sums=use_bn)
+    g_gamma = g_beta = None
+    if use_bn:
+        sum_gz, sum_gzy = sums[0].clone(), sums[1].clone()
+        gzxhat = invstd * (sum_gzy - mean * sum_gz)  # sum(g_Z * x_hat)
+        if need[3] and bn_weight is not None:
+            g_gamma = gzxhat.to(bn_weight.dtype)
+        if need[4] and bn_bias is not None:
+            g_beta = sum_gz.to(bn_bias.dtype)
+        if batch_stats_:  # the batch statistics depend on y too
+            n = y.numel() // y.shape[-1] * (steps if bcast else 1)
+            rep = steps if bcast else 1
+            b = (-scale64 * invstd * gzxhat / n * rep).to(A)
+            d = (-scale64 * sum_gz / n * rep).to(A)
+            gy = _bn_input_grad(gz, y, scale, b, mean.to(A), d)
+        else:
+            gy = _bn_input_grad(gz, y, scale, None, None, None)
+    else:
+        gy = _bn_input_grad(gz, y, None, None, None, None)
+    return gy, g_gamma, g_beta
+
+
+def _unit_input_grad_triton(grad, y, mean, invstd, bn_weight, bn_bias, steps, pool, bcast,
+                            use_bn, batch_stats_, tau, v_threshold, alpha, detach_reset, need):
+    """:func:`_unit_input_grad` in Triton kernels: the BatchNorm sums in one pass, their
+    coefficients, and the input gradient written in a second pass that recomputes g_Z (the
+    pooled unit keeps g_Z instead: its gather is not worth recomputing)."""
+    g, _ = _geometry(y, steps, pool, bcast)
+    y = y.contiguous()
+    grad = grad.to(y.dtype).contiguous()
+    g_gamma = g_beta = coefficients = None
+    _, scale, shift = (_bn_affine(bn_weight, bn_bias, mean, invstd, _arith(y.dtype)) if use_bn
+                       else (None, None, None))
+    gy = torch.empty(y.shape, dtype=y.dtype, device=y.device)
+    lif = (tau, v_threshold, alpha, detach_reset, bcast)
+    if pool:
+        gz, part = triton_units.pool_lif_backward(grad, y, steps, g, scale, shift, *lif, use_bn)
+    else:
+        part = (triton_units.bn_lif_backward(grad, y, steps, g, scale, shift, *lif, True)
+                if use_bn else None)
+    if use_bn:
+        rep = steps if bcast else 1
+        coefficients, g_gamma, g_beta = triton_units.bn_grad_coefficients(
+            part, mean, invstd, bn_weight, y.numel() // y.shape[-1] * rep, rep, batch_stats_,
+            need[3] and bn_weight is not None, need[4] and bn_bias is not None, y.dtype)
+    if pool:
+        if coefficients is None:
+            return gz.view(y.shape).to(y.dtype), None, None
+        triton_units.bn_apply(gz, y, gy, coefficients)
+    else:
+        triton_units.bn_lif_backward(grad, y, steps, g, scale, shift, *lif, False, out=gy,
+                                     coefficients=coefficients)
+    return gy, g_gamma, g_beta
+
+
 @torch.library.custom_op("qkformer::spiking_unit_backward", mutates_args=())
 def _spiking_unit_backward(grad: Tensor, stored: Tensor, x_format: int, x_shape: List[int],
                            x_dtype: torch.dtype, x_kind: int, weight: Tensor,
@@ -585,37 +745,12 @@ def _spiking_unit_backward(grad: Tensor, stored: Tensor, x_format: int, x_shape:
     """Gradients of :func:`_spiking_unit` for (x, weight, bias, bn_weight, bn_bias); those not
     in ``need`` are empty. ``stored``/``x_format`` hold the unit's input as :func:`pack` kept it;
     ``w_cast`` is the weight as the forward pass cast it to ``gemm_dtype`` (None: no cast)."""
-    A = _arith(y.dtype)
     how = None if x_format == 0 else (_FORMATS[x_format], torch.Size(x_shape), x_dtype)
     with torch.autocast(y.device.type, enabled=False):
-        if use_bn:
-            gamma = bn_weight.double() if bn_weight is not None else torch.ones_like(invstd)
-            beta = bn_bias.double() if bn_bias is not None else torch.zeros_like(invstd)
-            scale64 = gamma * invstd
-            scale, shift = scale64.to(A), (beta - mean * scale64).to(A)
-        else:
-            scale = shift = None
-        gz, sums = bn_lif_backward(grad, y, steps, scale, shift, tau, v_threshold, alpha,
-                                   detach_reset, pool, bcast, sums=use_bn)
-        g_gamma = g_beta = None
-        if use_bn:
-            sum_gz, sum_gzy = sums[0].clone(), sums[1].clone()
-            gzxhat = invstd * (sum_gzy - mean * sum_gz)  # sum(g_Z * x_hat)
-            if need[3] and bn_weight is not None:
-                g_gamma = gzxhat.to(bn_weight.dtype)
-            if need[4] and bn_bias is not None:
-                g_beta = sum_gz.to(bn_bias.dtype)
-            if batch_stats_:  # the batch statistics depend on y too
-                n = y.numel() // y.shape[-1] * (steps if bcast else 1)
-                rep = steps if bcast else 1
-                b = (-scale64 * invstd * gzxhat / n * rep).to(A)
-                d = (-scale64 * sum_gz / n * rep).to(A)
-                gy = _bn_input_grad(gz, y, scale, b, mean.to(A), d)
-            else:
-                gy = _bn_input_grad(gz, y, scale, None, None, None)
-        else:
-            gy = _bn_input_grad(gz, y, None, None, None, None)
-        del gz
+        grads_of = _unit_input_grad_triton if _triton(y) else _unit_input_grad
+        gy, g_gamma, g_beta = grads_of(grad, y, mean, invstd, bn_weight, bn_bias, steps, pool,
+                                       bcast, use_bn, batch_stats_, tau, v_threshold, alpha,
+                                       detach_reset, need)
         w = weight if w_cast is None else w_cast
         gx = gw = gb = None
         if need[0]:
@@ -660,7 +795,7 @@ def _unit_backward(ctx, g_spikes, *_):
     (kernel_size, stride, pool, steps, bcast, use_bn, batch_stats_, tau, v_threshold, alpha,
      detach_reset, gemm_dtype, has_bias) = ctx.cfg
     need = [bool(n) for n in ctx.needs_input_grad[:5]]
-    how = ctx.x_how
+    stored, how = _kept(stored, ctx.x_how)
     fmt = 0 if how is None else _FORMATS.index(how[0])
     grads = _spiking_unit_backward(g_spikes.contiguous(), stored, fmt, list(ctx.x_shape),
                                    ctx.x_dtype, ctx.x_kind, weight, w_cast, bn_weight, bn_bias, y,
@@ -850,7 +985,7 @@ def _qk_backward(ctx, g_out, _):
         return (None,) * 7
     stored, qs = ctx.saved_tensors
     num_heads, channel, tau, v_threshold, alpha, detach_reset = ctx.cfg
-    k = unpack(stored, ctx.k_how)
+    k = unpack(*_kept(stored, ctx.k_how))
     return (_qk_attention_backward(g_out.contiguous(), k, qs, num_heads, channel, tau,
                                    v_threshold, alpha, detach_reset),
             None, None, None, None, None, None)
@@ -966,7 +1101,7 @@ def _(g_s, qkv, num_heads, scale, tau, v_threshold, alpha, detach_reset):
 
 def _ssa_backward(ctx, g_s):
     (stored,) = ctx.saved_tensors
-    qkv = unpack(stored, ctx.qkv_how)
+    qkv = unpack(*_kept(stored, ctx.qkv_how))
     return (_ssa_attention_backward(g_s.contiguous(), qkv, *ctx.cfg),
             None, None, None, None, None, None)
 
@@ -992,3 +1127,66 @@ def ssa_attention(qkv: Tensor, num_heads: int, scale: float, lif) -> Tensor:
     """
     return _ssa_attention(qkv, num_heads, scale, lif.tau, lif.v_threshold, lif.alpha,
                           lif.detach_reset)
+
+
+# ---------------------------------------------------------------------------------------------
+# the Triton route's self-check
+def _triton_self_check(device: torch.device, dtype: torch.dtype) -> Optional[str]:
+    """Run every Triton pass once on small problems against the torch route; None when they
+    agree: spikes and packing exactly (the inputs lie on a 1/8 grid, so both routes charge the
+    same numbers), gradients and statistics within rounding of the surrogate's exp."""
+    gen = torch.Generator().manual_seed(0)
+    A = _arith(dtype)
+    rtol = 1e-10 if dtype == torch.float64 else (1e-4 if dtype == torch.float32 else 1e-2)
+
+    def grid(*shape, lo=-16, hi=17):  # values k / 8: exact in every float type
+        return (torch.randint(lo, hi, shape, generator=gen) / 8).to(dtype).to(device)
+
+    C, T = 5, 2
+    scale = (torch.randint(1, 5, (C,), generator=gen) / 4).to(A).to(device)
+    shift = (torch.randint(-4, 5, (C,), generator=gen) / 8).to(A).to(device)
+    cases = [dict(y=grid(T * 3, 2, C), pool=False, bcast=False),
+             dict(y=grid(3, 2, C), pool=False, bcast=True),
+             dict(y=grid(T * 2, 5, 6, C), pool=True, bcast=False),
+             dict(y=grid(2, 5, 4, C), pool=True, bcast=True)]
+    lif = (2.0, 1.0)
+    for case in cases:
+        y, pool, bcast = case["y"], case["pool"], case["bcast"]
+        out = {}
+        for r in ("triton", "torch"):
+            with forced_route(r):
+                s = bn_lif_forward(y, T, scale, shift, *lif, pool, bcast)
+                if "grad" not in case:  # one gradient for both routes
+                    case["grad"] = grid(*s.shape)
+                grad = case["grad"]
+                gz, sums = bn_lif_backward(grad, y, T, scale, shift, *lif, 4.0, True, pool, bcast,
+                                           sums=True)
+                mean = y.reshape(-1, C).to(torch.float64).mean(0)
+                invstd = torch.full((C,), 2.0, dtype=torch.float64, device=device)
+                gy = _unit_input_grad(grad, y, mean, invstd, None, None, T, pool, bcast, True,
+                                      True, *lif, 4.0, False, [True] * 5)[0] if r == "torch" else \
+                    _unit_input_grad_triton(grad, y, mean, invstd, None, None, T, pool, bcast,
+                                            True, True, *lif, 4.0, False, [True] * 5)[0]
+                stats = (triton_units.colstats_coefficients(y.reshape(-1, C).contiguous(), True,
+                                                            None, None, None, None, 1e-5)[:2]
+                         if r == "triton" else batch_stats(y))
+                bits = unpack(*_kept(*pack(s, SPIKES)))
+            out[r] = (s, gz, sums, gy, stats, bits)
+        (s1, gz1, sums1, gy1, st1, b1), (s2, gz2, sums2, gy2, st2, _) = out["triton"], out["torch"]
+        where = f"{'pooled' if pool else 'plain'}{', repeated input' if bcast else ''}"
+        if not torch.equal(s1, s2) or not torch.equal(b1, s2):
+            return f"spikes or their packing differ from the torch route ({where})"
+        for name, a, b in (("g_Z", gz1, gz2), ("BatchNorm sums", sums1, sums2),
+                           ("input gradient", gy1.to(A), gy2.to(A)),
+                           ("statistics", torch.stack(st1), torch.stack(st2))):
+            if not torch.allclose(a, b, rtol=rtol, atol=rtol * 1e-2):
+                err = (a - b).abs().max().item()
+                return f"{name} differs from the torch route by {err:.3g} ({where})"
+    bad = grid(8)
+    bad[3] = 0.5
+    with forced_route("triton"):
+        stored, how = _kept(*pack(bad, SPIKES))
+        kept = unpack(stored, how)
+    if how is not None or not torch.equal(kept, bad):
+        return "a value that does not fit was not kept exactly"
+    return None

@@ -1,0 +1,449 @@
+"""The fused spiking unit's passes as Triton kernels: the fast path's route on CUDA.
+
+Per unit and training step (``kernels.py`` has the kernels):
+
+* forward: per-channel statistics (one pass over the conv output ``y``), the BatchNorm
+  coefficients (a per-channel kernel), affine + [max-pool] + LIF (one pass writing the spikes);
+* backward: recompute + LIF backward + the BatchNorm sums (one pass), the coefficients of the
+  input gradient, and recompute + LIF backward + the input gradient (one pass writing it). The
+  pooled unit writes the pooled gradient and the window argmax once and gathers them back.
+
+16-bit values stay 16-bit in memory; the arithmetic is float32 (float64 for float64 tensors) in
+registers. Compact storage packs spikes to bits and counts to bytes with a device-side flag
+for values that do not fit; :class:`Packed` resolves it without stalling the stream.
+
+Triton is imported on the first question asked of this module. ``TRITON_INTERPRET=1`` (set
+before this module is imported) runs the kernels on CPU tensors through Triton's interpreter:
+that is how the tests check them without a GPU. ``QKFORMER_TRITON_UNITS=0`` turns the route
+off. Whether a (device, dtype) may use it is decided by the caller's self-check
+(:func:`verdict`), once, with one warning when it fails.
+"""
+from __future__ import annotations
+
+import inspect
+import math
+import os
+import threading
+import warnings
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+__all__ = ["interpreting", "is_available", "unavailable_reason", "handles", "verdict",
+           "describe", "launch_counts", "colstats_coefficients", "bn_lif_forward",
+           "bn_lif_backward", "bn_grad_coefficients", "pool_lif_backward", "bn_apply",
+           "pack", "unpack", "Packed", "DTYPES"]
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_ENABLE_ENV = "QKFORMER_TRITON_UNITS"
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "") == "1"  # read as Triton reads it: once
+
+_state: Dict[str, object] = {}  # "kernels", "reason" once probed
+_verdicts: Dict[tuple, Optional[str]] = {}  # (device, dtype) -> None (passed) or why not
+_launches: Dict[str, int] = {}
+_lock = threading.Lock()
+
+
+def interpreting() -> bool:
+    """Kernels run through Triton's interpreter on CPU tensors (``TRITON_INTERPRET=1``)."""
+    return _INTERPRET
+
+
+def _enabled() -> bool:
+    return os.environ.get(_ENABLE_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def _kernels():
+    if "probed" not in _state:
+        with _lock:
+            if "probed" not in _state:
+                try:
+                    from . import kernels
+                    _state["kernels"], _state["reason"] = kernels, None
+                except Exception as e:  # noqa: BLE001 - any import failure means: no route
+                    _state["kernels"], _state["reason"] = None, f"{type(e).__name__}: {e}"
+                _state["probed"] = True
+    return _state["kernels"]
+
+
+def is_available() -> bool:
+    """Triton imports and the route is enabled (says nothing of a device: see :func:`handles`)."""
+    return _enabled() and _kernels() is not None
+
+
+def unavailable_reason() -> Optional[str]:
+    if not _enabled():
+        return f"{_ENABLE_ENV}=0"
+    if _kernels() is None:
+        return f"triton unavailable ({_state['reason']})"
+    return None
+
+
+def handles(t: Tensor) -> bool:
+    """``t`` is a tensor the kernels can run on: CUDA (CPU under the interpreter), a float type."""
+    if t.dtype not in DTYPES or not is_available():
+        return False
+    return t.device.type == "cuda" or (_INTERPRET and t.device.type == "cpu")
+
+
+def verdict(device: torch.device, dtype: torch.dtype, check: Callable[[torch.device, torch.dtype],
+                                                                      Optional[str]]) -> bool:
+    """Whether (device, dtype) may use the kernels: ``check`` (the caller's comparison with
+    its torch route) runs once per key; a failure or an exception turns the route off for the
+    key with one warning."""
+    key = (str(torch.device(device)), dtype)
+    if key not in _verdicts:
+        _verdicts[key] = "self-check running"  # a check that calls back here sees 'no'
+        try:
+            problem = check(torch.device(device), dtype)
+        except Exception as e:  # noqa: BLE001 - a kernel that cannot launch is a failed check
+            problem = f"{type(e).__name__}: {e}"
+        _verdicts[key] = problem
+        if problem is not None:
+            warnings.warn(f"Triton units off on {key[0]} for {dtype}: {problem}; the fast path "
+                          f"runs its torch ops there", RuntimeWarning, stacklevel=3)
+    return _verdicts[key] is None
+
+
+def describe(device) -> str:
+    """One line: whether the kernels can serve ``device`` and, if not, why."""
+    device = torch.device(device)
+    reason = unavailable_reason()
+    if reason is not None:
+        return f"triton units: off ({reason})"
+    if device.type != "cuda" and not _INTERPRET:
+        return f"triton units: off (no kernels for {device.type} tensors)"
+    failed = {str(k[1]).replace("torch.", ""): v for k, v in _verdicts.items()
+              if k[0] == str(device) and v is not None}
+    note = "; failed self-check: " + ", ".join(f"{d} ({v})" for d, v in failed.items()) if failed else ""
+    mode = " through the interpreter" if _INTERPRET and device.type == "cpu" else ""
+    return f"triton units: on{mode} (triton {_triton_version()}){note}"
+
+
+def _triton_version() -> str:
+    import triton
+
+    return triton.__version__
+
+
+def launch_counts() -> Dict[str, int]:
+    """Kernel launches per kernel name since import (tests, benchmarks)."""
+    return dict(_launches)
+
+
+def _reset() -> None:
+    _verdicts.clear()
+    _launches.clear()
+
+
+_TL_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16",
+             torch.float64: "fp64", torch.uint8: "u8", torch.int8: "i8", torch.int32: "i32"}
+_variants: set = set()  # with QKFORMER_TRITON_RECORD: every (kernel, signature, constants) run
+
+
+def _record(kernel, name: str, args: tuple, meta: dict) -> None:
+    """Note the variant launched (argument types, compile-time constants), so that the tests
+    can compile every variant the model runs for a GPU target without one."""
+    values = dict(zip(kernel.arg_names, args), **meta)
+    sig, consts = {}, {}
+    for name_, param in inspect.signature(kernel.fn).parameters.items():
+        v = values[name_]
+        if "constexpr" in str(param.annotation):
+            consts[name_] = v if isinstance(v, (bool, int, float)) else str(v)
+        elif isinstance(v, torch.Tensor):
+            sig[name_] = "*" + _TL_TYPES[v.dtype]
+        elif isinstance(v, bool):
+            sig[name_] = "i1"
+        elif isinstance(v, int):
+            sig[name_] = "i32" if -2**31 <= v < 2**31 else "i64"
+        else:
+            sig[name_] = "fp32"
+    _variants.add((name, tuple(sig.items()), tuple(sorted(consts.items()))))
+
+
+def recorded_variants() -> list:
+    return sorted(_variants)
+
+
+def _launch(name: str, grid: tuple, *args, **meta) -> None:
+    kernel = getattr(_kernels(), name)
+    if os.environ.get("QKFORMER_TRITON_RECORD"):
+        _record(kernel, name, args, meta)
+    kernel[grid](*args, **meta)
+    _launches[name] = _launches.get(name, 0) + 1
+
+
+# --------------------------------------------------------------------------------------------
+# sizes
+def _arith(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _tl_arith(dtype: torch.dtype):
+    import triton.language as tl
+
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def _pow2(n: int, cap: int) -> int:
+    return max(1, min(cap, 1 << max(0, int(n) - 1).bit_length()))
+
+
+def _programs(device: torch.device) -> int:
+    """How many programs a reduction over rows is split into (per block of channels)."""
+    if device.type == "cuda":
+        return 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    return 2  # the interpreter runs programs one after another
+
+
+def _row_split(R: int, n_col_blocks: int, block_r: int, device) -> Tuple[int, int]:
+    """(programs, rows per program) for R rows: enough programs to fill the device, each a
+    whole number of row tiles."""
+    tiles = max(1, math.ceil(R / block_r))
+    n = max(1, min(tiles, _programs(device) // max(1, n_col_blocks)))
+    rows = math.ceil(tiles / n) * block_r
+    return max(1, math.ceil(R / rows)), rows
+
+
+def _tiles(C: int, dtype: torch.dtype) -> Tuple[int, int]:
+    block_c = _pow2(C, 64)
+    wide = 2 if dtype == torch.float64 else 1
+    return max(1, 2048 // wide // block_c), block_c
+
+
+_BLOCK = 1024
+
+
+def _lif_consts(tau: float):
+    exact = math.frexp(tau)[0] == 0.5  # a power of two: x / tau == x * (1 / tau)
+    return dict(tau=float(tau), inv_tau=1.0 / tau), exact
+
+
+# --------------------------------------------------------------------------------------------
+# launchers (inputs contiguous; the caller checks shapes and dtypes)
+def colstats_coefficients(y2: Tensor, batch: bool, running_mean: Optional[Tensor],
+                          running_var: Optional[Tensor], gamma: Optional[Tensor],
+                          beta: Optional[Tensor], eps: float):
+    """BatchNorm of ``y2`` [R, C]: ``(mean, var, invstd)`` float64 and ``(scale, shift)`` in the
+    arithmetic type, from the batch (``batch``) or the running statistics. Two launches."""
+    R, C = y2.shape
+    A = _arith(y2.dtype)
+    dev = y2.device
+    block_r, block_c = _tiles(C, y2.dtype)
+    n_cb = math.ceil(C / block_c)
+    f64 = dict(dtype=torch.float64, device=dev)
+    mean, var, invstd = (torch.empty(C, **f64) for _ in range(3))
+    scale, shift = (torch.empty(C, dtype=A, device=dev) for _ in range(2))
+    dummy = mean
+    if batch:
+        n_parts, rows = _row_split(R, n_cb, block_r, dev)
+        part = torch.empty((n_parts, 2, C), **f64)
+        ref = y2[0]
+        _launch("colstats_kernel", (n_parts, n_cb), y2, ref, part, R, C, rows, BLOCK_R=block_r,
+                BLOCK_C=block_c, A=_tl_arith(y2.dtype))
+    else:
+        n_parts, part, ref = 0, dummy, dummy
+    _launch("bn_coefficients_kernel", (n_cb,), part, n_parts, float(max(R, 1)), ref,
+            running_mean if running_mean is not None else dummy,
+            running_var if running_var is not None else dummy,
+            gamma if gamma is not None else dummy, beta if beta is not None else dummy, float(eps),
+            mean, var, invstd, scale, shift, C, BATCH=batch, HAS_GAMMA=gamma is not None,
+            HAS_BETA=beta is not None, BLOCK_C=block_c, A=_tl_arith(y2.dtype))
+    return mean, var, invstd, scale, shift
+
+
+def bn_lif_forward(y: Tensor, s: Tensor, steps: int, geometry: dict, scale: Optional[Tensor],
+                   shift: Optional[Tensor], tau: float, v_threshold: float, pool: bool,
+                   bcast: bool) -> None:
+    """Spikes of LIF(pool?(y scale + shift)) into ``s`` (see ``qkformer.fused.bn_lif_forward``)."""
+    consts, exact = _lif_consts(tau)
+    A = _tl_arith(y.dtype)
+    sc = scale if scale is not None else y
+    sh = shift if shift is not None else y
+    g = geometry
+    if pool:
+        n_out = g["B"] * g["Ho"] * g["Wo"] * g["C"]
+        y_step = 0 if bcast else g["B"] * g["H"] * g["W"] * g["C"]
+        _launch("bn_pool_lif_fwd_kernel", (math.ceil(n_out / _BLOCK),), y, s, sc, sh, steps,
+                g["B"], g["H"], g["W"], g["C"], g["Ho"], g["Wo"], y_step, **consts,
+                v_th=float(v_threshold), AFFINE=scale is not None, EXACT=exact, BLOCK=_BLOCK, A=A)
+        return
+    MC = g["M"] * g["C"]
+    _launch("bn_lif_fwd_kernel", (math.ceil(MC / _BLOCK),), y, s, sc, sh, steps, MC, g["C"],
+            0 if bcast else MC, **consts, v_th=float(v_threshold), AFFINE=scale is not None,
+            EXACT=exact, BLOCK=_BLOCK, A=A)
+
+
+def bn_lif_backward(grad: Tensor, y: Tensor, steps: int, geometry: dict, scale: Optional[Tensor],
+                    shift: Optional[Tensor], tau: float, v_threshold: float, alpha: float,
+                    detach_reset: bool, bcast: bool, sums: bool,
+                    out: Optional[Tensor] = None, coefficients: Optional[tuple] = None
+                    ) -> Optional[Tensor]:
+    """One backward pass of the unpooled unit over ``y`` [steps or 1, M, C].
+
+    ``sums``: returns the per-channel ``[2, C]``-per-program partial sums ``[P, 2, C]`` of g_Z
+    and g_Z y (nothing is written). Else writes ``out``: g_Z (``coefficients`` None) or the
+    input gradient a g_Z [+ b (y - mu) + d] with ``coefficients`` ``(a, b, mu, d)`` (b, mu, d
+    None without batch statistics)."""
+    consts, exact = _lif_consts(tau)
+    g = geometry
+    M, C = g["M"], g["C"]
+    block_r, block_c = _tiles(C, y.dtype)
+    n_cb = math.ceil(C / block_c)
+    n_parts, rows = _row_split(M, n_cb, block_r, y.device)
+    part = (torch.empty((n_parts, 2, C), dtype=torch.float64, device=y.device) if sums else y)
+    a, b, mu, d = coefficients if coefficients is not None else (None,) * 4
+    full = b is not None
+    _launch("bn_lif_bwd_kernel", (n_parts, n_cb), grad, y, out if out is not None else y, part,
+            scale if scale is not None else y, shift if shift is not None else y,
+            *(t if t is not None else y for t in (a, b, mu, d)), M, C, 0 if bcast else M * C,
+            rows, **consts, v_th=float(v_threshold), alpha=float(alpha),
+            decay=1.0 - 1.0 / tau, STEPS=steps, BCAST=bcast, AFFINE=scale is not None, SUMS=sums,
+            WRITE=not sums, APPLY=a is not None, FULL_BN=full, NEED_Y=sums or full,
+            EXACT=exact, DETACH=bool(detach_reset), BLOCK_R=block_r, BLOCK_C=block_c,
+            A=_tl_arith(y.dtype))
+    return part if sums else None
+
+
+def pool_lif_backward(grad: Tensor, y: Tensor, steps: int, geometry: dict,
+                      scale: Optional[Tensor], shift: Optional[Tensor], tau: float,
+                      v_threshold: float, alpha: float, detach_reset: bool, bcast: bool,
+                      sums: bool) -> Tuple[Tensor, Optional[Tensor]]:
+    """Backward of the pooled unit: g_Z of the pre-pool map ([steps or 1, B, H, W, C], the
+    arithmetic type) and, with ``sums``, the partial sums ``[P, 2, C]``. Two launches."""
+    consts, exact = _lif_consts(tau)
+    g = geometry
+    B, H, W, C, Ho, Wo = g["B"], g["H"], g["W"], g["C"], g["Ho"], g["Wo"]
+    A = _arith(y.dtype)
+    n_out = B * Ho * Wo * C
+    gp = torch.empty((steps, n_out), dtype=A, device=y.device)
+    arg = torch.empty((steps, n_out), dtype=torch.int8, device=y.device)
+    y_step = 0 if bcast else B * H * W * C
+    _launch("pool_lif_bwd_kernel", (math.ceil(n_out / _BLOCK),), grad, y, gp, arg,
+            scale if scale is not None else y, shift if shift is not None else y, B, H, W, C, Ho,
+            Wo, y_step, **consts, v_th=float(v_threshold), alpha=float(alpha),
+            decay=1.0 - 1.0 / tau, STEPS=steps, AFFINE=scale is not None, EXACT=exact,
+            DETACH=bool(detach_reset), BLOCK=_BLOCK, A=_tl_arith(y.dtype))
+    gz = torch.empty((1 if bcast else steps, B, H, W, C), dtype=A, device=y.device)
+    block_r, block_c = _tiles(C, y.dtype)
+    n_cb = math.ceil(C / block_c)
+    n_parts, rows = _row_split(B * H * W, n_cb, block_r, y.device)
+    part = torch.empty((n_parts, 2, C), dtype=torch.float64, device=y.device) if sums else gz
+    _launch("pool_scatter_kernel", (n_parts, n_cb), gp, arg, y, gz, part, B, H, W, C, Ho, Wo,
+            y_step, rows, STEPS=steps, BCAST=bcast, SUMS=sums, BLOCK_R=block_r, BLOCK_C=block_c,
+            A=_tl_arith(y.dtype))
+    return gz, (part if sums else None)
+
+
+def bn_grad_coefficients(part: Tensor, mean: Tensor, invstd: Tensor, gamma: Optional[Tensor],
+                         n: float, rep: float, batch: bool, want_gamma: bool, want_beta: bool,
+                         dtype: torch.dtype):
+    """From the partial sums: ``(a, b, mu, d)`` of the input gradient (b, mu, d None without
+    batch statistics) in the arithmetic type of ``dtype``, and the gradients of gamma and beta
+    (in gamma's dtype; None where not wanted). One launch."""
+    C = mean.numel()
+    A = _arith(dtype)
+    dev = mean.device
+    a = torch.empty(C, dtype=A, device=dev)
+    b, mu, d = ((torch.empty(C, dtype=A, device=dev) for _ in range(3)) if batch
+                else (None, None, None))
+    pdt = gamma.dtype if gamma is not None else torch.float32
+    g_gamma = torch.empty(C, dtype=pdt, device=dev) if want_gamma else None
+    g_beta = torch.empty(C, dtype=pdt, device=dev) if want_beta else None
+    block_c = _pow2(C, 256)
+    _launch("bn_grad_coefficients_kernel", (math.ceil(C / block_c),), part, part.shape[0], mean,
+            invstd, gamma if gamma is not None else mean, float(n), float(rep),
+            a, *(t if t is not None else a for t in (b, mu, d, g_gamma, g_beta)), C, BATCH=batch,
+            HAS_GAMMA=gamma is not None, WANT_GAMMA=want_gamma, WANT_BETA=want_beta,
+            BLOCK_C=block_c, A=_tl_arith(dtype))
+    return (a, b, mu, d), g_gamma, g_beta
+
+
+def bn_apply(gz: Tensor, y: Tensor, out: Tensor, coefficients: tuple) -> None:
+    """``out`` = a g_Z [+ b (y - mu) + d], per channel, over ``gz`` / ``y`` [R, C]."""
+    a, b, mu, d = coefficients
+    C = y.shape[-1]
+    RC = y.numel()
+    _launch("bn_apply_kernel", (math.ceil(RC / _BLOCK),), gz, y, out, a,
+            *(t if t is not None else a for t in (b, mu, d)), RC, C, FULL_BN=b is not None,
+            BLOCK=_BLOCK, A=_tl_arith(y.dtype))
+
+
+# --------------------------------------------------------------------------------------------
+# compact storage with a device-side check
+class Packed:
+    """A packed tensor whose check (did every value fit?) lives on the device.
+
+    The original stays referenced until the check is known on the host, which never waits
+    for it: on CUDA the flag is copied to pinned memory behind an event, and :meth:`resolved`
+    only asks whether the event has passed. Until then (or when a value did not fit) the
+    original is what :meth:`stored` hands to the backward pass, so results are exact either way.
+    """
+
+    __slots__ = ("data", "flag", "_host", "_event", "original", "_ok")
+
+    def __init__(self, data: Tensor, flag: Tensor, original: Tensor):
+        self.data, self.flag, self.original = data, flag, original
+        self._ok: Optional[bool] = None
+        self._host = self._event = None
+        if flag.device.type == "cuda":
+            self._host = torch.empty(1, dtype=torch.int32, pin_memory=True)
+            self._host.copy_(flag, non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record()
+        else:  # the interpreter ran the kernel already: the flag is known
+            self._ok = int(flag) == 0
+            self._settle()
+
+    def _settle(self) -> None:
+        if self._ok:
+            self.original = None  # the packed copy is exact: let the original go
+
+    def resolved(self) -> bool:
+        """The check is known on the host (asks without waiting)."""
+        if self._ok is None and self._event is not None and self._event.query():
+            self._ok = int(self._host[0]) == 0
+            self._settle()
+        return self._ok is not None
+
+    def fits(self) -> bool:
+        """Known to fit (False also while unknown)."""
+        return self.resolved() and bool(self._ok)
+
+
+_pending: List[Packed] = []
+
+
+def _poll() -> None:
+    """Resolve the checks that the device has finished (releases originals; never waits)."""
+    _pending[:] = [p for p in _pending if not p.resolved()]
+
+
+def pack(x: Tensor, fmt: str) -> Packed:
+    """Pack contiguous ``x`` to ``fmt`` 'bits' (values 0/1) or 'u8' (integers 0-255)."""
+    _poll()
+    flat = x.view(-1)
+    n = flat.numel()
+    flag = torch.zeros(1, dtype=torch.int32, device=x.device)
+    if fmt == "bits":
+        out = torch.empty((n + 7) // 8, dtype=torch.uint8, device=x.device)
+        block = 256
+        _launch("to_bits_kernel", (math.ceil(out.numel() / block),), flat, out, flag, n,
+                BLOCK=block)
+    else:
+        out = torch.empty(n, dtype=torch.uint8, device=x.device)
+        _launch("to_u8_kernel", (math.ceil(n / _BLOCK),), flat, out, flag, n, BLOCK=_BLOCK)
+    packed = Packed(out, flag, x)
+    if not packed.resolved():
+        _pending.append(packed)
+    return packed
+
+
+def unpack(data: Tensor, fmt: str, n: int, dtype: torch.dtype) -> Tensor:
+    """Inverse of :func:`pack`: ``n`` values of ``dtype`` (flat)."""
+    _poll()
+    out = torch.empty(n, dtype=dtype, device=data.device)
+    name = "from_bits_kernel" if fmt == "bits" else "from_u8_kernel"
+    _launch(name, (math.ceil(n / _BLOCK),), data, out, n, BLOCK=_BLOCK)
+    return out

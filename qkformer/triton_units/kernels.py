@@ -1,0 +1,457 @@
+"""Triton kernels of the fused spiking unit (see :mod:`qkformer.triton_units` for the launchers).
+
+The arithmetic per element is that of the CPU kernels (``qkformer/cpu/fused_kernels.cpp``) and
+the torch loops (``qkformer/lif_loops.py``):
+
+    Z = Y * scale + shift;  H = V + (Z - V) / tau;  S = H >= V_th;  V = H - H * S
+    g_H = g_S sg + carry dV/dH;  g_Z = g_H / tau;  carry = g_H (1 - 1/tau)
+
+with sg = alpha sig (1 - sig), sig = 1 / (1 + exp(-alpha (H - V_th))). Values are loaded in
+their storage type (16-bit under AMP) and computed in float32 (float64 for float64 storage) in
+registers; nothing is written in a wider type than the caller asks for. Layouts are token-major
+(channels innermost): ``y`` is [steps, M, C] (``y_step`` apart per step, 0 when one static
+image is repeated over the steps) or, for the pooled unit, [steps, B, H, W, C].
+
+The backward kernels keep the T charges of a neuron in registers (``STEPS`` is a compile-time
+constant, the loops unrolled) instead of storing them: each pass recomputes them from ``y``.
+Partial sums are written one row per program and summed by the next kernel in a fixed order, so
+results do not depend on scheduling (no atomics on floating-point values).
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _over_tau(x, tau, inv_tau, EXACT: tl.constexpr):
+    # x / tau as a multiplication where that is the same number (tau a power of two)
+    if EXACT:
+        return x * inv_tau
+    else:
+        return x / tau
+
+
+@triton.jit
+def _charge(z, v, tau, inv_tau, v_th, EXACT: tl.constexpr):
+    h = v + _over_tau(z - v, tau, inv_tau, EXACT)
+    fired = tl.where(h >= v_th, 1.0, 0.0).to(h.dtype)
+    return h, fired, h - h * fired
+
+
+@triton.jit
+def _grad(g_s, h, carry, tau, inv_tau, v_th, alpha, decay, EXACT: tl.constexpr,
+          DETACH: tl.constexpr):
+    sig = 1.0 / (1.0 + tl.exp(-((h - v_th) * alpha)))
+    sg = (1.0 - sig) * sig * alpha
+    keep = tl.where(h < v_th, 1.0, 0.0).to(h.dtype)
+    if DETACH:
+        dv_dh = keep
+    else:
+        dv_dh = keep - h * sg
+    g_h = g_s * sg + carry * dv_dh
+    return _over_tau(g_h, tau, inv_tau, EXACT), g_h * decay
+
+
+@triton.jit
+def _affine(y, sc, sh, AFFINE: tl.constexpr):
+    if AFFINE:
+        return y * sc + sh
+    else:
+        return y
+
+
+@triton.jit
+def _bn_input_grad(g, y, a, b, mu, d, APPLY: tl.constexpr, FULL_BN: tl.constexpr):
+    if APPLY:
+        if FULL_BN:
+            return a * g + b * (y - mu) + d
+        else:
+            return a * g
+    else:
+        return g
+
+
+# --------------------------------------------------------------------------------------------
+# BatchNorm statistics
+@triton.jit
+def colstats_kernel(y_ptr, ref_ptr, part_ptr, R, C, rows_per_prog,
+                    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, A: tl.constexpr):
+    """Per-channel sums of d = y - ref and d^2 over this program's rows, tiles summed in A and
+    added in float64: part[p, 0, c], part[p, 1, c]."""
+    p = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cm = cols < C
+    ref = tl.load(ref_ptr + cols, mask=cm, other=0.0).to(A)
+    s1 = tl.zeros([BLOCK_C], tl.float64)
+    s2 = tl.zeros([BLOCK_C], tl.float64)
+    r0 = p.to(tl.int64) * rows_per_prog
+    r1 = tl.minimum(r0 + rows_per_prog, R)
+    for r in range(r0, r1, BLOCK_R):
+        rows = r + tl.arange(0, BLOCK_R).to(tl.int64)
+        m = (rows < r1)[:, None] & cm[None, :]
+        v = tl.load(y_ptr + rows[:, None] * C + cols[None, :], mask=m, other=0.0).to(A)
+        d = tl.where(m, v - ref[None, :], 0.0)
+        s1 += tl.sum(d, axis=0).to(tl.float64)
+        s2 += tl.sum(d * d, axis=0).to(tl.float64)
+    base = part_ptr + p.to(tl.int64) * 2 * C
+    tl.store(base + cols, s1, mask=cm)
+    tl.store(base + C + cols, s2, mask=cm)
+
+
+@triton.jit
+def bn_coefficients_kernel(part_ptr, n_parts, count, ref_ptr, rmean_ptr, rvar_ptr, gamma_ptr,
+                           beta_ptr, eps, mean_ptr, var_ptr, invstd_ptr, scale_ptr, shift_ptr, C,
+                           BATCH: tl.constexpr, HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr,
+                           BLOCK_C: tl.constexpr, A: tl.constexpr):
+    """Mean, biased variance and 1/std in float64 (from the partial sums, or the running
+    statistics), and the affine scale = gamma/std, shift = beta - mean scale in A."""
+    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cm = cols < C
+    if BATCH:
+        s1 = tl.zeros([BLOCK_C], tl.float64)
+        s2 = tl.zeros([BLOCK_C], tl.float64)
+        for p in range(0, n_parts):
+            base = part_ptr + p * 2 * C
+            s1 += tl.load(base + cols, mask=cm, other=0.0)
+            s2 += tl.load(base + C + cols, mask=cm, other=0.0)
+        d = s1 / count
+        d2 = s2 / count
+        mean = tl.load(ref_ptr + cols, mask=cm, other=0.0).to(tl.float64) + d
+        var = tl.maximum(d2 - d * d, 0.0)
+    else:
+        mean = tl.load(rmean_ptr + cols, mask=cm, other=0.0).to(tl.float64)
+        var = tl.load(rvar_ptr + cols, mask=cm, other=0.0).to(tl.float64)
+    invstd = 1.0 / tl.sqrt(var + eps)
+    if HAS_GAMMA:
+        scale = tl.load(gamma_ptr + cols, mask=cm, other=0.0).to(tl.float64) * invstd
+    else:
+        scale = invstd
+    if HAS_BETA:
+        shift = tl.load(beta_ptr + cols, mask=cm, other=0.0).to(tl.float64) - mean * scale
+    else:
+        shift = 0.0 - mean * scale
+    tl.store(mean_ptr + cols, mean, mask=cm)
+    tl.store(var_ptr + cols, var, mask=cm)
+    tl.store(invstd_ptr + cols, invstd, mask=cm)
+    tl.store(scale_ptr + cols, scale.to(A), mask=cm)
+    tl.store(shift_ptr + cols, shift.to(A), mask=cm)
+
+
+# --------------------------------------------------------------------------------------------
+# BN affine + LIF (no pool)
+@triton.jit
+def bn_lif_fwd_kernel(y_ptr, s_ptr, scale_ptr, shift_ptr, steps, MC, C, y_step, tau, inv_tau, v_th,
+                      AFFINE: tl.constexpr, EXACT: tl.constexpr, BLOCK: tl.constexpr,
+                      A: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    m = offs < MC
+    c = offs % C
+    sc = tl.load(scale_ptr + c, mask=m, other=0.0) if AFFINE else None
+    sh = tl.load(shift_ptr + c, mask=m, other=0.0) if AFFINE else None
+    v = tl.zeros([BLOCK], A)
+    for t in range(0, steps):
+        y = tl.load(y_ptr + t * y_step + offs, mask=m, other=0.0).to(A)
+        h, fired, v = _charge(_affine(y, sc, sh, AFFINE), v, tau, inv_tau, v_th, EXACT)
+        tl.store(s_ptr + t * MC + offs, fired.to(s_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def bn_lif_bwd_kernel(gs_ptr, y_ptr, out_ptr, part_ptr, scale_ptr, shift_ptr, a_ptr, b_ptr, mu_ptr,
+                      d_ptr, M, C, y_step, rows_per_prog, tau, inv_tau, v_th, alpha, decay,
+                      STEPS: tl.constexpr, BCAST: tl.constexpr, AFFINE: tl.constexpr,
+                      SUMS: tl.constexpr, WRITE: tl.constexpr, APPLY: tl.constexpr,
+                      FULL_BN: tl.constexpr, NEED_Y: tl.constexpr, EXACT: tl.constexpr, DETACH: tl.constexpr,
+                      BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, A: tl.constexpr):
+    """Backward of bn_lif_fwd over rows [p rows_per_prog, ...) and a block of channels.
+
+    The charges are recomputed from y. Per element, g_Z (summed over the steps with BCAST) is
+    * with SUMS: added into part[p] = [sum g_Z, sum g_Z y] per channel (float64 per tile);
+    * with WRITE: written to out, as g_Z (APPLY off: the arithmetic type), or as the BatchNorm
+      input gradient a g_Z (+ b (y - mu) + d with FULL_BN) in out's type.
+    """
+    p = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cm = cols < C
+    sc = tl.load(scale_ptr + cols, mask=cm, other=0.0)[None, :] if AFFINE else None
+    sh = tl.load(shift_ptr + cols, mask=cm, other=0.0)[None, :] if AFFINE else None
+    ca = tl.load(a_ptr + cols, mask=cm, other=0.0)[None, :] if APPLY else None
+    cb = tl.load(b_ptr + cols, mask=cm, other=0.0)[None, :] if FULL_BN else None
+    cmu = tl.load(mu_ptr + cols, mask=cm, other=0.0)[None, :] if FULL_BN else None
+    cd = tl.load(d_ptr + cols, mask=cm, other=0.0)[None, :] if FULL_BN else None
+    s1 = tl.zeros([BLOCK_C], tl.float64)
+    s2 = tl.zeros([BLOCK_C], tl.float64)
+    MC = M * C
+    r0 = p.to(tl.int64) * rows_per_prog
+    r1 = tl.minimum(r0 + rows_per_prog, M)
+    for r in range(r0, r1, BLOCK_R):
+        rows = r + tl.arange(0, BLOCK_R).to(tl.int64)
+        m = (rows < r1)[:, None] & cm[None, :]
+        offs = rows[:, None] * C + cols[None, :]
+        v = tl.zeros([BLOCK_R, BLOCK_C], A)
+        hs = ()
+        for t in tl.static_range(STEPS):
+            y = tl.load(y_ptr + t * y_step + offs, mask=m, other=0.0).to(A)
+            h, fired, v = _charge(_affine(y, sc, sh, AFFINE), v, tau, inv_tau, v_th, EXACT)
+            hs = hs + (h,)
+        carry = tl.zeros([BLOCK_R, BLOCK_C], A)
+        acc = tl.zeros([BLOCK_R, BLOCK_C], A)
+        t1 = tl.zeros([BLOCK_R, BLOCK_C], A)
+        t2 = tl.zeros([BLOCK_R, BLOCK_C], A)
+        for t in tl.static_range(STEPS - 1, -1, -1):
+            g_s = tl.load(gs_ptr + t * MC + offs, mask=m, other=0.0).to(A)
+            g, carry = _grad(g_s, hs[t], carry, tau, inv_tau, v_th, alpha, decay, EXACT, DETACH)
+            yt = tl.load(y_ptr + t * y_step + offs, mask=m, other=0.0).to(A) if NEED_Y else None
+            if SUMS:  # per step, as the CPU kernel sums (also when the steps share one y)
+                t1 += g
+                t2 += g * yt
+            if BCAST:
+                acc += g
+            elif WRITE:
+                tl.store(out_ptr + t * MC + offs, _bn_input_grad(g, yt, ca, cb, cmu, cd, APPLY,
+                         FULL_BN).to(out_ptr.dtype.element_ty), mask=m)
+        if BCAST and WRITE:
+            yt = tl.load(y_ptr + offs, mask=m, other=0.0).to(A) if NEED_Y else None
+            tl.store(out_ptr + offs, _bn_input_grad(acc, yt, ca, cb, cmu, cd, APPLY,
+                     FULL_BN).to(out_ptr.dtype.element_ty), mask=m)
+        if SUMS:
+            s1 += tl.sum(tl.where(m, t1, 0.0), axis=0).to(tl.float64)
+            s2 += tl.sum(tl.where(m, t2, 0.0), axis=0).to(tl.float64)
+    if SUMS:
+        base = part_ptr + p.to(tl.int64) * 2 * C
+        tl.store(base + cols, s1, mask=cm)
+        tl.store(base + C + cols, s2, mask=cm)
+
+
+@triton.jit
+def bn_grad_coefficients_kernel(part_ptr, n_parts, mean_ptr, invstd_ptr, gamma_ptr, n, rep,
+                                a_ptr, b_ptr, mu_ptr, d_ptr, g_gamma_ptr, g_beta_ptr, C,
+                                BATCH: tl.constexpr, HAS_GAMMA: tl.constexpr,
+                                WANT_GAMMA: tl.constexpr, WANT_BETA: tl.constexpr,
+                                BLOCK_C: tl.constexpr, A: tl.constexpr):
+    """From sum(g_Z) and sum(g_Z y): the affine parameters' gradients and the coefficients of
+    the input gradient g_Y = a g_Z + b (y - mu) + d (b, mu, d only for batch statistics)."""
+    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cm = cols < C
+    s1 = tl.zeros([BLOCK_C], tl.float64)
+    s2 = tl.zeros([BLOCK_C], tl.float64)
+    for p in range(0, n_parts):
+        base = part_ptr + p * 2 * C
+        s1 += tl.load(base + cols, mask=cm, other=0.0)
+        s2 += tl.load(base + C + cols, mask=cm, other=0.0)
+    mean = tl.load(mean_ptr + cols, mask=cm, other=0.0)
+    invstd = tl.load(invstd_ptr + cols, mask=cm, other=0.0)
+    if HAS_GAMMA:
+        scale = tl.load(gamma_ptr + cols, mask=cm, other=0.0).to(tl.float64) * invstd
+    else:
+        scale = invstd
+    gzxhat = invstd * (s2 - mean * s1)
+    if WANT_GAMMA:
+        tl.store(g_gamma_ptr + cols, gzxhat.to(g_gamma_ptr.dtype.element_ty), mask=cm)
+    if WANT_BETA:
+        tl.store(g_beta_ptr + cols, s1.to(g_beta_ptr.dtype.element_ty), mask=cm)
+    tl.store(a_ptr + cols, scale.to(A), mask=cm)
+    if BATCH:
+        tl.store(b_ptr + cols, (-scale * invstd * gzxhat / n * rep).to(A), mask=cm)
+        tl.store(mu_ptr + cols, mean.to(A), mask=cm)
+        tl.store(d_ptr + cols, (-scale * s1 / n * rep).to(A), mask=cm)
+
+
+# --------------------------------------------------------------------------------------------
+# BN affine -> MaxPool2d(3, 2, 1) -> LIF
+@triton.jit
+def _window_max(y_ptr, base, oh, ow, H, W, C, sc, sh, m, AFFINE: tl.constexpr, A: tl.constexpr):
+    """Max of the affine map over the 3x3 window (stride 2, padding 1) and its position in it
+    (0..8, row-major): the first of equal values, NaN winning, as torch's max_pool2d."""
+    best = tl.full(oh.shape, float("-inf"), A)
+    arg = tl.zeros(oh.shape, tl.int32)
+    first = tl.full(oh.shape, 1, tl.int1)
+    for k in tl.static_range(9):
+        ih = 2 * oh - 1 + k // 3
+        iw = 2 * ow - 1 + k % 3
+        inside = m & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        z = _affine(tl.load(y_ptr + base + (ih * W + iw) * C, mask=inside, other=0.0).to(A),
+                    sc, sh, AFFINE)
+        take = inside & (first | (z > best) | (z != z))
+        best = tl.where(take, z, best)
+        arg = tl.where(take, k, arg)
+        first = first & ~inside
+    return tl.where(m, best, 0.0), arg
+
+
+@triton.jit
+def bn_pool_lif_fwd_kernel(y_ptr, s_ptr, scale_ptr, shift_ptr, steps, B, H, W, C, Ho, Wo, y_step,
+                           tau, inv_tau, v_th, AFFINE: tl.constexpr, EXACT: tl.constexpr,
+                           BLOCK: tl.constexpr, A: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    n_out = B * Ho * Wo * C
+    m = offs < n_out
+    c = offs % C
+    ow = (offs // C) % Wo
+    oh = (offs // (C * Wo)) % Ho
+    b = offs // (C * Wo * Ho)
+    sc = tl.load(scale_ptr + c, mask=m, other=0.0) if AFFINE else None
+    sh = tl.load(shift_ptr + c, mask=m, other=0.0) if AFFINE else None
+    v = tl.zeros([BLOCK], A)
+    for t in range(0, steps):
+        z, _ = _window_max(y_ptr, t * y_step + b * H * W * C + c, oh, ow, H, W, C, sc, sh, m,
+                           AFFINE, A)
+        h, fired, v = _charge(z, v, tau, inv_tau, v_th, EXACT)
+        tl.store(s_ptr + t * n_out + offs, fired.to(s_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def pool_lif_bwd_kernel(gs_ptr, y_ptr, gp_ptr, arg_ptr, scale_ptr, shift_ptr, B, H, W, C, Ho, Wo,
+                        y_step, tau, inv_tau, v_th, alpha, decay, STEPS: tl.constexpr,
+                        AFFINE: tl.constexpr, EXACT: tl.constexpr, DETACH: tl.constexpr,
+                        BLOCK: tl.constexpr, A: tl.constexpr):
+    """First half of the pooled backward, per pooled output: the LIF's g_Z of the pooled map
+    into gp [steps, B, Ho, Wo, C] (A) and the window position of each max into arg (int8)."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    n_out = B * Ho * Wo * C
+    m = offs < n_out
+    c = offs % C
+    ow = (offs // C) % Wo
+    oh = (offs // (C * Wo)) % Ho
+    b = offs // (C * Wo * Ho)
+    sc = tl.load(scale_ptr + c, mask=m, other=0.0) if AFFINE else None
+    sh = tl.load(shift_ptr + c, mask=m, other=0.0) if AFFINE else None
+    v = tl.zeros([BLOCK], A)
+    hs = ()
+    for t in tl.static_range(STEPS):
+        z, arg = _window_max(y_ptr, t * y_step + b * H * W * C + c, oh, ow, H, W, C, sc, sh, m,
+                             AFFINE, A)
+        tl.store(arg_ptr + t * n_out + offs, arg.to(tl.int8), mask=m)
+        h, fired, v = _charge(z, v, tau, inv_tau, v_th, EXACT)
+        hs = hs + (h,)
+    carry = tl.zeros([BLOCK], A)
+    for t in tl.static_range(STEPS - 1, -1, -1):
+        g_s = tl.load(gs_ptr + t * n_out + offs, mask=m, other=0.0).to(A)
+        g, carry = _grad(g_s, hs[t], carry, tau, inv_tau, v_th, alpha, decay, EXACT, DETACH)
+        tl.store(gp_ptr + t * n_out + offs, g, mask=m)
+
+
+@triton.jit
+def pool_scatter_kernel(gp_ptr, arg_ptr, y_ptr, gz_ptr, part_ptr, B, H, W, C, Ho, Wo, y_step,
+                        rows_per_prog, STEPS: tl.constexpr, BCAST: tl.constexpr,
+                        SUMS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+                        A: tl.constexpr):
+    """Second half, per pre-pool element (rows = (b, ih, iw)): the sum of the pooled gradients
+    whose max it was, gathered from the (at most 2 x 2) windows that hold it in ascending
+    window order (the order in which a scatter over the windows adds them), into gz
+    ([steps, B, H, W, C], or [B, H, W, C] summed over the steps with BCAST, steps descending
+    within each window); and with SUMS the per-channel [sum g_Z, sum g_Z y] of this program
+    into part[p]."""
+    p = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cm = cols < C
+    R = B * H * W
+    n_out = B * Ho * Wo * C
+    s1 = tl.zeros([BLOCK_C], tl.float64)
+    s2 = tl.zeros([BLOCK_C], tl.float64)
+    r0 = p.to(tl.int64) * rows_per_prog
+    r1 = tl.minimum(r0 + rows_per_prog, R)
+    for r in range(r0, r1, BLOCK_R):
+        rows = r + tl.arange(0, BLOCK_R).to(tl.int64)
+        rm = rows < r1
+        m = rm[:, None] & cm[None, :]
+        iw = (rows % W)[:, None]
+        ih = ((rows // W) % H)[:, None]
+        b = (rows // (W * H))[:, None]
+        oh0 = ih // 2  # the windows holding row ih: oh0, and oh0 + 1 when ih is odd
+        ow0 = iw // 2
+        t1 = tl.zeros([BLOCK_R, BLOCK_C], A)
+        t2 = tl.zeros([BLOCK_R, BLOCK_C], A)
+        for tt in tl.static_range(1 if BCAST else STEPS):
+            g = tl.zeros([BLOCK_R, BLOCK_C], A)
+            for k in tl.static_range(4):
+                oh = oh0 + k // 2
+                ow = ow0 + k % 2
+                ok = m & (oh < Ho) & (ow < Wo) & ((k // 2 == 0) | (ih % 2 == 1)) \
+                    & ((k % 2 == 0) | (iw % 2 == 1))
+                pos = ((ih - (2 * oh - 1)) * 3 + (iw - (2 * ow - 1))).to(tl.int8)
+                o = ((b * Ho + oh) * Wo + ow) * C + cols[None, :]
+                if BCAST:
+                    for t in tl.static_range(STEPS - 1, -1, -1):
+                        hit = ok & (tl.load(arg_ptr + t * n_out + o, mask=ok, other=-1) == pos)
+                        g += tl.where(hit, tl.load(gp_ptr + t * n_out + o, mask=hit, other=0.0),
+                                      0.0)
+                else:
+                    hit = ok & (tl.load(arg_ptr + tt * n_out + o, mask=ok, other=-1) == pos)
+                    g += tl.where(hit, tl.load(gp_ptr + tt * n_out + o, mask=hit, other=0.0),
+                                  0.0)
+            out = rows[:, None] * C + cols[None, :]
+            tl.store(gz_ptr + tt * R * C + out, g, mask=m)
+            if SUMS:
+                y = tl.load(y_ptr + tt * y_step + out, mask=m, other=0.0).to(A)
+                t1 += g
+                t2 += g * y
+        if SUMS:
+            s1 += tl.sum(tl.where(m, t1, 0.0), axis=0).to(tl.float64)
+            s2 += tl.sum(tl.where(m, t2, 0.0), axis=0).to(tl.float64)
+    if SUMS:
+        base = part_ptr + p.to(tl.int64) * 2 * C
+        tl.store(base + cols, s1, mask=cm)
+        tl.store(base + C + cols, s2, mask=cm)
+
+
+@triton.jit
+def bn_apply_kernel(g_ptr, y_ptr, out_ptr, a_ptr, b_ptr, mu_ptr, d_ptr, RC, C,
+                    FULL_BN: tl.constexpr, BLOCK: tl.constexpr, A: tl.constexpr):
+    """g_Y = a g_Z + b (y - mu) + d per channel (FULL_BN off: a g_Z), in out's type."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    m = offs < RC
+    c = offs % C
+    g = tl.load(g_ptr + offs, mask=m, other=0.0)
+    o = tl.load(a_ptr + c, mask=m, other=0.0) * g
+    if FULL_BN:
+        y = tl.load(y_ptr + offs, mask=m, other=0.0).to(A)
+        o += tl.load(b_ptr + c, mask=m, other=0.0) * (y - tl.load(mu_ptr + c, mask=m, other=0.0)) \
+            + tl.load(d_ptr + c, mask=m, other=0.0)
+    tl.store(out_ptr + offs, o.to(out_ptr.dtype.element_ty), mask=m)
+
+
+# --------------------------------------------------------------------------------------------
+# compact storage: element i in bit i % 8 of byte i // 8; a device flag counts what did not fit
+@triton.jit
+def to_bits_kernel(x_ptr, out_ptr, flag_ptr, n, BLOCK: tl.constexpr):
+    j = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    k = tl.arange(0, 8)
+    idx = j[:, None] * 8 + k[None, :]
+    m = idx < n
+    x = tl.load(x_ptr + idx, mask=m, other=0.0)
+    one = x == 1.0
+    bad = m & ~(one | (x == 0.0))
+    byte = tl.sum(tl.where(one & m, 1 << k[None, :], 0), axis=1)
+    tl.store(out_ptr + j, byte.to(tl.uint8), mask=j * 8 < n)
+    tl.atomic_max(flag_ptr, tl.max(tl.max(bad.to(tl.int32), axis=1), axis=0))
+
+
+@triton.jit
+def from_bits_kernel(in_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    m = offs < n
+    byte = tl.load(in_ptr + offs // 8, mask=m, other=0).to(tl.int32)
+    bit = (byte >> (offs % 8).to(tl.int32)) & 1
+    # through float32: the interpreter converts integers to bfloat16 bit for bit
+    tl.store(out_ptr + offs, bit.to(tl.float32).to(out_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def to_u8_kernel(x_ptr, out_ptr, flag_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    m = offs < n
+    x = tl.load(x_ptr + offs, mask=m, other=0.0)
+    low = tl.where(x > 0.0, x, 0.0)  # NaN -> 0, then flagged
+    q = tl.where(low < 255.0, low, 255.0).to(tl.int32)
+    bad = m & (q.to(x.dtype) != x)
+    tl.store(out_ptr + offs, q.to(tl.uint8), mask=m)
+    tl.atomic_max(flag_ptr, tl.max(bad.to(tl.int32), axis=0))
+
+
+@triton.jit
+def from_u8_kernel(in_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    m = offs < n
+    v = tl.load(in_ptr + offs, mask=m, other=0).to(tl.float32)  # (see from_bits_kernel)
+    tl.store(out_ptr + offs, v.to(out_ptr.dtype.element_ty), mask=m)
