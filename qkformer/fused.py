@@ -77,7 +77,7 @@ def route(t: Tensor) -> str:
         return forced
     if cpu.supports(t):
         return "cpu"
-    if triton_units.handles(t) and triton_units.verdict(t.device, t.dtype, _triton_self_check):
+    if _triton_serves(t.device, t.dtype):
         return "triton"
     return "torch"
 
@@ -119,10 +119,12 @@ def fast_path_ready(device) -> bool:
         return True
     if os.environ.get("QKFORMER_CUDA_FAST_PATH", "0") not in ("", "0"):
         return True
-    probe = lambda dtype: torch.empty(0, dtype=dtype, device=device)  # noqa: E731
-    return device.type == "cuda" and all(
-        triton_units.handles(probe(d)) and triton_units.verdict(device, d, _triton_self_check)
-        for d in _AMP_DTYPES)
+    return device.type == "cuda" and all(_triton_serves(device, d) for d in _AMP_DTYPES)
+
+
+def _triton_serves(device: torch.device, dtype: torch.dtype) -> bool:
+    return (triton_units.serves(device, dtype)
+            and triton_units.verdict(device, dtype, _triton_self_check))
 
 
 def describe(model, device) -> str:
@@ -136,8 +138,7 @@ def describe(model, device) -> str:
                 f"{triton_units.describe(device)}, and the fast path's torch-op form would be "
                 f"slower there (QKFORMER_CUDA_FAST_PATH=1 runs it anyway){checkpointing}")
     if device.type != "cpu":
-        probe = torch.empty(0, device=device)
-        if triton_units.handles(probe) and _triton(probe):
+        if _triton_serves(device, torch.float32):
             return (f"path: fast (fused units as Triton kernels, triton "
                     f"{triton_units._triton_version()}{checkpointing})")
         return f"path: fast (fused units in torch ops with the LIF backend above{checkpointing})"
@@ -208,7 +209,7 @@ def pack(x: Tensor, kind: int) -> Tuple[Tensor, Optional[tuple]]:
     n = flat.numel()
     if _triton(flat):
         fmt = "bits" if kind == SPIKES else "u8"
-        record = triton_units.pack(flat, fmt)
+        record = triton_units.pack(x.contiguous(), fmt)
         return record.data, (fmt, x.shape, x.dtype, record)
     if kind == SPIKES:
         out = torch.empty((n + 7) // 8, dtype=torch.uint8, device=x.device)

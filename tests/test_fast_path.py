@@ -378,7 +378,8 @@ def test_off_the_cpu_models_take_the_reference_path(monkeypatch):
     monkeypatch.delenv("QKFORMER_CUDA_FAST_PATH", raising=False)
     model = timm.create_model("qkformer_cifar10", embed_dims=32, depths=(1, 1, 1), num_heads=2, T=1)
     assert fused.fast_path_ready("cpu") and not fused.fast_path_ready("cuda")
-    assert "path: reference (layer by layer) on cuda" in fused.describe(model, "cuda")
+    assert "path: reference (layer by layer, the original's computation) on cuda" in \
+        fused.describe(model, "cuda")
     assert "path: fast" in fused.describe(model, "cpu")
     seen = []
     for x in (torch.empty(0, device="meta"), torch.empty(0)):

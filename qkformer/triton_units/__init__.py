@@ -20,7 +20,9 @@ off. Whether a (device, dtype) may use it is decided by the caller's self-check
 """
 from __future__ import annotations
 
+import atexit
 import inspect
+import json
 import math
 import os
 import threading
@@ -30,7 +32,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 from torch import Tensor
 
-__all__ = ["interpreting", "is_available", "unavailable_reason", "handles", "verdict",
+__all__ = ["interpreting", "is_available", "unavailable_reason", "serves", "handles", "verdict",
            "describe", "launch_counts", "colstats_coefficients", "bn_lif_forward",
            "bn_lif_backward", "bn_grad_coefficients", "pool_lif_backward", "bn_apply",
            "pack", "unpack", "Packed", "DTYPES"]
@@ -80,11 +82,18 @@ def unavailable_reason() -> Optional[str]:
     return None
 
 
-def handles(t: Tensor) -> bool:
-    """``t`` is a tensor the kernels can run on: CUDA (CPU under the interpreter), a float type."""
-    if t.dtype not in DTYPES or not is_available():
+def serves(device, dtype: torch.dtype) -> bool:
+    """The kernels can run on tensors of ``dtype`` on ``device``: CUDA (CPU under the
+    interpreter), a float type."""
+    if dtype not in DTYPES or not is_available():
         return False
-    return t.device.type == "cuda" or (_INTERPRET and t.device.type == "cpu")
+    kind = torch.device(device).type
+    return (kind == "cuda" and torch.cuda.is_available()) or (_INTERPRET and kind == "cpu")
+
+
+def handles(t: Tensor) -> bool:
+    """:func:`serves` for ``t``'s device and dtype."""
+    return serves(t.device, t.dtype)
 
 
 def verdict(device: torch.device, dtype: torch.dtype, check: Callable[[torch.device, torch.dtype],
@@ -112,8 +121,9 @@ def describe(device) -> str:
     reason = unavailable_reason()
     if reason is not None:
         return f"triton units: off ({reason})"
-    if device.type != "cuda" and not _INTERPRET:
-        return f"triton units: off (no kernels for {device.type} tensors)"
+    if not serves(device, torch.float32):
+        return ("triton units: off (no CUDA device)" if device.type == "cuda"
+                else f"triton units: off (no kernels for {device.type} tensors)")
     failed = {str(k[1]).replace("torch.", ""): v for k, v in _verdicts.items()
               if k[0] == str(device) and v is not None}
     note = "; failed self-check: " + ", ".join(f"{d} ({v})" for d, v in failed.items()) if failed else ""
@@ -164,6 +174,14 @@ def _record(kernel, name: str, args: tuple, meta: dict) -> None:
 
 def recorded_variants() -> list:
     return sorted(_variants)
+
+
+@atexit.register
+def _write_variants() -> None:
+    path = os.environ.get("QKFORMER_TRITON_RECORD")
+    if path and _variants:
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(recorded_variants(), f)
 
 
 def _launch(name: str, grid: tuple, *args, **meta) -> None:
@@ -423,17 +441,18 @@ def _poll() -> None:
 def pack(x: Tensor, fmt: str) -> Packed:
     """Pack contiguous ``x`` to ``fmt`` 'bits' (values 0/1) or 'u8' (integers 0-255)."""
     _poll()
-    flat = x.view(-1)
+    flat = x.reshape(-1)
     n = flat.numel()
     flag = torch.zeros(1, dtype=torch.int32, device=x.device)
     if fmt == "bits":
         out = torch.empty((n + 7) // 8, dtype=torch.uint8, device=x.device)
         block = 256
         _launch("to_bits_kernel", (math.ceil(out.numel() / block),), flat, out, flag, n,
-                BLOCK=block)
+                BLOCK=block, A=_tl_arith(x.dtype))
     else:
         out = torch.empty(n, dtype=torch.uint8, device=x.device)
-        _launch("to_u8_kernel", (math.ceil(n / _BLOCK),), flat, out, flag, n, BLOCK=_BLOCK)
+        _launch("to_u8_kernel", (math.ceil(n / _BLOCK),), flat, out, flag, n, BLOCK=_BLOCK,
+                A=_tl_arith(x.dtype))
     packed = Packed(out, flag, x)
     if not packed.resolved():
         _pending.append(packed)

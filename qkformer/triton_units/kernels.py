@@ -414,12 +414,12 @@ def bn_apply_kernel(g_ptr, y_ptr, out_ptr, a_ptr, b_ptr, mu_ptr, d_ptr, RC, C,
 # --------------------------------------------------------------------------------------------
 # compact storage: element i in bit i % 8 of byte i // 8; a device flag counts what did not fit
 @triton.jit
-def to_bits_kernel(x_ptr, out_ptr, flag_ptr, n, BLOCK: tl.constexpr):
+def to_bits_kernel(x_ptr, out_ptr, flag_ptr, n, BLOCK: tl.constexpr, A: tl.constexpr):
     j = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     k = tl.arange(0, 8)
     idx = j[:, None] * 8 + k[None, :]
     m = idx < n
-    x = tl.load(x_ptr + idx, mask=m, other=0.0)
+    x = tl.load(x_ptr + idx, mask=m, other=0.0).to(A)  # exact: A is at least as wide
     one = x == 1.0
     bad = m & ~(one | (x == 0.0))
     byte = tl.sum(tl.where(one & m, 1 << k[None, :], 0), axis=1)
@@ -438,10 +438,10 @@ def from_bits_kernel(in_ptr, out_ptr, n, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def to_u8_kernel(x_ptr, out_ptr, flag_ptr, n, BLOCK: tl.constexpr):
+def to_u8_kernel(x_ptr, out_ptr, flag_ptr, n, BLOCK: tl.constexpr, A: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     m = offs < n
-    x = tl.load(x_ptr + offs, mask=m, other=0.0)
+    x = tl.load(x_ptr + offs, mask=m, other=0.0).to(A)
     low = tl.where(x > 0.0, x, 0.0)  # NaN -> 0, then flagged
     q = tl.where(low < 255.0, low, 255.0).to(tl.int32)
     bad = m & (q.to(x.dtype) != x)

@@ -1,0 +1,247 @@
+"""The fast path's Triton route (the CUDA fast path), checked without a GPU.
+
+Where CUDA and Triton are present these tests run the kernels natively. Elsewhere
+:func:`test_triton_route_through_the_interpreter` runs them in a child pytest through Triton's
+interpreter (``TRITON_INTERPRET=1``: CPU tensors; ``QKFORMER_CPU_KERNELS=0`` so that CPU tensors
+take the Triton route), together with the fast-path tests that hold the whole model to the
+reference path in float64, records every kernel variant launched, and compiles each of them for
+an H100/H200 (sm_90) with Triton's compiler and ptxas.
+
+What the interpreter does not show: speed, FMA contraction (it rounds every operation as numpy
+does), races between programs, and register or shared-memory limits (the sm_90 compile covers
+the last, not the others).
+"""
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from qkformer import fused, triton_units
+
+REPO = Path(__file__).resolve().parents[1]
+INTERPRETED = triton_units.interpreting()
+NATIVE = torch.cuda.is_available() and triton_units.is_available() and not INTERPRETED
+DEVICE = "cuda" if NATIVE else "cpu"
+on_route = pytest.mark.skipif(not (INTERPRETED or NATIVE),
+                              reason="Triton kernels need CUDA or TRITON_INTERPRET=1 (see "
+                                     "test_triton_route_through_the_interpreter)")
+DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+LIF = dict(tau=2.0, v_threshold=1.0)
+
+
+def _routes(fn):
+    """fn() on the Triton route and on the torch route."""
+    out = []
+    for name in ("triton", "torch"):
+        with fused.forced_route(name):
+            out.append(fn())
+    return out
+
+
+# ------------------------------------------------------------------------------------------
+@on_route
+def test_the_fast_path_takes_the_triton_route():
+    t = torch.zeros(1, device=DEVICE)
+    assert fused.route(t) == "triton"
+    assert triton_units.describe(DEVICE).startswith("triton units: on")
+    before = sum(triton_units.launch_counts().values())
+    fused.bn_lif_forward(torch.ones(4, 3, device=DEVICE), 2, None, None, **LIF)
+    assert sum(triton_units.launch_counts().values()) == before + 1
+
+
+@on_route
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_self_check_passes(dtype):
+    assert fused._triton_self_check(torch.device(DEVICE), dtype) is None
+
+
+GEOMETRIES = {"plain": (False, False), "repeated input": (False, True), "pooled": (True, False),
+              "pooled, repeated input": (True, True)}
+
+
+def _problem(pool, bcast, C=70, T=4, dtype=torch.float32, seed=0):
+    """Random conv outputs (C crosses a 64-channel tile), a BatchNorm affine, a gradient."""
+    g = torch.Generator().manual_seed(seed)
+    n = 1 if bcast else T
+    shape = (n * 2, 7, 5, C) if pool else (n * 3, 11, C)
+    y = (torch.randn(shape, generator=g) * 1.5 + 0.6).to(dtype).to(DEVICE)
+    A = torch.float64 if dtype == torch.float64 else torch.float32
+    scale = (torch.rand(C, generator=g) + 0.5).to(A).to(DEVICE)
+    shift = (torch.randn(C, generator=g) * 0.2).to(A).to(DEVICE)
+    return y, scale, shift, T, g
+
+
+@on_route
+@pytest.mark.parametrize("geometry", list(GEOMETRIES))
+def test_lif_passes_without_batchnorm_are_bit_equal(geometry):
+    """Without the affine the arithmetic order is the torch route's: identical spikes, and
+    g_Z equal up to the surrogate's exp (numpy's against torch's)."""
+    pool, bcast = GEOMETRIES[geometry]
+    y, _, _, T, g = _problem(pool, bcast)
+    s_tr, s_to = _routes(lambda: fused.bn_lif_forward(y, T, None, None, **LIF, pool=pool,
+                                                      bcast=bcast))
+    assert torch.equal(s_tr, s_to) and 0.05 < s_to.float().mean() < 0.95
+    grad = torch.randn(s_to.shape, generator=g).to(DEVICE)
+    (gz_tr, _), (gz_to, _) = _routes(lambda: fused.bn_lif_backward(
+        grad, y, T, None, None, **LIF, alpha=4.0, detach_reset=True, pool=pool, bcast=bcast))
+    torch.testing.assert_close(gz_tr, gz_to, rtol=1e-5, atol=1e-6)
+
+
+@on_route
+@pytest.mark.parametrize("geometry", list(GEOMETRIES))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_unit_passes_match_the_torch_route(geometry, dtype):
+    """BatchNorm + [pool] + LIF, statistics, the BatchNorm sums and the unit's input gradient
+    against the torch route on random data: within float32 rounding (the affine may round
+    differently where the torch route fuses a multiply-add)."""
+    pool, bcast = GEOMETRIES[geometry]
+    y, scale, shift, T, g = _problem(pool, bcast, dtype=dtype)
+    s_tr, s_to = _routes(lambda: fused.bn_lif_forward(y, T, scale, shift, **LIF, pool=pool,
+                                                      bcast=bcast))
+    flips = (s_tr != s_to).float().mean().item()
+    assert flips <= 1e-3, f"{flips:.2%} of the spikes differ"
+    grad = torch.randn(s_to.shape, generator=g).to(dtype).to(DEVICE)
+    (gz_tr, sums_tr), (gz_to, sums_to) = _routes(lambda: fused.bn_lif_backward(
+        grad, y, T, scale, shift, **LIF, alpha=4.0, detach_reset=False, pool=pool, bcast=bcast,
+        sums=True))
+    close = torch.isclose(gz_tr, gz_to, rtol=1e-4, atol=1e-5).float().mean().item()
+    assert close >= 0.999, f"g_Z: {1 - close:.2%} differ"
+    torch.testing.assert_close(sums_tr, sums_to, rtol=1e-3, atol=1e-3 * sums_to.abs().max())
+    C = y.shape[-1]
+    st_tr, st_to = _routes(lambda: triton_units.colstats_coefficients(
+        y.reshape(-1, C).contiguous(), True, None, None, None, None, 1e-5)[:2]
+        if fused.route(y) == "triton" else fused.batch_stats(y))
+    # (the torch route sums in float32: its rounding, not ours, sets the tolerance)
+    torch.testing.assert_close(torch.stack(st_tr), torch.stack(st_to), rtol=1e-5, atol=1e-7)
+    mean, var = st_to
+    invstd = (var + 1e-5).rsqrt()
+    gamma = torch.rand(C, generator=g).to(DEVICE) + 0.5
+    beta = torch.randn(C, generator=g).to(DEVICE)
+    args = (grad, y, mean, invstd, gamma, beta, T, pool, bcast, True, True, 2.0, 1.0, 4.0, True,
+            [True] * 5)
+    with fused.forced_route("triton"):
+        gy_tr, gg_tr, gb_tr = fused._unit_input_grad_triton(*args)
+    with fused.forced_route("torch"):
+        gy_to, gg_to, gb_to = fused._unit_input_grad(*args)
+    rtol = 1e-3 if dtype == torch.float32 else 2e-2
+    scale_ = gy_to.float().abs().max()
+    close = torch.isclose(gy_tr.float(), gy_to.float(), rtol=rtol, atol=rtol * scale_)
+    assert close.float().mean() >= 0.999
+    torch.testing.assert_close(gg_tr, gg_to, rtol=1e-3, atol=1e-3 * gg_to.abs().max())
+    torch.testing.assert_close(gb_tr, gb_to, rtol=1e-3, atol=1e-3 * gb_to.abs().max())
+
+
+@on_route
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("n", [1, 7, 8, 9, 2051])
+def test_packing_round_trips(dtype, n):
+    g = torch.Generator().manual_seed(n)
+    spikes = (torch.rand(n, generator=g) < 0.3).to(dtype).to(DEVICE)
+    counts = torch.randint(0, 256, (n,), generator=g).to(dtype).to(DEVICE)
+    with fused.forced_route("triton"):
+        for x, kind, nbytes in ((spikes, fused.SPIKES, (n + 7) // 8), (counts, fused.COUNTS, n)):
+            stored, how = fused._kept(*fused.pack(x, kind))
+            assert stored.dtype == torch.uint8 and stored.numel() == nbytes
+            assert torch.equal(fused.unpack(stored, how), x)
+
+
+@on_route
+@pytest.mark.parametrize("bad", [0.5, 2.0, -1.0, float("nan")])
+@pytest.mark.parametrize("kind", ["spikes", "counts"])
+def test_a_value_that_does_not_fit_keeps_the_original(bad, kind):
+    x = torch.zeros(37, device=DEVICE)
+    x[5] = 1.0
+    if kind == "counts":
+        bad = 256.0 if bad == 2.0 else bad
+    x[20] = bad
+    with fused.forced_route("triton"):
+        stored, how = fused.pack(x, fused.SPIKES if kind == "spikes" else fused.COUNTS)
+        assert how is not None and len(how) == 4  # packed, check pending on the device
+        kept, kept_how = fused._kept(stored, how)
+        assert kept_how is None and kept is x  # the original itself
+    good = torch.ones(9, device=DEVICE)
+    with fused.forced_route("triton"):
+        stored, how = fused.pack(good, fused.SPIKES)
+        if NATIVE:
+            torch.cuda.synchronize()
+        kept, kept_how = fused._kept(stored, how)
+    assert kept_how is not None and kept.dtype == torch.uint8 and how[3].original is None
+
+
+def test_cuda_default_follows_the_self_check(monkeypatch):
+    """CUDA runs the fast path only where the Triton units pass their self-check for every AMP
+    dtype; else the reference path (the original's computation), and the line says why."""
+    monkeypatch.delenv("QKFORMER_CUDA_FAST_PATH", raising=False)
+    if torch.cuda.is_available():
+        pytest.skip("the rule is exercised with a stand-in device here")
+    verdicts = {}
+    monkeypatch.setattr(triton_units, "serves", lambda device, dtype: True)
+    monkeypatch.setattr(triton_units, "verdict",
+                        lambda device, dtype, check: verdicts.get(dtype, True))
+    assert fused.fast_path_ready("cuda")
+    assert "Triton kernels" in fused.describe(type("M", (), {"fast_path": True})(), "cuda")
+    verdicts[torch.float16] = False
+    assert not fused.fast_path_ready("cuda")
+    line = fused.describe(type("M", (), {"fast_path": True})(), "cuda")
+    assert line.startswith("path: reference (layer by layer, the original's computation) on cuda")
+    monkeypatch.setenv("QKFORMER_CUDA_FAST_PATH", "1")
+    assert fused.fast_path_ready("cuda")
+
+
+# ------------------------------------------------------------------------------------------
+CHILD_TESTS = [
+    "tests/test_triton_units.py",
+    "tests/test_fast_path.py::test_train_step_float64_matches_reference",
+    "tests/test_fast_path.py::test_compact_storage_is_bit_identical",
+]
+
+
+def _compile_for_sm90(variants):
+    """Compile each recorded (kernel, signature, constants) for sm_90 (cubin)."""
+    import triton
+    import triton.language as tl
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from qkformer.triton_units import kernels
+
+    types = {"fp32": tl.float32, "fp64": tl.float64}
+    sizes = {}
+    for name, sig, consts in variants:
+        consts = {k: types.get(v, v) if isinstance(v, str) else v for k, v in consts}
+        signature = dict(sig) | {k: "constexpr" for k in consts}
+        src = ASTSource(fn=getattr(kernels, name), signature=signature, constexprs=consts)
+        out = triton.compile(src, target=GPUTarget("cuda", 90, 32))
+        sizes[name] = max(sizes.get(name, 0), len(out.asm["cubin"]))
+    return sizes
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(INTERPRETED or NATIVE, reason="runs the child only from a plain CPU run")
+@pytest.mark.skipif(not triton_units.is_available(), reason="triton is not installed")
+def test_triton_route_through_the_interpreter(tmp_path):
+    record = tmp_path / "variants.json"
+    env = {**os.environ, "TRITON_INTERPRET": "1", "QKFORMER_CPU_KERNELS": "0",
+           "QKFORMER_TRITON_RECORD": str(record)}
+    env.pop("QKFORMER_REQUIRE_CPU_KERNELS", None)
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                           "-W", "ignore::RuntimeWarning", *CHILD_TESTS], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=1500)
+    tail = (proc.stdout + proc.stderr)[-4000:]
+    assert proc.returncode == 0, tail
+    assert " passed" in proc.stdout and " failed" not in proc.stdout, tail
+    variants = [tuple(v) for v in json.loads(record.read_text())]
+    kernels = {v[0] for v in variants}
+    expected = {"colstats_kernel", "bn_coefficients_kernel", "bn_lif_fwd_kernel",
+                "bn_pool_lif_fwd_kernel", "bn_lif_bwd_kernel", "bn_grad_coefficients_kernel",
+                "pool_lif_bwd_kernel", "pool_scatter_kernel", "bn_apply_kernel",
+                "to_bits_kernel", "from_bits_kernel", "to_u8_kernel", "from_u8_kernel"}
+    assert kernels == expected, expected ^ kernels
+    sizes = _compile_for_sm90(variants)
+    assert set(sizes) == expected and all(n > 0 for n in sizes.values())
+    assert math.isfinite(sum(sizes.values()))
