@@ -231,6 +231,18 @@ def _tiles(C: int, dtype: torch.dtype) -> Tuple[int, int]:
 
 
 _BLOCK = 1024
+_unused: Dict[tuple, Tensor] = {}
+
+
+def _or_unused(t: Optional[Tensor], like: Tensor) -> Tensor:
+    """``t``, or for a pointer argument the kernel does not read, one cached element of
+    ``like``'s dtype and device (so that nothing large is passed in its place)."""
+    if t is not None:
+        return t
+    key = (like.device, like.dtype)
+    if key not in _unused:
+        _unused[key] = torch.zeros(1, dtype=like.dtype, device=like.device)
+    return _unused[key]
 
 
 def _lif_consts(tau: float):
@@ -253,7 +265,6 @@ def colstats_coefficients(y2: Tensor, batch: bool, running_mean: Optional[Tensor
     f64 = dict(dtype=torch.float64, device=dev)
     mean, var, invstd = (torch.empty(C, **f64) for _ in range(3))
     scale, shift = (torch.empty(C, dtype=A, device=dev) for _ in range(2))
-    dummy = mean
     if batch:
         n_parts, rows = _row_split(R, n_cb, block_r, dev)
         part = torch.empty((n_parts, 2, C), **f64)
@@ -261,11 +272,9 @@ def colstats_coefficients(y2: Tensor, batch: bool, running_mean: Optional[Tensor
         _launch("colstats_kernel", (n_parts, n_cb), y2, ref, part, R, C, rows, BLOCK_R=block_r,
                 BLOCK_C=block_c, A=_tl_arith(y2.dtype))
     else:
-        n_parts, part, ref = 0, dummy, dummy
+        n_parts, part, ref = 0, _or_unused(None, mean), _or_unused(None, mean)
     _launch("bn_coefficients_kernel", (n_cb,), part, n_parts, float(max(R, 1)), ref,
-            running_mean if running_mean is not None else dummy,
-            running_var if running_var is not None else dummy,
-            gamma if gamma is not None else dummy, beta if beta is not None else dummy, float(eps),
+            *(_or_unused(t, mean) for t in (running_mean, running_var, gamma, beta)), float(eps),
             mean, var, invstd, scale, shift, C, BATCH=batch, HAS_GAMMA=gamma is not None,
             HAS_BETA=beta is not None, BLOCK_C=block_c, A=_tl_arith(y2.dtype))
     return mean, var, invstd, scale, shift
@@ -277,8 +286,7 @@ def bn_lif_forward(y: Tensor, s: Tensor, steps: int, geometry: dict, scale: Opti
     """Spikes of LIF(pool?(y scale + shift)) into ``s`` (see ``qkformer.fused.bn_lif_forward``)."""
     consts, exact = _lif_consts(tau)
     A = _tl_arith(y.dtype)
-    sc = scale if scale is not None else y
-    sh = shift if shift is not None else y
+    sc, sh = _or_unused(scale, y), _or_unused(shift, y)
     g = geometry
     if pool:
         n_out = g["B"] * g["Ho"] * g["Wo"] * g["C"]
@@ -310,12 +318,13 @@ def bn_lif_backward(grad: Tensor, y: Tensor, steps: int, geometry: dict, scale: 
     block_r, block_c = _tiles(C, y.dtype)
     n_cb = math.ceil(C / block_c)
     n_parts, rows = _row_split(M, n_cb, block_r, y.device)
-    part = (torch.empty((n_parts, 2, C), dtype=torch.float64, device=y.device) if sums else y)
+    part = (torch.empty((n_parts, 2, C), dtype=torch.float64, device=y.device) if sums
+            else _or_unused(None, y))
     a, b, mu, d = coefficients if coefficients is not None else (None,) * 4
     full = b is not None
-    _launch("bn_lif_bwd_kernel", (n_parts, n_cb), grad, y, out if out is not None else y, part,
-            scale if scale is not None else y, shift if shift is not None else y,
-            *(t if t is not None else y for t in (a, b, mu, d)), M, C, 0 if bcast else M * C,
+    _launch("bn_lif_bwd_kernel", (n_parts, n_cb), grad, y, _or_unused(out, y), part,
+            _or_unused(scale, y), _or_unused(shift, y),
+            *(_or_unused(t, y) for t in (a, b, mu, d)), M, C, 0 if bcast else M * C,
             rows, **consts, v_th=float(v_threshold), alpha=float(alpha),
             decay=1.0 - 1.0 / tau, STEPS=steps, BCAST=bcast, AFFINE=scale is not None, SUMS=sums,
             WRITE=not sums, APPLY=a is not None, FULL_BN=full, NEED_Y=sums or full,
@@ -339,7 +348,7 @@ def pool_lif_backward(grad: Tensor, y: Tensor, steps: int, geometry: dict,
     arg = torch.empty((steps, n_out), dtype=torch.int8, device=y.device)
     y_step = 0 if bcast else B * H * W * C
     _launch("pool_lif_bwd_kernel", (math.ceil(n_out / _BLOCK),), grad, y, gp, arg,
-            scale if scale is not None else y, shift if shift is not None else y, B, H, W, C, Ho,
+            _or_unused(scale, y), _or_unused(shift, y), B, H, W, C, Ho,
             Wo, y_step, **consts, v_th=float(v_threshold), alpha=float(alpha),
             decay=1.0 - 1.0 / tau, STEPS=steps, AFFINE=scale is not None, EXACT=exact,
             DETACH=bool(detach_reset), BLOCK=_BLOCK, A=_tl_arith(y.dtype))
@@ -347,7 +356,8 @@ def pool_lif_backward(grad: Tensor, y: Tensor, steps: int, geometry: dict,
     block_r, block_c = _tiles(C, y.dtype)
     n_cb = math.ceil(C / block_c)
     n_parts, rows = _row_split(B * H * W, n_cb, block_r, y.device)
-    part = torch.empty((n_parts, 2, C), dtype=torch.float64, device=y.device) if sums else gz
+    part = (torch.empty((n_parts, 2, C), dtype=torch.float64, device=y.device) if sums
+            else _or_unused(None, gz))
     _launch("pool_scatter_kernel", (n_parts, n_cb), gp, arg, y, gz, part, B, H, W, C, Ho, Wo,
             y_step, rows, STEPS=steps, BCAST=bcast, SUMS=sums, BLOCK_R=block_r, BLOCK_C=block_c,
             A=_tl_arith(y.dtype))
@@ -371,8 +381,8 @@ def bn_grad_coefficients(part: Tensor, mean: Tensor, invstd: Tensor, gamma: Opti
     g_beta = torch.empty(C, dtype=pdt, device=dev) if want_beta else None
     block_c = _pow2(C, 256)
     _launch("bn_grad_coefficients_kernel", (math.ceil(C / block_c),), part, part.shape[0], mean,
-            invstd, gamma if gamma is not None else mean, float(n), float(rep),
-            a, *(t if t is not None else a for t in (b, mu, d, g_gamma, g_beta)), C, BATCH=batch,
+            invstd, _or_unused(gamma, mean), float(n), float(rep),
+            a, *(_or_unused(t, a) for t in (b, mu, d, g_gamma, g_beta)), C, BATCH=batch,
             HAS_GAMMA=gamma is not None, WANT_GAMMA=want_gamma, WANT_BETA=want_beta,
             BLOCK_C=block_c, A=_tl_arith(dtype))
     return (a, b, mu, d), g_gamma, g_beta
@@ -384,7 +394,7 @@ def bn_apply(gz: Tensor, y: Tensor, out: Tensor, coefficients: tuple) -> None:
     C = y.shape[-1]
     RC = y.numel()
     _launch("bn_apply_kernel", (math.ceil(RC / _BLOCK),), gz, y, out, a,
-            *(t if t is not None else a for t in (b, mu, d)), RC, C, FULL_BN=b is not None,
+            *(_or_unused(t, a) for t in (b, mu, d)), RC, C, FULL_BN=b is not None,
             BLOCK=_BLOCK, A=_tl_arith(y.dtype))
 
 
