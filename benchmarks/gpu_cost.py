@@ -44,7 +44,7 @@ from _common import MODELS, batch, build  # noqa: E402
 GPUS = {"H100 SXM": (989e12, 3.35e12), "H200": (989e12, 4.8e12)}
 GEMM_EFF, BW_EFF, LAUNCH_S = 0.6, 0.7, 4e-6
 
-_GEMMS = {"mm", "addmm", "bmm", "baddbmm", "convolution", "convolution_backward", "_convolution",
+_GEMMS = {"mm", "addmm", "bmm", "baddbmm", "matmul", "conv2d", "convolution", "convolution_backward", "_convolution",
           "cudnn_convolution", "linear"}
 _NO_LAUNCH = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided",
               "detach", "lift_fresh", "_to_copy_noop", "set_", "resize_", "_unsafe_view",
@@ -187,10 +187,8 @@ def _count_triton_launches(counter: StepCounter):
     launch, packed_init = triton_units._launch, triton_units.Packed.__init__
 
     def counted(name, grid, *args, **meta):
-        seen = {}
-        for t in _tensors((args, meta)):
-            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        counter.kernel(f"{name} (triton)", sum(seen.values()))
+        seen = {(t.data_ptr(), _nbytes(t)) for t in _tensors((args, meta))}
+        counter.kernel(f"{name} (triton)", sum(n for _, n in seen))
 
     def resolved_at_once(self, data, flag, original):
         self.data, self.flag, self.original = data, flag, None
@@ -241,7 +239,7 @@ def count_step(model_key: str, kind: str, size: int, dtype: torch.dtype) -> dict
         try:
             with flops, counter:
                 forward_backward()
-                syncs = counter.syncs
+                syncs, step_bytes = counter.syncs, counter.bytes
                 update()  # AdamW's step counts are host scalars on a GPU too: no syncs counted
                 counter.syncs = syncs
         finally:
@@ -250,16 +248,17 @@ def count_step(model_key: str, kind: str, size: int, dtype: torch.dtype) -> dict
                 restore_triton()
     params = sum(_nbytes(p) for p in model.parameters())
     state = sum(_nbytes(t) for s in opt.state.values() for t in _tensors(s))
-    return dict(launches=counter.launches, syncs=counter.syncs, bytes=counter.bytes / size,
+    return dict(launches=counter.launches, syncs=counter.syncs, bytes=step_bytes / size,
+                optimizer_bytes=counter.bytes - step_bytes,
                 flops=flops.get_total_flops() / size, peak=counter.peak / size,
-                fixed=params * 2 + state, top=counter.by_op.most_common(6),
+                fixed=params * 2 + state, top=counter.by_op.most_common(int(os.environ.get("GPU_COST_TOP", "6"))),
                 top_launches=counter.launch_ops.most_common(8))
 
 
 def model_time(r: dict, peak_flops: float, bandwidth: float, size: int) -> float:
     """Seconds per step of ``size`` images by the roofline model."""
     return (size * (r["flops"] / (peak_flops * GEMM_EFF) + r["bytes"] / (bandwidth * BW_EFF))
-            + r["launches"] * LAUNCH_S)
+            + r["optimizer_bytes"] / (bandwidth * BW_EFF) + r["launches"] * LAUNCH_S)
 
 
 def main(argv=None) -> int:
@@ -292,6 +291,8 @@ def main(argv=None) -> int:
                                if kd != "reference")
             print(f"{label:34s}" + "".join(f" {rows[kd][k] / unit:16.1f}" for kd in KINDS)
                   + f"   {ratios}")
+        print(f"{'optimizer bytes / step (MB)':34s}"
+              + "".join(f" {rows[kd]['optimizer_bytes'] / 1e6:16.1f}" for kd in KINDS))
         print(f"{'host synchronisations / step':34s}"
               + "".join(f" {rows[kd]['syncs']:16d}" for kd in KINDS))
         print(f"parameters + gradients + AdamW state: {o['fixed'] / 1e6:.1f} MB")

@@ -96,6 +96,11 @@ def forced_route(name: Optional[str]):
         _state.route = previous
 
 
+def _triton_route_for(device: torch.device, dtype: torch.dtype) -> bool:
+    """The Triton route serves tensors of ``dtype`` on ``device`` (forced or chosen)."""
+    return route(torch.empty(0, dtype=dtype, device=device)) == "triton"
+
+
 def _kernels(t: Tensor) -> bool:
     return route(t) == "cpu"
 
@@ -709,8 +714,8 @@ def _unit_input_grad_triton(grad, y, mean, invstd, bn_weight, bn_bias, steps, po
     y = y.contiguous()
     grad = grad.to(y.dtype).contiguous()
     g_gamma = g_beta = coefficients = None
-    _, scale, shift = (_bn_affine(bn_weight, bn_bias, mean, invstd, _arith(y.dtype)) if use_bn
-                       else (None, None, None))
+    scale, shift = (triton_units.bn_affine(bn_weight, bn_bias, mean, invstd, y.dtype) if use_bn
+                    else (None, None))
     gy = torch.empty(y.shape, dtype=y.dtype, device=y.device)
     lif = (tau, v_threshold, alpha, detach_reset, bcast)
     if pool:
@@ -852,9 +857,14 @@ def spiking_unit(x: Tensor, weight: Tensor, bias: Optional[Tensor], bn: Optional
         tracking = first.running_mean is not None
         batch = training or not tracking
         eps = first.eps
+        # on the Triton route the update kernel counts the batch (with a fixed momentum)
+        on_device = first.momentum is not None and _triton_route_for(
+            x.device, torch.get_autocast_dtype(x.device.type)
+            if torch.is_autocast_enabled(x.device.type) else x.dtype)
         if training and tracking and update_stats:
-            for m in bns:
-                m.num_batches_tracked.add_(1)
+            if not on_device:
+                for m in bns:
+                    m.num_batches_tracked.add_(1)
             momentum = (1.0 / float(first.num_batches_tracked) if first.momentum is None
                         else first.momentum)
         update = training and tracking and update_stats
@@ -886,6 +896,12 @@ def spiking_unit(x: Tensor, weight: Tensor, bias: Optional[Tensor], bn: Optional
             offset = 0
             for m in bns:
                 k = m.num_features
+                if on_device:
+                    triton_units.running_update(m.running_mean, m.running_var,
+                                                m.num_batches_tracked, mean[offset:offset + k],
+                                                var[offset:offset + k], momentum, n)
+                    offset += k
+                    continue
                 m.running_mean.mul_(1 - momentum).add_(mean[offset:offset + k].to(m.running_mean.dtype),
                                                        alpha=momentum)
                 m.running_var.mul_(1 - momentum).add_(

@@ -35,6 +35,7 @@ from torch import Tensor
 __all__ = ["interpreting", "is_available", "unavailable_reason", "serves", "handles", "verdict",
            "describe", "launch_counts", "colstats_coefficients", "bn_lif_forward",
            "bn_lif_backward", "bn_grad_coefficients", "pool_lif_backward", "bn_apply",
+           "bn_affine", "running_update",
            "pack", "unpack", "Packed", "DTYPES"]
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -234,6 +235,17 @@ _BLOCK = 1024
 _unused: Dict[tuple, Tensor] = {}
 
 
+_constants: Dict[tuple, Tensor] = {}
+
+
+def _constant(value: float, device: torch.device) -> Tensor:
+    """``value`` as a float64 scalar on ``device``, copied there once."""
+    key = (device, float(value))
+    if key not in _constants:
+        _constants[key] = torch.tensor(float(value), dtype=torch.float64, device=device)
+    return _constants[key]
+
+
 def _or_unused(t: Optional[Tensor], like: Tensor) -> Tensor:
     """``t``, or for a pointer argument the kernel does not read, one cached element of
     ``like``'s dtype and device (so that nothing large is passed in its place)."""
@@ -388,6 +400,32 @@ def bn_grad_coefficients(part: Tensor, mean: Tensor, invstd: Tensor, gamma: Opti
     return (a, b, mu, d), g_gamma, g_beta
 
 
+def bn_affine(gamma: Optional[Tensor], beta: Optional[Tensor], mean: Tensor, invstd: Tensor,
+              dtype: torch.dtype) -> Tuple[Tensor, Tensor]:
+    """(scale, shift) of BatchNorm as an affine map, in the arithmetic type of ``dtype``: one
+    launch."""
+    C = mean.numel()
+    A = _arith(dtype)
+    scale, shift = (torch.empty(C, dtype=A, device=mean.device) for _ in range(2))
+    block_c = _pow2(C, 256)
+    _launch("bn_affine_kernel", (math.ceil(C / block_c),), _or_unused(gamma, mean),
+            _or_unused(beta, mean), mean, invstd, scale, shift, C, HAS_GAMMA=gamma is not None,
+            HAS_BETA=beta is not None, BLOCK_C=block_c, A=_tl_arith(dtype))
+    return scale, shift
+
+
+def running_update(running_mean: Tensor, running_var: Tensor, count: Optional[Tensor],
+                   mean: Tensor, var: Tensor, momentum: float, n: int) -> None:
+    """In place, as ``nn.BatchNorm`` updates its buffers: ``running = (1 - momentum) running +
+    momentum batch`` with the variance unbiased (n / (n - 1)), and ``count`` + 1 when given.
+    One launch."""
+    C = running_mean.numel()
+    block_c = _pow2(C, 256)
+    _launch("running_update_kernel", (math.ceil(C / block_c),), running_mean, running_var,
+            _or_unused(count, running_mean), mean, var, _constant(momentum, mean.device), int(n),
+            C, COUNT=count is not None, BLOCK_C=block_c)
+
+
 def bn_apply(gz: Tensor, y: Tensor, out: Tensor, coefficients: tuple) -> None:
     """``out`` = a g_Z [+ b (y - mu) + d], per channel, over ``gz`` / ``y`` [R, C]."""
     a, b, mu, d = coefficients
@@ -448,12 +486,25 @@ def _poll() -> None:
     _pending[:] = [p for p in _pending if not p.resolved()]
 
 
+_flags: Dict[torch.device, list] = {}  # device -> [buffer of zeroed flags, next free index]
+_FLAGS = 1024
+
+
+def _flag(device: torch.device) -> Tensor:
+    """A zeroed int32 flag, one of a block zeroed in one launch (each used once)."""
+    ring = _flags.get(device)
+    if ring is None or ring[1] == _FLAGS:
+        ring = _flags[device] = [torch.zeros(_FLAGS, dtype=torch.int32, device=device), 0]
+    ring[1] += 1
+    return ring[0][ring[1] - 1:ring[1]]
+
+
 def pack(x: Tensor, fmt: str) -> Packed:
     """Pack contiguous ``x`` to ``fmt`` 'bits' (values 0/1) or 'u8' (integers 0-255)."""
     _poll()
     flat = x.reshape(-1)
     n = flat.numel()
-    flag = torch.zeros(1, dtype=torch.int32, device=x.device)
+    flag = _flag(x.device)
     if fmt == "bits":
         out = torch.empty((n + 7) // 8, dtype=torch.uint8, device=x.device)
         block = 256

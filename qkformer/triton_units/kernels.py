@@ -138,6 +138,50 @@ def bn_coefficients_kernel(part_ptr, n_parts, count, ref_ptr, rmean_ptr, rvar_pt
     tl.store(shift_ptr + cols, shift.to(A), mask=cm)
 
 
+@triton.jit
+def bn_affine_kernel(gamma_ptr, beta_ptr, mean_ptr, invstd_ptr, scale_ptr, shift_ptr, C,
+                     HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr, BLOCK_C: tl.constexpr,
+                     A: tl.constexpr):
+    """scale = gamma / std, shift = beta - mean scale (float64, stored in A), from the mean and
+    1/std the forward pass kept."""
+    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cm = cols < C
+    invstd = tl.load(invstd_ptr + cols, mask=cm, other=0.0)
+    mean = tl.load(mean_ptr + cols, mask=cm, other=0.0)
+    if HAS_GAMMA:
+        scale = tl.load(gamma_ptr + cols, mask=cm, other=0.0).to(tl.float64) * invstd
+    else:
+        scale = invstd
+    if HAS_BETA:
+        shift = tl.load(beta_ptr + cols, mask=cm, other=0.0).to(tl.float64) - mean * scale
+    else:
+        shift = 0.0 - mean * scale
+    tl.store(scale_ptr + cols, scale.to(A), mask=cm)
+    tl.store(shift_ptr + cols, shift.to(A), mask=cm)
+
+
+@triton.jit
+def running_update_kernel(rmean_ptr, rvar_ptr, count_ptr, mean_ptr, var_ptr, momentum_ptr, n, C,
+                          COUNT: tl.constexpr, BLOCK_C: tl.constexpr):
+    """nn.BatchNorm's update: running = (1 - m) running + m batch, the variance unbiased, in
+    the running statistics' type; and the batch counter + 1 (COUNT)."""
+    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cm = cols < C
+    T = rmean_ptr.dtype.element_ty
+    momentum = tl.load(momentum_ptr)  # float64 (a scalar argument would be float32)
+    keep = 1.0 - momentum
+    unbias = tl.cast(n, tl.float64) / tl.cast(tl.maximum(n - 1, 1), tl.float64)  # as Python
+    rm = tl.load(rmean_ptr + cols, mask=cm, other=0.0)
+    bm = tl.load(mean_ptr + cols, mask=cm, other=0.0).to(T)
+    tl.store(rmean_ptr + cols, rm * keep.to(T) + bm * momentum.to(T), mask=cm)
+    rv = tl.load(rvar_ptr + cols, mask=cm, other=0.0)
+    bv = (tl.load(var_ptr + cols, mask=cm, other=0.0) * unbias).to(T)
+    tl.store(rvar_ptr + cols, rv * keep.to(T) + bv * momentum.to(T), mask=cm)
+    if COUNT:
+        if tl.program_id(0) == 0:
+            tl.store(count_ptr, tl.load(count_ptr) + 1)
+
+
 # --------------------------------------------------------------------------------------------
 # BN affine + LIF (no pool)
 @triton.jit
