@@ -942,6 +942,8 @@ def _mask(a: Tensor, k: Tensor, num_heads: int, channel: bool,
 @torch.library.custom_op("qkformer::qk_attention", mutates_args=())
 def _qk_attention(qk: Tensor, num_heads: int, channel: bool, tau: float, v_threshold: float,
                   alpha: float, detach_reset: bool) -> Tuple[Tensor, Tensor]:
+    if not channel and _triton(qk) and qk.is_contiguous():
+        return triton_units.qk_token_forward(qk, num_heads, tau, v_threshold)
     q, k = qk.chunk(2, dim=-1)
     qs = _q_sums(q, num_heads, channel)
     a = _lif_only(qs, qs.shape[0], tau, v_threshold).to(k.dtype)
@@ -970,6 +972,9 @@ def _qk_setup(ctx, inputs, output):
 def _qk_attention_backward(g_out: Tensor, k: Tensor, qs: Tensor, num_heads: int, channel: bool,
                            tau: float, v_threshold: float, alpha: float,
                            detach_reset: bool) -> Tensor:
+    if not channel and _triton(k):
+        return triton_units.qk_token_backward(g_out.contiguous(), k.contiguous(), qs, tau,
+                                              v_threshold, alpha, detach_reset)
     dtype = k.dtype
     T = qs.shape[0]
     a = _lif_only(qs, T, tau, v_threshold)

@@ -137,6 +137,32 @@ def test_unit_passes_match_the_torch_route(geometry, dtype):
 
 
 @on_route
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("heads,C", [(2, 16), (3, 30), (1, 70)])
+def test_token_attention_matches_the_torch_route(dtype, heads, C):
+    """QKTA in one kernel each way: the forward, the Q sums and g_K bit-equal (sums of spikes
+    and products with 0/1 are exact), g_Q within the rounding of sum(g K)."""
+    g = torch.Generator().manual_seed(C)
+    T, B, N = 4, 2, 9
+    # sparse Q: small sums, where the surrogate's slope is not 0
+    density = torch.tensor([0.04] * C + [0.3] * C)
+    qk = (torch.rand(T, B, N, 2 * C, generator=g) < density).to(dtype).to(DEVICE)
+    lif = dict(tau=2.0, v_threshold=0.5, alpha=4.0, detach_reset=True)
+    (out_tr, qs_tr), (out_to, qs_to) = _routes(lambda: fused._qk_attention(qk, heads, False,
+                                                                            **lif))
+    assert torch.equal(out_tr, out_to) and torch.equal(qs_tr, qs_to)
+    assert 0 < out_to.float().mean() < 0.4  # (k fires at 0.3)
+    g_out = torch.randn(T, B, N, C, generator=g).to(dtype).to(DEVICE)
+    k = qk[..., C:].contiguous()
+    gr_tr, gr_to = _routes(lambda: fused._qk_attention_backward(g_out, k, qs_to, heads, False,
+                                                                **lif))
+    assert torch.equal(gr_tr[..., C:], gr_to[..., C:])
+    rtol = 1e-12 if dtype == torch.float64 else (1e-5 if dtype == torch.float32 else 1e-2)
+    torch.testing.assert_close(gr_tr[..., :C], gr_to[..., :C], rtol=rtol, atol=rtol)
+    assert gr_to[..., :C].abs().max() > 0
+
+
+@on_route
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("n", [1, 7, 8, 9, 2051])
 def test_packing_round_trips(dtype, n):
@@ -240,7 +266,9 @@ def test_triton_route_through_the_interpreter(tmp_path):
     expected = {"colstats_kernel", "bn_coefficients_kernel", "bn_lif_fwd_kernel",
                 "bn_pool_lif_fwd_kernel", "bn_lif_bwd_kernel", "bn_grad_coefficients_kernel",
                 "pool_lif_bwd_kernel", "pool_scatter_kernel", "bn_apply_kernel",
-                "to_bits_kernel", "from_bits_kernel", "to_u8_kernel", "from_u8_kernel"}
+                "to_bits_kernel", "from_bits_kernel", "to_u8_kernel", "from_u8_kernel",
+                "bn_affine_kernel", "running_update_kernel", "qk_token_fwd_kernel",
+                "qk_token_bwd_kernel"}
     assert kernels == expected, expected ^ kernels
     sizes = _compile_for_sm90(variants)
     assert set(sizes) == expected and all(n > 0 for n in sizes.values())

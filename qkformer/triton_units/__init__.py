@@ -35,7 +35,7 @@ from torch import Tensor
 __all__ = ["interpreting", "is_available", "unavailable_reason", "serves", "handles", "verdict",
            "describe", "launch_counts", "colstats_coefficients", "bn_lif_forward",
            "bn_lif_backward", "bn_grad_coefficients", "pool_lif_backward", "bn_apply",
-           "bn_affine", "running_update",
+           "bn_affine", "running_update", "qk_token_forward", "qk_token_backward",
            "pack", "unpack", "Packed", "DTYPES"]
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -434,6 +434,42 @@ def bn_apply(gz: Tensor, y: Tensor, out: Tensor, coefficients: tuple) -> None:
     _launch("bn_apply_kernel", (math.ceil(RC / _BLOCK),), gz, y, out, a,
             *(_or_unused(t, a) for t in (b, mu, d)), RC, C, FULL_BN=b is not None,
             BLOCK=_BLOCK, A=_tl_arith(y.dtype))
+
+
+def qk_token_forward(qk: Tensor, num_heads: int, tau: float, v_threshold: float
+                     ) -> Tuple[Tensor, Tensor]:
+    """QKTA on stacked spikes ``qk`` [T, B, N, 2C]: (out [T, B, N, C], the per-head Q sums
+    [T, B, N, h] in the arithmetic type). One launch."""
+    T, B, N, C2 = qk.shape
+    C, R = C2 // 2, B * N
+    D = C // num_heads
+    consts, exact = _lif_consts(tau)
+    out = qk.new_empty((T, B, N, C))
+    qs = torch.empty((T, B, N, num_heads), dtype=_arith(qk.dtype), device=qk.device)
+    block_d = _pow2(D, 1 << 16)
+    block_r = max(1, 4096 // block_d)
+    _launch("qk_token_fwd_kernel", (math.ceil(R / block_r), num_heads), qk, out, qs, R, C,
+            num_heads, D, **consts, v_th=float(v_threshold), STEPS=T, EXACT=exact,
+            BLOCK_R=block_r, BLOCK_D=block_d, A=_tl_arith(qk.dtype))
+    return out, qs
+
+
+def qk_token_backward(g_out: Tensor, k: Tensor, qs: Tensor, tau: float, v_threshold: float,
+                      alpha: float, detach_reset: bool) -> Tensor:
+    """Backward of :func:`qk_token_forward`: [g_q | g_k] [T, B, N, 2C] in ``k``'s dtype. One
+    launch."""
+    T, B, N, C = k.shape
+    H = qs.shape[-1]
+    R, D = B * N, C // H
+    consts, exact = _lif_consts(tau)
+    out = k.new_empty((T, B, N, 2 * C))
+    block_d = _pow2(D, 1 << 16)
+    block_r = max(1, 2048 // block_d)
+    _launch("qk_token_bwd_kernel", (math.ceil(R / block_r), H), g_out, k, qs, out, R, C, H, D,
+            **consts, v_th=float(v_threshold), alpha=float(alpha), decay=1.0 - 1.0 / tau,
+            STEPS=T, EXACT=exact, DETACH=bool(detach_reset), BLOCK_R=block_r, BLOCK_D=block_d,
+            A=_tl_arith(k.dtype))
+    return out
 
 
 # --------------------------------------------------------------------------------------------

@@ -499,3 +499,61 @@ def from_u8_kernel(in_ptr, out_ptr, n, BLOCK: tl.constexpr):
     m = offs < n
     v = tl.load(in_ptr + offs, mask=m, other=0).to(tl.float32)  # (see from_bits_kernel)
     tl.store(out_ptr + offs, v.to(out_ptr.dtype.element_ty), mask=m)
+
+
+# --------------------------------------------------------------------------------------------
+# Q-K token attention (QKTA): per head, Q summed over its channels -> LIF -> mask of K
+@triton.jit
+def qk_token_fwd_kernel(qk_ptr, out_ptr, qs_ptr, R, C, H, D, tau, inv_tau, v_th,
+                        STEPS: tl.constexpr, EXACT: tl.constexpr, BLOCK_R: tl.constexpr,
+                        BLOCK_D: tl.constexpr, A: tl.constexpr):
+    """qk [steps, R, 2C] (q | k spikes), rows R = B N, head j = program_id(1) of H heads of D
+    channels: out [steps, R, C] = LIF(sum_d q) * k per head, and the sums qs [steps, R, H] (in A)."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    j = tl.program_id(1)
+    d = tl.arange(0, BLOCK_D)
+    m = (rows < R)[:, None] & (d < D)[None, :]
+    cols = j * D + d
+    v = tl.zeros([BLOCK_R], A)
+    for t in range(0, STEPS):
+        base = (t * R + rows)[:, None]
+        q = tl.load(qk_ptr + base * 2 * C + cols[None, :], mask=m, other=0.0).to(A)
+        qs = tl.sum(q, axis=1)  # sums of spikes: exact in any order
+        tl.store(qs_ptr + (t * R + rows) * H + j, qs, mask=rows < R)
+        h, fired, v = _charge(qs, v, tau, inv_tau, v_th, EXACT)
+        k = tl.load(qk_ptr + base * 2 * C + C + cols[None, :], mask=m, other=0.0).to(A)
+        tl.store(out_ptr + base * C + cols[None, :],
+                 (fired[:, None] * k).to(out_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def qk_token_bwd_kernel(g_ptr, k_ptr, qs_ptr, out_ptr, R, C, H, D, tau, inv_tau, v_th, alpha,
+                        decay, STEPS: tl.constexpr, EXACT: tl.constexpr, DETACH: tl.constexpr,
+                        BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, A: tl.constexpr):
+    """Backward of qk_token_fwd_kernel: g [steps, R, C], k [steps, R, C], qs [steps, R, H] ->
+    out [steps, R, 2C] = [g_q | g_k]: g_k = LIF(qs) g, and g_q the LIF gradient of qs (from
+    sum_d g k) on each channel of the head."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    j = tl.program_id(1)
+    d = tl.arange(0, BLOCK_D)
+    rm = rows < R
+    m = rm[:, None] & (d < D)[None, :]
+    cols = j * D + d
+    v = tl.zeros([BLOCK_R], A)
+    hs = ()
+    for t in tl.static_range(STEPS):
+        qs = tl.load(qs_ptr + (t * R + rows) * H + j, mask=rm, other=0.0)
+        h, fired, v = _charge(qs, v, tau, inv_tau, v_th, EXACT)
+        hs = hs + (h,)
+    carry = tl.zeros([BLOCK_R], A)
+    for t in tl.static_range(STEPS - 1, -1, -1):
+        base = (t * R + rows)[:, None]
+        g = tl.load(g_ptr + base * C + cols[None, :], mask=m, other=0.0).to(A)
+        k = tl.load(k_ptr + base * C + cols[None, :], mask=m, other=0.0).to(A)
+        g_qs, carry = _grad(tl.sum(g * k, axis=1), hs[t], carry, tau, inv_tau, v_th, alpha, decay,
+                            EXACT, DETACH)
+        a = tl.where(hs[t] >= v_th, 1.0, 0.0)[:, None]
+        g_q = tl.zeros([BLOCK_R, BLOCK_D], A) + g_qs[:, None]
+        tl.store(out_ptr + base * 2 * C + cols[None, :], g_q.to(out_ptr.dtype.element_ty), mask=m)
+        tl.store(out_ptr + base * 2 * C + C + cols[None, :], (a * g).to(out_ptr.dtype.element_ty),
+                 mask=m)
