@@ -176,12 +176,14 @@ def _count_lif_as_kernels(counter: StepCounter):
     return lambda: (setattr(neuron, "_forward", fwd), setattr(neuron, "_backward", bwd))
 
 
-def _count_triton_launches(counter: StepCounter):
+def _count_triton_launches(counter: StepCounter, checks_known: bool = True):
     """The fast path's Triton route without running its kernels: each launch counted as one
     kernel reading and writing every distinct tensor it is given, once (the launchers pass a
     one-element stand-in for pointers a kernel does not read). The outputs stay unwritten,
-    which changes no count; the packing checks count as passed and known at once (the best
-    case for memory: on a GPU the original is released once the device has run the check)."""
+    which changes no count. ``checks_known``: the packing checks count as passed and known at
+    once (the best case for memory: on a GPU the original is released once the device has run
+    the check and the host has seen it); else as never known before the backward pass (the
+    worst case: every original stays until then, and is what the backward pass reads)."""
     from qkformer import triton_units
 
     launch, packed_init = triton_units._launch, triton_units.Packed.__init__
@@ -191,8 +193,9 @@ def _count_triton_launches(counter: StepCounter):
         counter.kernel(f"{name} (triton)", sum(n for _, n in seen))
 
     def resolved_at_once(self, data, flag, original):
-        self.data, self.flag, self.original = data, flag, None
-        self._ok, self._host, self._event = True, None, None
+        self.data, self.flag, self.original = data, flag, None if checks_known else original
+        self._ok = True if checks_known else None
+        self._host = self._event = None
 
     triton_units._launch, triton_units.Packed.__init__ = counted, resolved_at_once
 
@@ -204,7 +207,8 @@ def _count_triton_launches(counter: StepCounter):
 KINDS = {"reference": "original", "fast": "fast, torch ops", "triton": "fast, Triton"}
 
 
-def count_step(model_key: str, kind: str, size: int, dtype: torch.dtype) -> dict:
+def count_step(model_key: str, kind: str, size: int, dtype: torch.dtype,
+               checks_known: bool = True) -> dict:
     """``kind``: 'reference' (the original's computation), 'fast' (the fast path as torch
     ops) or 'triton' (the fast path's Triton route, the CUDA default)."""
     from qkformer import fused
@@ -234,7 +238,8 @@ def count_step(model_key: str, kind: str, size: int, dtype: torch.dtype) -> dict
             if restore_triton:
                 restore_triton()
         restore = _count_lif_as_kernels(counter)
-        restore_triton = _count_triton_launches(counter) if kind == "triton" else None
+        restore_triton = (_count_triton_launches(counter, checks_known) if kind == "triton"
+                          else None)
         flops = FlopCounterMode(display=False)
         try:
             with flops, counter:
@@ -305,6 +310,10 @@ def main(argv=None) -> int:
             print(f"most launched, {KINDS[kind]}: "
                   + ", ".join(f"{n} {c}" for n, c in r["top_launches"]))
         t = rows["triton"]
+        late = count_step(key, "triton", args.count_batch, dtype, checks_known=False)
+        print(f"peak live memory / image (MB), Triton route, packing checks seen only at the "
+              f"backward pass (the host far ahead of the device): {late['peak'] / 1e6:.1f} "
+              f"({late['peak'] / o['peak']:.2f}x)")
         print(f"largest non-GEMM byte movers, {KINDS['triton']}: "
               + ", ".join(f"{n} {b / args.count_batch / 1e6:.0f} MB" for n, b in t["top"]))
         checks = (("non-GEMM bytes", t["bytes"] / o["bytes"], 0.5),
