@@ -311,8 +311,8 @@ def main(argv=None) -> int:
                   + ", ".join(f"{n} {c}" for n, c in r["top_launches"]))
         t = rows["triton"]
         late = count_step(key, "triton", args.count_batch, dtype, checks_known=False)
-        print(f"peak live memory / image (MB), Triton route, packing checks seen only at the "
-              f"backward pass (the host far ahead of the device): {late['peak'] / 1e6:.1f} "
+        print(f"  the Triton route's peak with the packing checks seen only at the backward pass "
+              f"(the host far ahead of the device): {late['peak'] / 1e6:.1f} MB / image "
               f"({late['peak'] / o['peak']:.2f}x)")
         print(f"largest non-GEMM byte movers, {KINDS['triton']}: "
               + ", ".join(f"{n} {b / args.count_batch / 1e6:.0f} MB" for n, b in t["top"]))
