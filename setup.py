@@ -30,9 +30,10 @@ setup(
         # One CuPy wheel per CUDA major: it must match torch.version.cuda, or CuPy's NVRTC and
         # runtime libraries are missing next to torch's and the kernel falls back to torch.
         # Plain [cuda] is the major of the torch pinned in constraints.txt (a CUDA 13 build).
-        "cuda": ["cupy-cuda13x"],
-        "cuda12": ["cupy-cuda12x"],
-        "cuda13": ["cupy-cuda13x"],
+        # Triton: the fast path's units on CUDA (torch's Linux wheels bring it already)
+        "cuda": ["cupy-cuda13x", "triton>=3.0"],
+        "cuda12": ["cupy-cuda12x", "triton>=3.0"],
+        "cuda13": ["cupy-cuda13x", "triton>=3.0"],
         "test": ["pytest>=7"],
     },
 )

@@ -105,3 +105,24 @@ def test_scripts_print_precision_and_backend_once(monkeypatch, tmp_path, capsys)
     assert printed.count("LIF backend: torch (CPU tensors)") == 1
     assert [line for line in printed if line.startswith("precision: ")] == [
         "precision: bf16 autocast (auto: this CPU computes bf16 natively, AVX512_BF16 (stand-in))"]
+
+
+def test_reference_path_neuron_runs_in_the_amp_dtype():
+    """The original's computation under autocast hands its LIF neurons 16-bit inputs (so the
+    CUDA kernel runs in fp16 there, as spikingjelly's did), not fp32 copies."""
+    import collections
+
+    import timm
+
+    from qkformer.neuron import MultiStepLIF
+
+    model = timm.create_model("qkformer_cifar10", embed_dims=32, depths=(1, 1, 1), num_heads=2,
+                              T=2)
+    model.set_fast_path(False)
+    seen = collections.Counter()
+    for m in model.modules():
+        if isinstance(m, MultiStepLIF):
+            m.register_forward_pre_hook(lambda m, inp: seen.update([inp[0].dtype]))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(torch.randn(2, 3, 16, 16))
+    assert seen and set(seen) == {torch.bfloat16}, seen
