@@ -256,7 +256,9 @@ def _kept(stored: Tensor, how: Optional[tuple]) -> Tuple[Tensor, Optional[tuple]
 
 
 def unpack(data: Tensor, how: Optional[tuple]) -> Tensor:
-    """Inverse of :func:`pack`: ``unpack(*pack(x, kind))`` equals ``x``.
+    """Inverse of :func:`pack`: ``unpack(*pack(x, kind))`` equals ``x``. (On the Triton route,
+    while the device-side check of the packing is unknown to the host, or when it failed, that
+    is the original ``x`` itself.)
 
     Args:
         data: the stored tensor returned by :func:`pack`.
@@ -266,6 +268,7 @@ def unpack(data: Tensor, how: Optional[tuple]) -> Tensor:
         - Input: uint8 ``[ceil(numel / 8)]`` or ``[numel]``
         - Output: the packed tensor's shape and dtype (contiguous)
     """
+    data, how = _kept(data, how)
     if how is None:
         return data
     fmt, shape, dtype = how[:3]
@@ -1007,7 +1010,7 @@ def _qk_backward(ctx, g_out, _):
         return (None,) * 7
     stored, qs = ctx.saved_tensors
     num_heads, channel, tau, v_threshold, alpha, detach_reset = ctx.cfg
-    k = unpack(*_kept(stored, ctx.k_how))
+    k = unpack(stored, ctx.k_how)
     return (_qk_attention_backward(g_out.contiguous(), k, qs, num_heads, channel, tau,
                                    v_threshold, alpha, detach_reset),
             None, None, None, None, None, None)
@@ -1123,7 +1126,7 @@ def _(g_s, qkv, num_heads, scale, tau, v_threshold, alpha, detach_reset):
 
 def _ssa_backward(ctx, g_s):
     (stored,) = ctx.saved_tensors
-    qkv = unpack(*_kept(stored, ctx.qkv_how))
+    qkv = unpack(stored, ctx.qkv_how)
     return (_ssa_attention_backward(g_s.contiguous(), qkv, *ctx.cfg),
             None, None, None, None, None, None)
 
@@ -1192,7 +1195,7 @@ def _triton_self_check(device: torch.device, dtype: torch.dtype) -> Optional[str
                 stats = (triton_units.colstats_coefficients(y.reshape(-1, C).contiguous(), True,
                                                             None, None, None, None, 1e-5)[:2]
                          if r == "triton" else batch_stats(y))
-                bits = unpack(*_kept(*pack(s, SPIKES)))
+                bits = unpack(*pack(s, SPIKES))
             out[r] = (s, gz, sums, gy, stats, bits)
         (s1, gz1, sums1, gy1, st1, b1), (s2, gz2, sums2, gy2, st2, _) = out["triton"], out["torch"]
         where = f"{'pooled' if pool else 'plain'}{', repeated input' if bcast else ''}"
