@@ -710,34 +710,37 @@ def _unit_input_grad(grad, y, mean, invstd, bn_weight, bn_bias, steps, pool, bca
 
 def _unit_input_grad_triton(grad, y, mean, invstd, bn_weight, bn_bias, steps, pool, bcast,
                             use_bn, batch_stats_, tau, v_threshold, alpha, detach_reset, need):
-    """:func:`_unit_input_grad` in Triton kernels: the BatchNorm sums in one pass, their
-    coefficients, and the input gradient written in a second pass that recomputes g_Z (the
-    pooled unit keeps g_Z instead: its gather is not worth recomputing)."""
+    """:func:`_unit_input_grad` in Triton kernels: the BatchNorm sums in one pass, then the
+    input gradient (and gamma's and beta's) in a second pass that recomputes g_Z. The pooled
+    unit keeps g_Z instead (its gather is not worth recomputing)."""
     g, _ = _geometry(y, steps, pool, bcast)
     y = y.contiguous()
     grad = grad.to(y.dtype).contiguous()
-    g_gamma = g_beta = coefficients = None
-    scale, shift = (triton_units.bn_affine(bn_weight, bn_bias, mean, invstd, y.dtype) if use_bn
-                    else (None, None))
     gy = torch.empty(y.shape, dtype=y.dtype, device=y.device)
     lif = (tau, v_threshold, alpha, detach_reset, bcast)
-    if pool:
-        gz, part = triton_units.pool_lif_backward(grad, y, steps, g, scale, shift, *lif, use_bn)
-    else:
-        part = (triton_units.bn_lif_backward(grad, y, steps, g, scale, shift, *lif, True)
-                if use_bn else None)
-    if use_bn:
-        rep = steps if bcast else 1
-        coefficients, g_gamma, g_beta = triton_units.bn_grad_coefficients(
-            part, mean, invstd, bn_weight, y.numel() // y.shape[-1] * rep, rep, batch_stats_,
-            need[3] and bn_weight is not None, need[4] and bn_bias is not None, y.dtype)
-    if pool:
-        if coefficients is None:
-            return gz.view(y.shape).to(y.dtype), None, None
-        triton_units.bn_apply(gz, y, gy, coefficients)
-    else:
-        triton_units.bn_lif_backward(grad, y, steps, g, scale, shift, *lif, False, out=gy,
-                                     coefficients=coefficients)
+    rep = steps if bcast else 1
+    n = y.numel() // y.shape[-1] * rep
+    want_gamma = need[3] and bn_weight is not None
+    want_beta = need[4] and bn_bias is not None
+    if not pool:
+        if not use_bn:
+            triton_units.bn_lif_backward(grad, y, steps, g, None, None, *lif, False, out=gy)
+            return gy, None, None
+        bn = (bn_weight, bn_bias, mean, invstd)
+        part = triton_units.bn_lif_backward(grad, y, steps, g, None, None, *lif, True, bn=bn)
+        g_gamma = torch.empty_like(bn_weight) if want_gamma else None
+        g_beta = torch.empty_like(bn_bias) if want_beta else None
+        triton_units.bn_lif_backward(grad, y, steps, g, None, None, *lif, False, out=gy, bn=bn,
+                                     apply=(part, n, rep, batch_stats_, g_gamma, g_beta))
+        return gy, g_gamma, g_beta
+    scale, shift = (triton_units.bn_affine(bn_weight, bn_bias, mean, invstd, y.dtype) if use_bn
+                    else (None, None))
+    gz, part = triton_units.pool_lif_backward(grad, y, steps, g, scale, shift, *lif, use_bn)
+    if not use_bn:
+        return gz.view(y.shape).to(y.dtype), None, None
+    coefficients, g_gamma, g_beta = triton_units.bn_grad_coefficients(
+        part, mean, invstd, bn_weight, n, rep, batch_stats_, want_gamma, want_beta, y.dtype)
+    triton_units.bn_apply(gz, y, gy, coefficients)
     return gy, g_gamma, g_beta
 
 

@@ -315,15 +315,16 @@ def bn_lif_forward(y: Tensor, s: Tensor, steps: int, geometry: dict, scale: Opti
 
 def bn_lif_backward(grad: Tensor, y: Tensor, steps: int, geometry: dict, scale: Optional[Tensor],
                     shift: Optional[Tensor], tau: float, v_threshold: float, alpha: float,
-                    detach_reset: bool, bcast: bool, sums: bool,
-                    out: Optional[Tensor] = None, coefficients: Optional[tuple] = None
-                    ) -> Optional[Tensor]:
-    """One backward pass of the unpooled unit over ``y`` [steps or 1, M, C].
+                    detach_reset: bool, bcast: bool, sums: bool, out: Optional[Tensor] = None,
+                    bn: Optional[tuple] = None, apply: Optional[tuple] = None) -> Optional[Tensor]:
+    """One backward pass of the unpooled unit over ``y`` [steps or 1, M, C]. One launch.
 
-    ``sums``: returns the per-channel ``[2, C]``-per-program partial sums ``[P, 2, C]`` of g_Z
-    and g_Z y (nothing is written). Else writes ``out``: g_Z (``coefficients`` None) or the
-    input gradient a g_Z [+ b (y - mu) + d] with ``coefficients`` ``(a, b, mu, d)`` (b, mu, d
-    None without batch statistics)."""
+    The affine is ``scale``/``shift``, or with ``bn`` = (gamma, beta, mean, invstd) BatchNorm's
+    (gamma and beta may be None), computed in the kernel. ``sums``: returns the per-program
+    partial sums ``[P, 2, C]`` of g_Z and g_Z y (nothing is written). Else writes ``out``: g_Z,
+    or with ``apply`` = (partial sums of the first pass, n, rep, batch statistics?, g_gamma out,
+    g_beta out) the BatchNorm input gradient, and the gradients of gamma and beta into the given
+    tensors (None: not wanted)."""
     consts, exact = _lif_consts(tau)
     g = geometry
     M, C = g["M"], g["C"]
@@ -332,16 +333,25 @@ def bn_lif_backward(grad: Tensor, y: Tensor, steps: int, geometry: dict, scale: 
     n_parts, rows = _row_split(M, n_cb, block_r, y.device)
     part = (torch.empty((n_parts, 2, C), dtype=torch.float64, device=y.device) if sums
             else _or_unused(None, y))
-    a, b, mu, d = coefficients if coefficients is not None else (None,) * 4
-    full = b is not None
+    gamma, beta, mean, invstd = bn if bn is not None else (None,) * 4
+    first, n, rep, batch, g_gamma, g_beta = apply if apply is not None else (None, 1, 1, False,
+                                                                             None, None)
+    if apply is not None and bn is None:
+        raise ValueError("bn_lif_backward: the input gradient needs the BatchNorm (bn=...)")
+    f64 = _or_unused(None, torch.empty(0, dtype=torch.float64, device=y.device))
     _launch("bn_lif_bwd_kernel", (n_parts, n_cb), grad, y, _or_unused(out, y), part,
-            _or_unused(scale, y), _or_unused(shift, y),
-            *(_or_unused(t, y) for t in (a, b, mu, d)), M, C, 0 if bcast else M * C,
-            rows, **consts, v_th=float(v_threshold), alpha=float(alpha),
-            decay=1.0 - 1.0 / tau, STEPS=steps, BCAST=bcast, AFFINE=scale is not None, SUMS=sums,
-            WRITE=not sums, APPLY=a is not None, FULL_BN=full, NEED_Y=sums or full,
-            EXACT=exact, DETACH=bool(detach_reset), BLOCK_R=block_r, BLOCK_C=block_c,
-            A=_tl_arith(y.dtype))
+            _or_unused(scale, y), _or_unused(shift, y), _or_unused(gamma, y),
+            _or_unused(beta, y), _or_unused(mean, f64), _or_unused(invstd, f64),
+            _or_unused(first, f64), first.shape[0] if first is not None else 0, float(n),
+            float(rep), _or_unused(g_gamma, y), _or_unused(g_beta, y), M, C,
+            0 if bcast else M * C, rows, **consts, v_th=float(v_threshold), alpha=float(alpha),
+            decay=1.0 - 1.0 / tau, STEPS=steps, BCAST=bcast,
+            AFFINE=scale is not None or bn is not None, FROM_BN=bn is not None,
+            HAS_GAMMA=gamma is not None, HAS_BETA=beta is not None, SUMS=sums, WRITE=not sums,
+            APPLY=apply is not None, FULL_BN=apply is not None and batch,
+            WANT_GAMMA=g_gamma is not None, WANT_BETA=g_beta is not None,
+            NEED_Y=sums or (apply is not None and batch), EXACT=exact,
+            DETACH=bool(detach_reset), BLOCK_R=block_r, BLOCK_C=block_c, A=_tl_arith(y.dtype))
     return part if sums else None
 
 

@@ -72,6 +72,42 @@ def _bn_input_grad(g, y, a, b, mu, d, APPLY: tl.constexpr, FULL_BN: tl.constexpr
         return g
 
 
+@triton.jit
+def _bn_affine(gamma_ptr, beta_ptr, mean, invstd, cols, cm, HAS_GAMMA: tl.constexpr,
+               HAS_BETA: tl.constexpr):
+    """BatchNorm as Z = y scale + shift, in float64, from its mean and 1/std."""
+    if HAS_GAMMA:
+        scale = tl.load(gamma_ptr + cols, mask=cm, other=0.0).to(tl.float64) * invstd
+    else:
+        scale = invstd
+    if HAS_BETA:
+        shift = tl.load(beta_ptr + cols, mask=cm, other=0.0).to(tl.float64) - mean * scale
+    else:
+        shift = 0.0 - mean * scale
+    return scale, shift
+
+
+@triton.jit
+def _sum_parts(part_ptr, n_parts, C, cols, cm, BLOCK_C: tl.constexpr):
+    """The per-program partial sums part[p, 0:2, C] added in program order (float64)."""
+    s1 = tl.zeros([BLOCK_C], tl.float64)
+    s2 = tl.zeros([BLOCK_C], tl.float64)
+    for p in range(0, n_parts):
+        base = part_ptr + p * 2 * C
+        s1 += tl.load(base + cols, mask=cm, other=0.0)
+        s2 += tl.load(base + C + cols, mask=cm, other=0.0)
+    return s1, s2
+
+
+@triton.jit
+def _grad_coefficients(s1, s2, mean, invstd, scale, n, rep, A: tl.constexpr):
+    """From sum(g_Z) and sum(g_Z y): sum(g_Z x_hat) (gamma's gradient) and the coefficients of
+    the input gradient g_Y = a g_Z + b (y - mu) + d under batch statistics."""
+    gzxhat = invstd * (s2 - mean * s1)
+    return (gzxhat, scale.to(A), (-scale * invstd * gzxhat / n * rep).to(A), mean.to(A),
+            (-scale * s1 / n * rep).to(A))
+
+
 # --------------------------------------------------------------------------------------------
 # BatchNorm statistics
 @triton.jit
@@ -109,12 +145,7 @@ def bn_coefficients_kernel(part_ptr, n_parts, count, ref_ptr, rmean_ptr, rvar_pt
     cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     cm = cols < C
     if BATCH:
-        s1 = tl.zeros([BLOCK_C], tl.float64)
-        s2 = tl.zeros([BLOCK_C], tl.float64)
-        for p in range(0, n_parts):
-            base = part_ptr + p * 2 * C
-            s1 += tl.load(base + cols, mask=cm, other=0.0)
-            s2 += tl.load(base + C + cols, mask=cm, other=0.0)
+        s1, s2 = _sum_parts(part_ptr, n_parts, C, cols, cm, BLOCK_C)
         d = s1 / count
         d2 = s2 / count
         mean = tl.load(ref_ptr + cols, mask=cm, other=0.0).to(tl.float64) + d
@@ -123,14 +154,7 @@ def bn_coefficients_kernel(part_ptr, n_parts, count, ref_ptr, rmean_ptr, rvar_pt
         mean = tl.load(rmean_ptr + cols, mask=cm, other=0.0).to(tl.float64)
         var = tl.load(rvar_ptr + cols, mask=cm, other=0.0).to(tl.float64)
     invstd = 1.0 / tl.sqrt(var + eps)
-    if HAS_GAMMA:
-        scale = tl.load(gamma_ptr + cols, mask=cm, other=0.0).to(tl.float64) * invstd
-    else:
-        scale = invstd
-    if HAS_BETA:
-        shift = tl.load(beta_ptr + cols, mask=cm, other=0.0).to(tl.float64) - mean * scale
-    else:
-        shift = 0.0 - mean * scale
+    scale, shift = _bn_affine(gamma_ptr, beta_ptr, mean, invstd, cols, cm, HAS_GAMMA, HAS_BETA)
     tl.store(mean_ptr + cols, mean, mask=cm)
     tl.store(var_ptr + cols, var, mask=cm)
     tl.store(invstd_ptr + cols, invstd, mask=cm)
@@ -148,14 +172,7 @@ def bn_affine_kernel(gamma_ptr, beta_ptr, mean_ptr, invstd_ptr, scale_ptr, shift
     cm = cols < C
     invstd = tl.load(invstd_ptr + cols, mask=cm, other=0.0)
     mean = tl.load(mean_ptr + cols, mask=cm, other=0.0)
-    if HAS_GAMMA:
-        scale = tl.load(gamma_ptr + cols, mask=cm, other=0.0).to(tl.float64) * invstd
-    else:
-        scale = invstd
-    if HAS_BETA:
-        shift = tl.load(beta_ptr + cols, mask=cm, other=0.0).to(tl.float64) - mean * scale
-    else:
-        shift = 0.0 - mean * scale
+    scale, shift = _bn_affine(gamma_ptr, beta_ptr, mean, invstd, cols, cm, HAS_GAMMA, HAS_BETA)
     tl.store(scale_ptr + cols, scale.to(A), mask=cm)
     tl.store(shift_ptr + cols, shift.to(A), mask=cm)
 
@@ -201,28 +218,56 @@ def bn_lif_fwd_kernel(y_ptr, s_ptr, scale_ptr, shift_ptr, steps, MC, C, y_step, 
 
 
 @triton.jit
-def bn_lif_bwd_kernel(gs_ptr, y_ptr, out_ptr, part_ptr, scale_ptr, shift_ptr, a_ptr, b_ptr, mu_ptr,
-                      d_ptr, M, C, y_step, rows_per_prog, tau, inv_tau, v_th, alpha, decay,
+def bn_lif_bwd_kernel(gs_ptr, y_ptr, out_ptr, part_ptr, scale_ptr, shift_ptr, gamma_ptr, beta_ptr,
+                      mean_ptr, invstd_ptr, sums_ptr, n_sums, n, rep, g_gamma_ptr, g_beta_ptr,
+                      M, C, y_step, rows_per_prog, tau, inv_tau, v_th, alpha, decay,
                       STEPS: tl.constexpr, BCAST: tl.constexpr, AFFINE: tl.constexpr,
+                      FROM_BN: tl.constexpr, HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr,
                       SUMS: tl.constexpr, WRITE: tl.constexpr, APPLY: tl.constexpr,
-                      FULL_BN: tl.constexpr, NEED_Y: tl.constexpr, EXACT: tl.constexpr, DETACH: tl.constexpr,
+                      FULL_BN: tl.constexpr, WANT_GAMMA: tl.constexpr, WANT_BETA: tl.constexpr,
+                      NEED_Y: tl.constexpr, EXACT: tl.constexpr, DETACH: tl.constexpr,
                       BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, A: tl.constexpr):
     """Backward of bn_lif_fwd over rows [p rows_per_prog, ...) and a block of channels.
 
-    The charges are recomputed from y. Per element, g_Z (summed over the steps with BCAST) is
+    The charges are recomputed from y: Z = y scale + shift (AFFINE), with scale and shift given,
+    or (FROM_BN) computed here from BatchNorm's gamma, beta, mean and 1/std. Per element, g_Z
+    (summed over the steps with BCAST) is
     * with SUMS: added into part[p] = [sum g_Z, sum g_Z y] per channel (float64 per tile);
     * with WRITE: written to out, as g_Z (APPLY off: the arithmetic type), or as the BatchNorm
-      input gradient a g_Z (+ b (y - mu) + d with FULL_BN) in out's type.
+      input gradient a g_Z (+ b (y - mu) + d with FULL_BN) in out's type, its coefficients
+      from the first pass's partial sums (sums, n_sums programs), of which the first row of
+      programs also writes the gradients of gamma and beta.
     """
     p = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     cm = cols < C
-    sc = tl.load(scale_ptr + cols, mask=cm, other=0.0)[None, :] if AFFINE else None
-    sh = tl.load(shift_ptr + cols, mask=cm, other=0.0)[None, :] if AFFINE else None
-    ca = tl.load(a_ptr + cols, mask=cm, other=0.0)[None, :] if APPLY else None
-    cb = tl.load(b_ptr + cols, mask=cm, other=0.0)[None, :] if FULL_BN else None
-    cmu = tl.load(mu_ptr + cols, mask=cm, other=0.0)[None, :] if FULL_BN else None
-    cd = tl.load(d_ptr + cols, mask=cm, other=0.0)[None, :] if FULL_BN else None
+    if FROM_BN:
+        mean = tl.load(mean_ptr + cols, mask=cm, other=0.0)
+        invstd = tl.load(invstd_ptr + cols, mask=cm, other=0.0)
+        scale, shift = _bn_affine(gamma_ptr, beta_ptr, mean, invstd, cols, cm, HAS_GAMMA,
+                                  HAS_BETA)
+        sc = scale.to(A)[None, :]
+        sh = shift.to(A)[None, :]
+    else:
+        sc = tl.load(scale_ptr + cols, mask=cm, other=0.0)[None, :] if AFFINE else None
+        sh = tl.load(shift_ptr + cols, mask=cm, other=0.0)[None, :] if AFFINE else None
+    if APPLY:
+        t1_, t2_ = _sum_parts(sums_ptr, n_sums, C, cols, cm, BLOCK_C)
+        gzxhat, a, b, mu, d = _grad_coefficients(t1_, t2_, mean, invstd, scale, n, rep, A)
+        if p == 0:
+            if WANT_GAMMA:
+                tl.store(g_gamma_ptr + cols, gzxhat.to(g_gamma_ptr.dtype.element_ty), mask=cm)
+            if WANT_BETA:
+                tl.store(g_beta_ptr + cols, t1_.to(g_beta_ptr.dtype.element_ty), mask=cm)
+        ca = a[None, :]
+        cb = b[None, :] if FULL_BN else None
+        cmu = mu[None, :] if FULL_BN else None
+        cd = d[None, :] if FULL_BN else None
+    else:
+        ca = None
+        cb = None
+        cmu = None
+        cd = None
     s1 = tl.zeros([BLOCK_C], tl.float64)
     s2 = tl.zeros([BLOCK_C], tl.float64)
     MC = M * C
@@ -277,28 +322,20 @@ def bn_grad_coefficients_kernel(part_ptr, n_parts, mean_ptr, invstd_ptr, gamma_p
     the input gradient g_Y = a g_Z + b (y - mu) + d (b, mu, d only for batch statistics)."""
     cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     cm = cols < C
-    s1 = tl.zeros([BLOCK_C], tl.float64)
-    s2 = tl.zeros([BLOCK_C], tl.float64)
-    for p in range(0, n_parts):
-        base = part_ptr + p * 2 * C
-        s1 += tl.load(base + cols, mask=cm, other=0.0)
-        s2 += tl.load(base + C + cols, mask=cm, other=0.0)
+    s1, s2 = _sum_parts(part_ptr, n_parts, C, cols, cm, BLOCK_C)
     mean = tl.load(mean_ptr + cols, mask=cm, other=0.0)
     invstd = tl.load(invstd_ptr + cols, mask=cm, other=0.0)
-    if HAS_GAMMA:
-        scale = tl.load(gamma_ptr + cols, mask=cm, other=0.0).to(tl.float64) * invstd
-    else:
-        scale = invstd
-    gzxhat = invstd * (s2 - mean * s1)
+    scale, _ = _bn_affine(gamma_ptr, gamma_ptr, mean, invstd, cols, cm, HAS_GAMMA, False)
+    gzxhat, a, b, mu, d = _grad_coefficients(s1, s2, mean, invstd, scale, n, rep, A)
     if WANT_GAMMA:
         tl.store(g_gamma_ptr + cols, gzxhat.to(g_gamma_ptr.dtype.element_ty), mask=cm)
     if WANT_BETA:
         tl.store(g_beta_ptr + cols, s1.to(g_beta_ptr.dtype.element_ty), mask=cm)
-    tl.store(a_ptr + cols, scale.to(A), mask=cm)
+    tl.store(a_ptr + cols, a, mask=cm)
     if BATCH:
-        tl.store(b_ptr + cols, (-scale * invstd * gzxhat / n * rep).to(A), mask=cm)
-        tl.store(mu_ptr + cols, mean.to(A), mask=cm)
-        tl.store(d_ptr + cols, (-scale * s1 / n * rep).to(A), mask=cm)
+        tl.store(b_ptr + cols, b, mask=cm)
+        tl.store(mu_ptr + cols, mu, mask=cm)
+        tl.store(d_ptr + cols, d, mask=cm)
 
 
 # --------------------------------------------------------------------------------------------
