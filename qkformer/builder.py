@@ -33,7 +33,7 @@ def build_model(args, num_classes: int):
 
     overrides = {k: getattr(args, k) for k in ARCHITECTURE_ARGS if getattr(args, k, None) is not None}
     for k in ("embed_dims", "depths", "num_heads", "attn_types"):
-        if k in overrides:
+        if isinstance(overrides.get(k), list):  # the command line's; a checkpoint's are timm's
             overrides[k] = tuple(overrides[k]) if len(overrides[k]) > 1 else overrides[k][0]
     model = timm.create_model(args.model, T=args.T, num_classes=num_classes,
                               img_size=args.input_size, legacy_ssa=args.legacy_ssa,

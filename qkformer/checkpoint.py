@@ -25,9 +25,12 @@ builds on this module, never the other way round).
 CLI::
 
     python -m qkformer.checkpoint export IN.pth OUT.safetensors
-    python -m qkformer.checkpoint inspect FILE
-    python -m qkformer.checkpoint export-hub IN.pth OUT_DIR --model NAME [--model-kwargs JSON]
-    python -m qkformer.checkpoint convert IN OUT --model NAME [--model-kwargs JSON]
+    python -m qkformer.checkpoint inspect SOURCE
+    python -m qkformer.checkpoint export-hub SOURCE OUT_DIR [--model NAME] [--model-kwargs JSON]
+    python -m qkformer.checkpoint convert SOURCE OUT [--model NAME] [--model-kwargs JSON]
+
+A SOURCE is a checkpoint file or a Hub folder (``local-dir:FOLDER``, the folder's path, or
+``hf-hub:ORG/NAME``); the model is the one the source describes unless ``--model`` says otherwise.
 
 ``convert`` writes any readable layout as this package's ``.pth`` (``{'model', 'args'}``), as
 ``.safetensors`` or, for an OUT without a suffix, as an ``export-hub`` folder.
@@ -58,7 +61,7 @@ from torch import nn
 __all__ = ["SAFE_GLOBALS", "UnsafeCheckpointError", "CheckpointMismatchError", "read_checkpoint",
            "extract_state_dict", "checkpoint_filter_fn", "load_checkpoint", "match_variant",
            "save_safetensors", "atomic_save", "export_hub", "convert", "is_step_checkpoint",
-           "describe_fit", "saved_architecture"]
+           "describe_fit", "saved_architecture", "read_source", "is_hub_source", "HUB_PREFIXES"]
 
 _logger = logging.getLogger(__name__)
 
@@ -593,9 +596,10 @@ def export_hub(src: PathLike, out_dir: PathLike, model_name: str,
     known = timm.list_models("qkformer_*")
     if arch not in known:
         raise ValueError(f"export-hub writes QKFormer models; {model_name!r} is none of {known}")
-    src, out_dir = Path(src), Path(out_dir)
+    out_dir = Path(out_dir)
     kwargs = dict(model_kwargs or {})
-    overlay = {**(kwargs.pop("pretrained_cfg_overlay", None) or {}), "file": str(src)}
+    overlay = _weights_of(src, kwargs.pop("pretrained_cfg_overlay", None))
+    src = Path(_source_name(src))
     model = timm.create_model(model_name, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
     args = getattr(model, "arch_args", None)
     if args is not None and "legacy_ssa" in args:
@@ -632,18 +636,45 @@ def _model_of(src: PathLike, model_name: Optional[str],
               model_kwargs: Optional[Mapping[str, Any]]) -> Tuple[str, Dict[str, Any]]:
     """The model to write ``src`` for: the one it was trained as (:func:`saved_architecture`),
     changed by ``model_name`` / ``model_kwargs`` where given."""
-    name, saved = saved_architecture(read_checkpoint(src))
+    source = read_source(src)
+    name, saved = saved_architecture(source)
     kwargs = dict(model_kwargs or {})
     if model_name is None:
         if name is None:
-            fit = describe_fit(extract_state_dict(read_checkpoint(src)))
-            raise ValueError(f"{Path(src).name} does not say which model it holds: pass --model"
-                             + (f" (its weights fit {fit})" if fit else ""))
+            fit = describe_fit(extract_state_dict(source))
+            raise ValueError(f"{_source_name(src)} does not say which model it holds: pass "
+                             f"--model" + (f" (its weights fit {fit})" if fit else ""))
         model_name = name
     if name is not None and model_name.split(".")[0] == name:
-        saved.pop("num_classes", None)  # timm takes the class count from the weights' head
+        if not _is_folder(src):
+            saved.pop("num_classes", None)  # timm takes the class count from the file's head
         kwargs = {**saved, **kwargs}
     return model_name, kwargs
+
+
+def _is_folder(src: PathLike) -> bool:
+    return is_hub_source(os.fspath(src)) or Path(src).is_dir()
+
+
+def _source_name(src: PathLike) -> str:
+    """What the model card and notes call the source: a file's or folder's name, a Hub id."""
+    text = os.fspath(src)
+    return text if text.startswith("hf-hub:") else Path(text.split(":", 1)[-1]
+                                                          if is_hub_source(text) else text).name
+
+
+def _weights_of(src: PathLike, overlay: Optional[Mapping[str, Any]],
+                source: Any = None) -> Dict[str, Any]:
+    """The pretrained-cfg overlay that hands ``src``'s weights to timm: a file by name (read by
+    our reader inside the model's factory), a Hub folder's weights in memory with their class
+    count."""
+    overlay = dict(overlay or {})
+    if not _is_folder(src):
+        return {**overlay, "file": os.fspath(src)}
+    state_dict = extract_state_dict(read_source(src) if source is None else source, use_ema=None)
+    head = state_dict.get("head.bias")
+    return {**overlay, "state_dict": state_dict,
+            **({"num_classes": int(head.shape[0])} if head is not None else {})}
 
 
 _EXPORT_MARK = "python -m qkformer.checkpoint export-hub"
@@ -683,7 +714,7 @@ def convert(src: PathLike, dst: PathLike, model_name: str,
     """
     import timm
 
-    src, dst = Path(src), Path(dst)
+    dst = Path(dst)
     if not dst.suffix or dst.is_dir():
         return export_hub(src, dst, model_name, model_kwargs)
     model_name, model_kwargs = _model_of(src, model_name, model_kwargs)
@@ -691,9 +722,9 @@ def convert(src: PathLike, dst: PathLike, model_name: str,
     known = timm.list_models("qkformer_*")
     if arch not in known:
         raise ValueError(f"convert writes QKFormer models; {model_name!r} is none of {known}")
-    source = read_checkpoint(src)
+    source = read_source(src)
     kwargs = dict(model_kwargs or {})
-    overlay = {**(kwargs.pop("pretrained_cfg_overlay", None) or {}), "file": str(src)}
+    overlay = _weights_of(src, kwargs.pop("pretrained_cfg_overlay", None), source)
     model = timm.create_model(model_name, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
     state_dict = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     arch_args = dict(getattr(model, "arch_args", {}))
@@ -714,6 +745,10 @@ def convert(src: PathLike, dst: PathLike, model_name: str,
     return dst
 
 
+_SOURCE_HELP = ("a checkpoint (.pth/.pth.tar/.safetensors), or a Hub folder: local-dir:FOLDER (or "
+                "the folder's path), hf-hub:ORG/NAME")
+
+
 def _add_model_args(parser: argparse.ArgumentParser, name: str, kwargs: str) -> None:
     parser.add_argument("--model", default=None, help=f"timm name, e.g. {name} (default: the "
                         f"model the checkpoint was trained as)")
@@ -728,16 +763,16 @@ def main(argv=None) -> None:
     exp.add_argument("src")
     exp.add_argument("dst")
     ins = sub.add_parser("inspect", help="print the layout and the variant a checkpoint fits")
-    ins.add_argument("src")
+    ins.add_argument("src", help=_SOURCE_HELP)
     hub = sub.add_parser("export-hub", help="write a Hugging Face Hub folder (safetensors, timm "
                                             "config.json, README.md) for local-dir:/hf-hub:")
-    hub.add_argument("src")
+    hub.add_argument("src", help=_SOURCE_HELP)
     hub.add_argument("out_dir")
     _add_model_args(hub, "qkformer_10_768.in1k_384", '{"T": 2, "embed_dims": 64}')
     cnv = sub.add_parser("convert", help="write any readable layout (the authors', STEP's, ours) "
                                           "as our .pth, .safetensors, or a Hub folder (OUT "
                                           "without a suffix)")
-    cnv.add_argument("src")
+    cnv.add_argument("src", help=_SOURCE_HELP)
     cnv.add_argument("dst")
     _add_model_args(cnv, "qkformer_cifar10", '{"depths": [1, 1, 7]}')
     args = parser.parse_args(argv)
@@ -753,7 +788,7 @@ def main(argv=None) -> None:
               f"load it with timm.create_model('local-dir:{out}', pretrained=True) after "
               f"`import qkformer`, or upload the folder and use 'hf-hub:ORG/NAME'")
     else:
-        ckpt = read_checkpoint(args.src)
+        ckpt = read_source(args.src)
         top = sorted(ckpt.keys()) if not all(isinstance(v, torch.Tensor) for v in ckpt.values()) else "bare state_dict"
         if is_step_checkpoint(ckpt):
             step = ckpt.get("step_args")
@@ -761,6 +796,8 @@ def main(argv=None) -> None:
             print(f"layout: STEP benchmark checkpoint (timm 0.5 CheckpointSaver {top}); STEP "
                   f"model {step.get('model', '?')!r}, T={step.get('step', '?')}, epoch "
                   f"{ckpt.get('epoch', '?')}; loads with legacy_ssa=False")
+        elif isinstance(ckpt, Mapping) and "source" in ckpt:
+            print(f"layout: Hub folder {ckpt['source']} (timm config.json and weights)")
         else:
             print(f"layout: {top}")
         sd = extract_state_dict(ckpt)  # a STEP file whose neurons differ is refused here
@@ -779,8 +816,113 @@ def main(argv=None) -> None:
             print("stored: " + ", ".join(f"{k} {v}" for k, v in stored.items()))
 
 
+# -- Hub folders as sources ----------------------------------------------------------------------
+HUB_PREFIXES = ("local-dir:", "hf-hub:")
+_HUB_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
+
+
+def is_hub_source(source: Any) -> bool:
+    """Whether ``source`` names a Hub folder (``local-dir:DIR``, ``hf-hub:ORG/NAME[@REV]``) rather
+    than a checkpoint file."""
+    return isinstance(source, str) and source.startswith(HUB_PREFIXES)
+
+
+def read_source(source: PathLike) -> Any:
+    """A checkpoint file (:func:`read_checkpoint`), or a Hub folder as :func:`export_hub` writes
+    it: ``local-dir:DIR``, ``hf-hub:ORG/NAME[@REV]`` (through ``huggingface_hub``'s cache and
+    download) or the path of such a folder. A folder is returned in this package's checkpoint
+    layout, ``{'model': weights, 'args': its config.json's model}``, so that
+    :func:`saved_architecture` describes it as it describes a trained checkpoint."""
+    text = os.fspath(source)
+    if text.startswith("hf-hub:"):
+        return _read_hub_folder(_download_hub(text[len("hf-hub:"):]), text)
+    if text.startswith("local-dir:"):
+        folder = Path(text[len("local-dir:"):])
+        if not folder.is_dir():
+            raise FileNotFoundError(f"{text}: no such folder")
+        return _read_hub_folder(folder, text)
+    if Path(text).is_dir():
+        if not (Path(text) / "config.json").is_file():
+            raise ValueError(f"{text} is a folder without config.json: give a checkpoint file "
+                             f"(e.g. {Path(text) / 'checkpoint-best.pth'}) or a folder written "
+                             f"by export-hub")
+        return _read_hub_folder(Path(text), f"local-dir:{text}")
+    return read_checkpoint(text)
+
+
+def _download_hub(repo: str) -> Path:
+    """The folder of ``repo`` in huggingface_hub's cache (downloaded when not cached): config.json
+    and the first weights file that exists."""
+    from huggingface_hub import constants, hf_hub_download
+
+    repo_id, _, revision = repo.partition("@")
+
+    def fetch(local: bool) -> Path:
+        config = Path(hf_hub_download(repo_id, "config.json", revision=revision or None,
+                                      local_files_only=local))
+        for name in _HUB_WEIGHTS:
+            try:
+                hf_hub_download(repo_id, name, revision=revision or None, local_files_only=local)
+                break
+            except Exception as e:  # noqa: BLE001 (try the next name; the last error is raised)
+                if "EntryNotFound" not in type(e).__name__ or name == _HUB_WEIGHTS[-1]:
+                    raise
+        return config.parent
+
+    try:
+        return fetch(local=True)
+    except Exception:  # noqa: BLE001 (not cached: download below)
+        pass
+    try:
+        if not constants.HF_HUB_OFFLINE:
+            _check_reachable(constants.ENDPOINT)
+        return fetch(local=False)
+    except Exception as e:  # noqa: BLE001 (network, offline mode, unknown repo: one line)
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise ValueError(f"cannot fetch hf-hub:{repo} ({type(e).__name__}: {first}); without a "
+                         f"network, the folder export-hub wrote loads as local-dir:FOLDER") from e
+
+
+def _check_reachable(endpoint: str) -> None:
+    """Fail at once when the Hub's host name does not resolve (no network): huggingface_hub
+    would retry for about half a minute. Behind a proxy the proxy resolves it."""
+    import socket
+    from urllib.parse import urlparse
+
+    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return
+    host = urlparse(endpoint).hostname
+    try:
+        socket.getaddrinfo(host, 443)
+    except OSError as e:
+        raise ConnectionError(f"{host} cannot be reached ({e})") from e
+
+
+def _read_hub_folder(folder: Path, label: str) -> Dict[str, Any]:
+    config_file = folder / "config.json"
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+        arch, model_args = config["architecture"], dict(config.get("model_args") or {})
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{label}: no readable timm config.json with an architecture "
+                         f"({type(e).__name__}: {e})") from e
+    weights = next((folder / n for n in _HUB_WEIGHTS if (folder / n).is_file()), None)
+    if weights is None:
+        raise FileNotFoundError(f"{label}: no weights ({' or '.join(_HUB_WEIGHTS)})")
+    state_dict = extract_state_dict(read_checkpoint(weights))
+    size = model_args.pop("img_size", None)
+    if isinstance(size, (list, tuple)):
+        size = size[0] if len(set(size)) == 1 else None
+    args = argparse.Namespace(model=arch, **model_args, **({"input_size": size} if size else {}))
+    out = {"model": dict(state_dict), "args": args, "source": label}
+    if isinstance(state_dict, _PerSampleSSA) or model_args.get("legacy_ssa") is False:
+        out["legacy_ssa"] = False  # extract_state_dict marks the weights again
+    return out
+
+
 # the training arguments that shape the network, besides model, T, input size and SSA form
-_ARCHITECTURE_KEYS = ("embed_dims", "depths", "num_heads", "mlp_ratio", "attn_types")
+_ARCHITECTURE_KEYS = ("embed_dims", "depths", "num_heads", "mlp_ratio", "attn_types",
+                      "in_chans")
 
 
 def saved_architecture(ckpt: Any) -> Tuple[Optional[str], Dict[str, Any]]:

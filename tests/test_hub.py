@@ -202,3 +202,96 @@ def test_checkpoint_does_not_import_variants():
     assert "qkformer.variants" not in ckpt, "checkpoint.py is the generic layer"
     # the oracle sees lazy relative imports: variants.py's own use of checkpoint.py is found
     assert "qkformer.checkpoint" in _imported_modules(REPO / "qkformer" / "variants.py", "qkformer")
+
+
+# --------------------------------------------------- every tool reads a Hub folder like a checkpoint
+@pytest.fixture
+def trained(tmp_path):
+    """A checkpoint as training writes it (weights and the arguments of a custom architecture,
+    no --model needed anywhere), fired up so that its accuracy is not trivially 10 %, and a
+    digits ImageFolder to evaluate it on."""
+    from qkformer.data.synthetic_images import write_digits_image_folder
+
+    from conftest import fire_bn
+
+    torch.manual_seed(0)
+    model = timm.create_model("qkformer_cifar10", embed_dims=32, depths=(1, 1, 1), num_heads=2,
+                              T=2, img_size=16, num_classes=10)
+    fire_bn(model)
+    args = argparse.Namespace(model="qkformer_cifar10", T=2, input_size=16, embed_dims=[32],
+                              depths=[1, 1, 1], num_heads=[2], mlp_ratio=None, attn_types=None,
+                              legacy_ssa=True, dataset="cifar10")
+    path = tmp_path / "checkpoint-last.pth"
+    torch.save({"model": model.state_dict(), "args": args, "epoch": 11}, path)
+    return path, write_digits_image_folder(tmp_path / "digits", size=16)
+
+
+def test_every_tool_takes_the_checkpoint_or_its_hub_folder(tmp_path, trained, capsys, monkeypatch):
+    """The chain of the README: evaluate, inspect, export-hub, evaluate and analyse the export
+    (as a folder path, local-dir: and hf-hub:), with no architecture flag anywhere: the same
+    network, so the same predictions."""
+    import huggingface_hub.constants
+
+    from qkformer import evaluate
+    from qkformer.analysis import _common, firing
+
+    path, data = trained
+    run = ["--data-dir", str(data), "--batch-size", "64", "--workers", "0", "--no-progress",
+           "--no-amp", "--max-iters", "2"]
+    first = evaluate.main(["--checkpoint", str(path), *run])
+    out = tmp_path / "hub"
+    main(["export-hub", str(path), str(out)])
+    cache = _hub_cache(out, tmp_path / "cache", "someorg/tiny")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    for source in (str(out), f"local-dir:{out}", "hf-hub:someorg/tiny"):
+        again = evaluate.main(["--checkpoint", source, *run])
+        assert (again["acc1"], again["loss"]) == (first["acc1"], first["loss"]), source
+        printed = capsys.readouterr().out
+        assert "model qkformer_cifar10 (T=2, input 16, cifar preprocessing, legacy SSA)" in printed
+        main(["inspect", source])
+        printed = capsys.readouterr().out
+        assert "layout: Hub folder" in printed and "model: qkformer_cifar10 T=2" in printed
+        assert "img_size=16" in printed and "num_classes=10" in printed
+    # the analysis tools: the same weights whichever way the folder is named
+    reference = _common.build_model(None, str(path)).state_dict()
+    for model, checkpoint in ((f"local-dir:{out}", None), (None, str(out)),
+                              ("hf-hub:someorg/tiny", None)):
+        built = _common.build_model(model, checkpoint)
+        assert (built.T, built.img_size, built.num_classes) == (2, 16, 10)
+        _assert_identical(built, reference)
+    firing.main(["--model", f"local-dir:{out}", "--data-dir", str(data), "--batches", "1",
+                 "--batch-size", "4", "--out", str(tmp_path / "f")])
+    assert "wrote" in capsys.readouterr().out and any((tmp_path / "f").iterdir())
+    with pytest.raises(ValueError, match="give one"):
+        _common.build_model(f"local-dir:{out}", str(path))
+    # export-hub and convert of the export: the same weights again, still no --model
+    main(["convert", f"local-dir:{out}", str(tmp_path / "back.pth")])
+    _assert_identical(_common.build_model(None, str(tmp_path / "back.pth")), reference)
+
+
+def test_hub_sources_fail_in_one_line(tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    from qkformer.checkpoint import read_source
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(ValueError, match=r"^cannot fetch hf-hub:someorg/none \(.*local-dir:FOLDER$"):
+        read_source("hf-hub:someorg/none")
+    with pytest.raises(FileNotFoundError, match="no such folder"):
+        read_source(f"local-dir:{tmp_path / 'missing'}")
+    with pytest.raises(ValueError, match="folder without config.json"):
+        read_source(str(tmp_path))
+    # not offline, but no network: the host name does not resolve, so no half-minute of retries
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "https://hub.invalid")
+    for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(k, raising=False)
+    with pytest.raises(ValueError, match=r"hub\.invalid cannot be reached"):
+        read_source("hf-hub:someorg/none")
+    r = subprocess.run([sys.executable, "-m", "qkformer.checkpoint", "inspect", "hf-hub:a/b"],
+                       capture_output=True, text=True, cwd=REPO,
+                       env={**__import__("os").environ, "HF_HUB_OFFLINE": "1",
+                            "HF_HUB_CACHE": str(tmp_path / "empty")})
+    assert r.returncode == 1 and r.stderr.startswith("error: cannot fetch hf-hub:a/b")
+    assert len(r.stderr.strip().splitlines()) == 1

@@ -44,17 +44,24 @@ def build_model(name: Optional[str], checkpoint: Optional[str] = None,
                 model_kwargs: Optional[Mapping] = None, device="cpu") -> nn.Module:
     """``timm.create_model(name, **model_kwargs)``, weights from ``checkpoint`` (strict), eval mode.
 
-    A checkpoint written by this package's training records the network it was trained as (its
-    name, T, input size, widths, ...): that description is the default, so ``name`` may be None
-    and ``model_kwargs`` only changes what it says (one warning line per contradiction)."""
+    ``checkpoint`` is a checkpoint file or a Hub folder (``local-dir:FOLDER``, the folder's path,
+    ``hf-hub:ORG/NAME``); a ``name`` with one of those prefixes is taken as the checkpoint. A
+    checkpoint written by this package's training (or a Hub folder) records the network it holds
+    (its name, T, input size, widths, ...): that description is the default, so ``name`` may be
+    None and ``model_kwargs`` only changes what it says (one warning line per contradiction)."""
     import warnings
 
     import timm
 
     import qkformer  # noqa: F401  (registers the variants with timm)
-    from qkformer.checkpoint import load_checkpoint, read_checkpoint, saved_architecture
+    from qkformer.checkpoint import is_hub_source, load_checkpoint, read_source, saved_architecture
 
-    ckpt = read_checkpoint(checkpoint) if checkpoint else None
+    if is_hub_source(name):
+        if checkpoint:
+            raise ValueError(f"--model {name} is a source of weights, and so is --checkpoint "
+                             f"{checkpoint}: give one")
+        name, checkpoint = None, name
+    ckpt = read_source(checkpoint) if checkpoint else None
     saved_name, saved = saved_architecture(ckpt) if ckpt is not None else (None, {})
     kwargs = dict(model_kwargs or {})
     if name is None and saved_name is None:
@@ -125,11 +132,14 @@ def image_folder_loader(model: nn.Module, data_dir, split: str = "val", batch_si
 # -- CLI -----------------------------------------------------------------------------------------
 def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None,
-                   help="timm name, e.g. qkformer_cifar10 (default: what --checkpoint was trained as)")
+                   help="timm name, e.g. qkformer_cifar10 (default: what --checkpoint was trained "
+                        "as), or a Hub folder: local-dir:FOLDER, hf-hub:ORG/NAME")
     p.add_argument("--model-kwargs", type=json.loads, default={},
                    help='JSON overrides for timm.create_model, e.g. \'{"T": 2, "embed_dims": 64}\' '
                         "(default: what --checkpoint was trained with)")
-    p.add_argument("--checkpoint", default=None, help="weights (.pth/.pth.tar/.safetensors)")
+    p.add_argument("--checkpoint", default=None,
+                   help="weights: .pth/.pth.tar/.safetensors, or a Hub folder (local-dir:FOLDER, "
+                        "the folder's path, hf-hub:ORG/NAME)")
     p.add_argument("--device", default="cpu")
 
 
@@ -168,8 +178,11 @@ def run_title(model: str, data: Optional[str] = None, T=None, **more) -> str:
 
 
 def model_from_args(args) -> nn.Module:
+    from qkformer.checkpoint import is_hub_source
+
     model = build_model(args.model, args.checkpoint, args.model_kwargs, args.device)
-    args.model = args.model or model.pretrained_cfg.get("architecture", type(model).__name__)
+    if not args.model or is_hub_source(args.model):  # titles name the network
+        args.model = model.pretrained_cfg.get("architecture", type(model).__name__)
     return model
 
 
