@@ -19,6 +19,7 @@ from pathlib import Path
 from . import evaluate, train
 from .config import run_cli
 from .data.synthetic_images import write_digits_image_folder
+from .threads import fit_for_command_line
 
 
 LR = 5e-3
@@ -41,11 +42,31 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def training_args(data, output_dir, epochs: int = 12, workers: int = 2,
+                  progress: bool = True) -> list:
+    """The demo's training command line (``qkformer.train`` with the ``cifar10`` config), also
+    timed by ``benchmarks/shared_cpu.py``."""
+    return [
+        "--data-dir", str(data), "--output-dir", str(output_dir),
+        # a small member of the CIFAR family (widths 32/64/128, one block per stage, T = 2) at
+        # 16x16 input (the 32x32 images carry 8x8 worth of detail): 3 stages, 16/8/4 token grids
+        "--input-size", "16", "--embed-dims", "32", "64", "128", "--depths", "1", "1", "1",
+        "--num-heads", "2", "--T", "2", "--batch-size", "16", "--lr", str(LR),
+        "--epochs", str(epochs), "--warmup-epochs", "1" if epochs > 1 else "0",
+        "--warmup-lr", str(WARMUP_LR), "--cooldown-epochs", "0",
+        # digits are not mirror-symmetric and the run is short: no flips, mixup or erasing
+        "--hflip", "0", "--mixup", "0", "--aa", "", "--reprob", "0",
+        # bf16 autocast is emulated (slow) on CPUs without AVX512-BF16/AMX
+        "--no-amp", "--workers", str(workers), "--progress" if progress else "--no-progress",
+    ]
+
+
 def main(argv=None) -> dict:
     p = build_parser()
     args = p.parse_args(argv)
     if args.epochs < 1:
         p.error(f"--epochs {args.epochs}: at least 1 epoch is needed")
+    fit_for_command_line(argv is None)
     return run_cli(lambda: _run(args), from_command_line=argv is None)
 
 
@@ -53,19 +74,8 @@ def _run(args) -> dict:
     start = time.perf_counter()
     data = write_digits_image_folder(args.data_dir, size=32)
     progress = "--progress" if args.progress else "--no-progress"
-    train.main([
-        "--data-dir", str(data), "--output-dir", args.output_dir,
-        # a small member of the CIFAR family (widths 32/64/128, one block per stage, T = 2) at
-        # 16x16 input (the 32x32 images carry 8x8 worth of detail): 3 stages, 16/8/4 token grids
-        "--input-size", "16", "--embed-dims", "32", "64", "128", "--depths", "1", "1", "1",
-        "--num-heads", "2", "--T", "2", "--batch-size", "16", "--lr", str(LR),
-        "--epochs", str(args.epochs), "--warmup-epochs", "1" if args.epochs > 1 else "0",
-        "--warmup-lr", str(WARMUP_LR), "--cooldown-epochs", "0",
-        # digits are not mirror-symmetric and the run is short: no flips, mixup or erasing
-        "--hflip", "0", "--mixup", "0", "--aa", "", "--reprob", "0",
-        # bf16 autocast is emulated (slow) on CPUs without AVX512-BF16/AMX
-        "--no-amp", "--workers", str(args.workers), progress,
-    ], default_config="cifar10")
+    train.main(training_args(data, args.output_dir, args.epochs, args.workers, args.progress),
+               default_config="cifar10")
     trained = time.perf_counter() - start
     out = Path(args.output_dir)
     checkpoint = out / "checkpoint-last.pth"

@@ -57,9 +57,46 @@ def _fault(kind: str, step: int) -> bool:
     return any(f in (f"{kind}@{step}", f"{kind}@{step}:rank{rank}") for f in spec.split(","))
 
 
+# Without a terminal (a cluster log, a pipe) a line every this many seconds replaces the bar.
+PROGRESS_INTERVAL_S = float(os.environ.get("QKFORMER_PROGRESS_INTERVAL", "30"))
+
+
+class _LogProgress:
+    """The progress bar's stand-in in a log: every ``PROGRESS_INTERVAL_S`` seconds one line with
+    the batches done, images/s and the time left of the loop."""
+
+    def __init__(self, iterable, total: int, desc: str):
+        self.iterable, self.total, self.desc, self.postfix = iterable, total, desc, {}
+
+    def set_postfix(self, **values) -> None:
+        self.postfix = values
+
+    def __iter__(self):
+        start = last = time.monotonic()
+        images = 0
+        for done, item in enumerate(self.iterable, start=1):
+            yield item
+            first = item[0] if isinstance(item, (tuple, list)) else item
+            images += int(getattr(first, "shape", (1,))[0])
+            now = time.monotonic()
+            if now - last >= PROGRESS_INTERVAL_S and done < self.total:
+                last, rate = now, done / max(now - start, 1e-9)
+                extra = "".join(f" {k} {v}" for k, v in self.postfix.items())
+                print(f"{self.desc}: {done}/{self.total} batches, "
+                      f"{images / max(now - start, 1e-9):.1f} images/s, "
+                      f"{_duration((self.total - done) / rate)} left{extra}", flush=True)
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+
 def _progress(iterable, total: int, desc: str, enabled: bool):
+    if enabled and is_main() and not sys.stderr.isatty():
+        return _LogProgress(iterable, total, desc)
     return tqdm(iterable, total=total, desc=desc, dynamic_ncols=True, leave=False,
-                disable=not (enabled and is_main() and sys.stderr.isatty()))
+                disable=not (enabled and is_main()))
 
 
 def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, loss_fn: Callable,

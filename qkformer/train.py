@@ -39,6 +39,7 @@ from . import fused, variants  # noqa: F401  (variants: timm registration)
 from .checkpoint import extract_state_dict, load_checkpoint
 from .builder import build_model, check_data_dir, check_input_size
 from .cpu import memory
+from .threads import fit_for_command_line
 from .config import ConfigError, OneLineErrorParser, parse_with_config, run_cli
 from .distributed import (ShardSampler, all_reduce_sum, any_rank, gather_objects,
                           init_distributed, is_main)
@@ -360,6 +361,7 @@ class _Logger:
 
 def main(argv: Optional[Sequence[str]] = None, default_config: Optional[str] = None,
          description: str = "Train QKFormer") -> dict:
+    fit_for_command_line(argv is None)
     return run_cli(lambda: _run(parse_with_config(build_parser(description), argv, default_config)),
                    from_command_line=argv is None)
 
