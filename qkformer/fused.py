@@ -612,7 +612,14 @@ def _spiking_unit(x: Tensor, weight: Tensor, bias: Optional[Tensor], bn_weight: 
             var = torch.zeros(0, dtype=torch.float64, device=y.device)
             invstd = torch.zeros(0, dtype=torch.float64, device=y.device)
             scale = shift = None
-        elif _triton(y):  # fresh tensors, in two launches
+        elif _triton(y):
+            if not pool:  # the coefficients computed in the spiking pass
+                g, out_shape = _geometry(y, steps, pool, bcast)
+                spikes = torch.empty(out_shape, dtype=y.dtype, device=y.device)
+                mean, var, invstd = triton_units.bn_lif_forward_bn(
+                    y, spikes, steps, g, batch_stats_, running_mean, running_var, bn_weight,
+                    bn_bias, eps, tau, v_threshold, bcast)
+                return spikes, y, mean, var, invstd, w_cast
             mean, var, invstd, scale, shift = triton_units.colstats_coefficients(
                 y.reshape(-1, y.shape[-1]), batch_stats_, running_mean, running_var, bn_weight,
                 bn_bias, eps)

@@ -35,7 +35,7 @@ from torch import Tensor
 __all__ = ["interpreting", "is_available", "unavailable_reason", "serves", "handles", "verdict",
            "describe", "launch_counts", "colstats_coefficients", "bn_lif_forward",
            "bn_lif_backward", "bn_grad_coefficients", "pool_lif_backward", "bn_apply",
-           "bn_affine", "running_update", "qk_token_forward", "qk_token_backward",
+           "bn_affine", "running_update", "colstats", "bn_lif_forward_bn", "qk_token_forward", "qk_token_backward",
            "pack", "unpack", "Packed", "DTYPES"]
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -264,32 +264,88 @@ def _lif_consts(tau: float):
 
 # --------------------------------------------------------------------------------------------
 # launchers (inputs contiguous; the caller checks shapes and dtypes)
+def colstats(y2: Tensor) -> Tuple[Tensor, Tensor]:
+    """Partial sums of ``y2`` [R, C] for BatchNorm's batch statistics: ``(part [P, 2, C]
+    float64, ref)``, the sums of d = y - ref and d^2 per program (ref: the first row, which
+    keeps E[d^2] - E[d]^2 free of cancellation). One launch."""
+    R, C = y2.shape
+    block_r, block_c = _tiles(C, y2.dtype)
+    n_cb = math.ceil(C / block_c)
+    n_parts, rows = _row_split(R, n_cb, block_r, y2.device)
+    part = torch.empty((n_parts, 2, C), dtype=torch.float64, device=y2.device)
+    ref = y2[0]
+    _launch("colstats_kernel", (n_parts, n_cb), y2, ref, part, R, C, rows, BLOCK_R=block_r,
+            BLOCK_C=block_c, A=_tl_arith(y2.dtype))
+    return part, ref
+
+
+def _bn_inputs(y2: Tensor, batch: bool, running_mean, running_var, gamma, beta, eps: float):
+    """The statistics arguments shared by the kernels that compute BatchNorm's coefficients."""
+    R, C = y2.shape
+    f64 = dict(dtype=torch.float64, device=y2.device)
+    part, ref = (colstats(y2) if batch
+                 else (_or_unused(None, y2.new_empty(0, **f64)), _or_unused(None, y2)))
+    outputs = tuple(torch.empty(C, **f64) for _ in range(3))  # mean, var, invstd
+    args = (part, part.shape[0] if batch else 0, int(max(R, 1)), ref,
+            *(_or_unused(t, outputs[0]) for t in (running_mean, running_var, gamma, beta)),
+            _constant(eps, y2.device), *outputs)
+    flags = dict(BATCH=batch, HAS_GAMMA=gamma is not None, HAS_BETA=beta is not None)
+    return args, flags, outputs
+
+
 def colstats_coefficients(y2: Tensor, batch: bool, running_mean: Optional[Tensor],
                           running_var: Optional[Tensor], gamma: Optional[Tensor],
                           beta: Optional[Tensor], eps: float):
     """BatchNorm of ``y2`` [R, C]: ``(mean, var, invstd)`` float64 and ``(scale, shift)`` in the
-    arithmetic type, from the batch (``batch``) or the running statistics. Two launches."""
-    R, C = y2.shape
+    arithmetic type, from the batch (``batch``) or the running statistics. Two launches (one
+    without ``batch``)."""
+    C = y2.shape[1]
     A = _arith(y2.dtype)
-    dev = y2.device
-    block_r, block_c = _tiles(C, y2.dtype)
+    args, flags, outputs = _bn_inputs(y2, batch, running_mean, running_var, gamma, beta, eps)
+    scale, shift = (torch.empty(C, dtype=A, device=y2.device) for _ in range(2))
+    block_c = _pow2(C, 64)
+    _launch("bn_coefficients_kernel", (math.ceil(C / block_c),), *args, scale, shift, C,
+            **flags, BLOCK_C=block_c, A=_tl_arith(y2.dtype))
+    return (*outputs, scale, shift)
+
+
+def bn_lif_forward_bn(y: Tensor, s: Tensor, steps: int, geometry: dict, batch: bool,
+                      running_mean: Optional[Tensor], running_var: Optional[Tensor],
+                      gamma: Optional[Tensor], beta: Optional[Tensor], eps: float,
+                      tau: float, v_threshold: float, bcast: bool):
+    """The unpooled unit's forward with its BatchNorm: spikes into ``s`` and ``(mean, var,
+    invstd)`` float64 returned, the coefficients computed in the spiking pass. Two launches
+    with batch statistics (the statistics pass, then this), one without."""
+    g = geometry
+    M, C = g["M"], g["C"]
+    args, flags, outputs = _bn_inputs(y.view(-1, C), batch, running_mean, running_var, gamma,
+                                      beta, eps)
+    _forward_pass(y, s, steps, M, C, None, None, bcast, tau, v_threshold, (args, flags))
+    return outputs
+
+
+def _forward_pass(y: Tensor, s: Tensor, steps: int, M: int, C: int, scale: Optional[Tensor],
+                  shift: Optional[Tensor], bcast: bool, tau: float, v_threshold: float,
+                  bn: Optional[tuple] = None) -> None:
+    """The unpooled spiking pass: the affine ``scale``/``shift`` (or none), or with ``bn`` =
+    (arguments, flags) of :func:`_bn_inputs` BatchNorm's, computed in the kernel."""
+    consts, exact = _lif_consts(tau)
+    block_r, block_c = _tiles(C, y.dtype)
     n_cb = math.ceil(C / block_c)
-    f64 = dict(dtype=torch.float64, device=dev)
-    mean, var, invstd = (torch.empty(C, **f64) for _ in range(3))
-    scale, shift = (torch.empty(C, dtype=A, device=dev) for _ in range(2))
-    if batch:
-        n_parts, rows = _row_split(R, n_cb, block_r, dev)
-        part = torch.empty((n_parts, 2, C), **f64)
-        ref = y2[0]
-        _launch("colstats_kernel", (n_parts, n_cb), y2, ref, part, R, C, rows, BLOCK_R=block_r,
-                BLOCK_C=block_c, A=_tl_arith(y2.dtype))
+    n_parts, rows = _row_split(M, n_cb, block_r, y.device)
+    if bn is None:
+        f64 = _or_unused(None, y.new_empty(0, dtype=torch.float64))
+        nothing = _or_unused(None, y)
+        bn = ((f64, 0, 1, nothing, f64, f64, f64, f64, f64, f64, f64, f64),
+              dict(BATCH=False, HAS_GAMMA=False, HAS_BETA=False))
+        affine, from_bn = scale is not None, False
     else:
-        n_parts, part, ref = 0, _or_unused(None, mean), _or_unused(None, mean)
-    _launch("bn_coefficients_kernel", (n_cb,), part, n_parts, float(max(R, 1)), ref,
-            *(_or_unused(t, mean) for t in (running_mean, running_var, gamma, beta)), float(eps),
-            mean, var, invstd, scale, shift, C, BATCH=batch, HAS_GAMMA=gamma is not None,
-            HAS_BETA=beta is not None, BLOCK_C=block_c, A=_tl_arith(y2.dtype))
-    return mean, var, invstd, scale, shift
+        affine, from_bn = True, True
+    args, flags = bn
+    _launch("bn_lif_fwd_kernel", (n_parts, n_cb), y, s, _or_unused(scale, y),
+            _or_unused(shift, y), *args, steps, M, C, 0 if bcast else M * C, rows, **consts,
+            v_th=float(v_threshold), AFFINE=affine, FROM_BN=from_bn, **flags, EXACT=exact,
+            BLOCK_R=block_r, BLOCK_C=block_c, A=_tl_arith(y.dtype))
 
 
 def bn_lif_forward(y: Tensor, s: Tensor, steps: int, geometry: dict, scale: Optional[Tensor],
@@ -307,10 +363,7 @@ def bn_lif_forward(y: Tensor, s: Tensor, steps: int, geometry: dict, scale: Opti
                 g["B"], g["H"], g["W"], g["C"], g["Ho"], g["Wo"], y_step, **consts,
                 v_th=float(v_threshold), AFFINE=scale is not None, EXACT=exact, BLOCK=_BLOCK, A=A)
         return
-    MC = g["M"] * g["C"]
-    _launch("bn_lif_fwd_kernel", (math.ceil(MC / _BLOCK),), y, s, sc, sh, steps, MC, g["C"],
-            0 if bcast else MC, **consts, v_th=float(v_threshold), AFFINE=scale is not None,
-            EXACT=exact, BLOCK=_BLOCK, A=A)
+    _forward_pass(y, s, steps, g["M"], g["C"], scale, shift, bcast, tau, v_threshold)
 
 
 def bn_lif_backward(grad: Tensor, y: Tensor, steps: int, geometry: dict, scale: Optional[Tensor],

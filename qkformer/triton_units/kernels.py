@@ -104,8 +104,10 @@ def _grad_coefficients(s1, s2, mean, invstd, scale, n, rep, A: tl.constexpr):
     """From sum(g_Z) and sum(g_Z y): sum(g_Z x_hat) (gamma's gradient) and the coefficients of
     the input gradient g_Y = a g_Z + b (y - mu) + d under batch statistics."""
     gzxhat = invstd * (s2 - mean * s1)
-    return (gzxhat, scale.to(A), (-scale * invstd * gzxhat / n * rep).to(A), mean.to(A),
-            (-scale * s1 / n * rep).to(A))
+    n64 = tl.cast(n, tl.float64)
+    r64 = tl.cast(rep, tl.float64)
+    return (gzxhat, scale.to(A), (-scale * invstd * gzxhat / n64 * r64).to(A), mean.to(A),
+            (-scale * s1 / n64 * r64).to(A))
 
 
 # --------------------------------------------------------------------------------------------
@@ -136,24 +138,35 @@ def colstats_kernel(y_ptr, ref_ptr, part_ptr, R, C, rows_per_prog,
 
 
 @triton.jit
-def bn_coefficients_kernel(part_ptr, n_parts, count, ref_ptr, rmean_ptr, rvar_ptr, gamma_ptr,
-                           beta_ptr, eps, mean_ptr, var_ptr, invstd_ptr, scale_ptr, shift_ptr, C,
-                           BATCH: tl.constexpr, HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr,
-                           BLOCK_C: tl.constexpr, A: tl.constexpr):
-    """Mean, biased variance and 1/std in float64 (from the partial sums, or the running
-    statistics), and the affine scale = gamma/std, shift = beta - mean scale in A."""
-    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    cm = cols < C
+def _bn_stats(part_ptr, n_parts, count, ref_ptr, rmean_ptr, rvar_ptr, eps_ptr, C, cols, cm,
+              BATCH: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Mean, biased variance and 1/std in float64: from the partial sums of d = y - ref over
+    ``count`` rows (BATCH), or the running statistics."""
     if BATCH:
         s1, s2 = _sum_parts(part_ptr, n_parts, C, cols, cm, BLOCK_C)
-        d = s1 / count
-        d2 = s2 / count
+        rows = tl.cast(count, tl.float64)
+        d = s1 / rows
+        d2 = s2 / rows
         mean = tl.load(ref_ptr + cols, mask=cm, other=0.0).to(tl.float64) + d
         var = tl.maximum(d2 - d * d, 0.0)
     else:
         mean = tl.load(rmean_ptr + cols, mask=cm, other=0.0).to(tl.float64)
         var = tl.load(rvar_ptr + cols, mask=cm, other=0.0).to(tl.float64)
-    invstd = 1.0 / tl.sqrt(var + eps)
+    invstd = 1.0 / tl.sqrt(var + tl.load(eps_ptr))  # eps in float64, as torch adds it
+    return mean, var, invstd
+
+
+@triton.jit
+def bn_coefficients_kernel(part_ptr, n_parts, count, ref_ptr, rmean_ptr, rvar_ptr, gamma_ptr,
+                           beta_ptr, eps_ptr, mean_ptr, var_ptr, invstd_ptr, scale_ptr, shift_ptr,
+                           C, BATCH: tl.constexpr, HAS_GAMMA: tl.constexpr,
+                           HAS_BETA: tl.constexpr, BLOCK_C: tl.constexpr, A: tl.constexpr):
+    """Mean, biased variance and 1/std in float64 (:func:`_bn_stats`), and the affine
+    scale = gamma/std, shift = beta - mean scale in A."""
+    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cm = cols < C
+    mean, var, invstd = _bn_stats(part_ptr, n_parts, count, ref_ptr, rmean_ptr, rvar_ptr,
+                                  eps_ptr, C, cols, cm, BATCH, BLOCK_C)
     scale, shift = _bn_affine(gamma_ptr, beta_ptr, mean, invstd, cols, cm, HAS_GAMMA, HAS_BETA)
     tl.store(mean_ptr + cols, mean, mask=cm)
     tl.store(var_ptr + cols, var, mask=cm)
@@ -202,19 +215,44 @@ def running_update_kernel(rmean_ptr, rvar_ptr, count_ptr, mean_ptr, var_ptr, mom
 # --------------------------------------------------------------------------------------------
 # BN affine + LIF (no pool)
 @triton.jit
-def bn_lif_fwd_kernel(y_ptr, s_ptr, scale_ptr, shift_ptr, steps, MC, C, y_step, tau, inv_tau, v_th,
-                      AFFINE: tl.constexpr, EXACT: tl.constexpr, BLOCK: tl.constexpr,
-                      A: tl.constexpr):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    m = offs < MC
-    c = offs % C
-    sc = tl.load(scale_ptr + c, mask=m, other=0.0) if AFFINE else None
-    sh = tl.load(shift_ptr + c, mask=m, other=0.0) if AFFINE else None
-    v = tl.zeros([BLOCK], A)
-    for t in range(0, steps):
-        y = tl.load(y_ptr + t * y_step + offs, mask=m, other=0.0).to(A)
-        h, fired, v = _charge(_affine(y, sc, sh, AFFINE), v, tau, inv_tau, v_th, EXACT)
-        tl.store(s_ptr + t * MC + offs, fired.to(s_ptr.dtype.element_ty), mask=m)
+def bn_lif_fwd_kernel(y_ptr, s_ptr, scale_ptr, shift_ptr, part_ptr, n_parts, count, ref_ptr,
+                      rmean_ptr, rvar_ptr, gamma_ptr, beta_ptr, eps_ptr, mean_ptr, var_ptr,
+                      invstd_ptr, steps, M, C, y_step, rows_per_prog, tau, inv_tau, v_th,
+                      AFFINE: tl.constexpr, FROM_BN: tl.constexpr, BATCH: tl.constexpr,
+                      HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr, EXACT: tl.constexpr,
+                      BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, A: tl.constexpr):
+    """Spikes of LIF(y scale + shift) over rows [p rows_per_prog, ...) and a block of channels.
+    With FROM_BN the affine is BatchNorm's, from the statistics pass's partial sums (BATCH) or
+    the running statistics, and the first row of programs writes mean, var and 1/std."""
+    p = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cm = cols < C
+    if FROM_BN:
+        mean, var, invstd = _bn_stats(part_ptr, n_parts, count, ref_ptr, rmean_ptr, rvar_ptr,
+                                      eps_ptr, C, cols, cm, BATCH, BLOCK_C)
+        scale, shift = _bn_affine(gamma_ptr, beta_ptr, mean, invstd, cols, cm, HAS_GAMMA,
+                                  HAS_BETA)
+        if p == 0:
+            tl.store(mean_ptr + cols, mean, mask=cm)
+            tl.store(var_ptr + cols, var, mask=cm)
+            tl.store(invstd_ptr + cols, invstd, mask=cm)
+        sc = scale.to(A)[None, :]
+        sh = shift.to(A)[None, :]
+    else:
+        sc = tl.load(scale_ptr + cols, mask=cm, other=0.0)[None, :] if AFFINE else None
+        sh = tl.load(shift_ptr + cols, mask=cm, other=0.0)[None, :] if AFFINE else None
+    MC = M * C
+    r0 = p.to(tl.int64) * rows_per_prog
+    r1 = tl.minimum(r0 + rows_per_prog, M)
+    for r in range(r0, r1, BLOCK_R):
+        rows = r + tl.arange(0, BLOCK_R).to(tl.int64)
+        m = (rows < r1)[:, None] & cm[None, :]
+        offs = rows[:, None] * C + cols[None, :]
+        v = tl.zeros([BLOCK_R, BLOCK_C], A)
+        for t in range(0, steps):
+            y = tl.load(y_ptr + t * y_step + offs, mask=m, other=0.0).to(A)
+            h, fired, v = _charge(_affine(y, sc, sh, AFFINE), v, tau, inv_tau, v_th, EXACT)
+            tl.store(s_ptr + t * MC + offs, fired.to(s_ptr.dtype.element_ty), mask=m)
 
 
 @triton.jit
