@@ -81,7 +81,8 @@ class _LogProgress:
             now = time.monotonic()
             if now - last >= PROGRESS_INTERVAL_S and done < self.total:
                 last, rate = now, done / max(now - start, 1e-9)
-                extra = "".join(f" {k} {v}" for k, v in self.postfix.items())
+                extra = "; " + ", ".join(f"{k} {v}" for k, v in self.postfix.items()) \
+                    if self.postfix else ""
                 print(f"{self.desc}: {done}/{self.total} batches, "
                       f"{images / max(now - start, 1e-9):.1f} images/s, "
                       f"{_duration((self.total - done) / rate)} left{extra}", flush=True)

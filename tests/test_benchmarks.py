@@ -94,3 +94,14 @@ def test_lif_benchmark_quick():
     # the verdict follows the targets (unless a printed figure is rounded onto a target)
     if abs(speedup - 2.0) > 0.005 and not abs(memory - 0.5) <= 0.005:
         assert verdict == ("PASS" if speedup >= 2.0 and memory <= 0.5 else "FAIL"), out
+
+
+def test_shared_cpu_command_line():
+    """benchmarks/shared_cpu.py trains the demo several times (minutes): here its command line
+    only; the thread rule it measures is tested in test_shared_machine.py."""
+    script = str(REPO / "benchmarks" / "shared_cpu.py")
+    r = subprocess.run([sys.executable, script, "--help"], capture_output=True, text=True)
+    assert r.returncode == 0 and "--config" in r.stdout
+    r = subprocess.run([sys.executable, script, "--config", "fast"], capture_output=True, text=True)
+    assert r.returncode == 1 and r.stderr.startswith("error: unknown --config 'fast'")
+    assert len(r.stderr.strip().splitlines()) == 1

@@ -89,7 +89,7 @@ def test_progress_lines_without_a_terminal(monkeypatch, capsys):
                            0, progress=True)
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 2 and lines[0].startswith("epoch 0: 1/3 batches, ")
-    assert " loss " in lines[0] and " lr " in lines[0]
+    assert " left; loss " in lines[0] and ", lr " in lines[0]
     engine.evaluate(model, loader, torch.device("cpu"), progress=False)
     assert capsys.readouterr().out == ""
     # the default interval: nothing within a fast loop
