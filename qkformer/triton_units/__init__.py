@@ -149,7 +149,8 @@ def _reset() -> None:
 
 
 _TL_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16",
-             torch.float64: "fp64", torch.uint8: "u8", torch.int8: "i8", torch.int32: "i32"}
+             torch.float64: "fp64", torch.uint8: "u8", torch.int8: "i8", torch.int32: "i32",
+             torch.int64: "i64"}
 _variants: set = set()  # with QKFORMER_TRITON_RECORD: every (kernel, signature, constants) run
 
 
