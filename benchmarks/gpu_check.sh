@@ -197,7 +197,7 @@ pytest_part() {  # pytest, failing also when every selected test was skipped
 export -f pytest_part
 
 # 1. The verdicts everything later depends on.
-part "${GPU_PARTS[0]}" 50 "$PY" benchmarks/gpu_selfcheck.py
+part "${GPU_PARTS[0]}" 70 "$PY" benchmarks/gpu_selfcheck.py
 
 # 2. The Triton units natively, and the fast path against the reference path with the kernels
 # running (QKFORMER_CUDA_FAST_PATH=1: the fast path even where the default would not take it).
@@ -215,7 +215,7 @@ part "${GPU_PARTS[2]}" 75 "$PY" benchmarks/gpu_step.py time --model hst384 --bat
 part "${GPU_PARTS[3]}" 50 "$PY" benchmarks/gpu_step.py memory --model hst384 --batches 32 64
 
 # 5, 6.
-part "${GPU_PARTS[4]}" 45 "$PY" benchmarks/gpu_ddp.py --ranks 2 --steps 3
-part "${GPU_PARTS[5]}" 65 "$PY" benchmarks/gpu_compile.py
+part "${GPU_PARTS[4]}" 35 "$PY" benchmarks/gpu_ddp.py --ranks 2 --steps 3
+part "${GPU_PARTS[5]}" 55 "$PY" benchmarks/gpu_compile.py
 
 finish
