@@ -4,8 +4,10 @@
         --data-dir /data/imagenet --batch-size 24     # or: python -m qkformer.evaluate ...
     torchrun --nproc_per_node=8 imagenet/test.py ...   # exact: every image counted once
 
-Reads released checkpoints (MAE layout with ``args``) and this package's own (``.pth`` or
-``.safetensors``). Only ``<data-dir>/val`` is needed. With the legacy SSA (default, as the
+Reads released checkpoints (MAE layout with ``args``), this package's own (``.pth`` or
+``.safetensors``) and Hub folders (``local-dir:FOLDER``, the folder's path, ``hf-hub:ORG/NAME``);
+the model is the one the file or folder describes (``--model``, ``--T``, ``--input-size`` change
+it, with a warning line each), else the variant its weights fit. Only ``<data-dir>/val`` is needed. With the legacy SSA (default, as the
 released numbers were measured) predictions depend on the eval batch, which is printed.
 """
 from __future__ import annotations

@@ -252,6 +252,10 @@ def test_every_tool_takes_the_checkpoint_or_its_hub_folder(tmp_path, trained, ca
         printed = capsys.readouterr().out
         assert "layout: Hub folder" in printed and "model: qkformer_cifar10 T=2" in printed
         assert "img_size=16" in printed and "num_classes=10" in printed
+    # a flag that contradicts the folder changes the model, and says so in one line
+    evaluate.main(["--checkpoint", str(out), "--T", "1", *run])
+    assert capsys.readouterr().err.splitlines() == [
+        "warning: --T 1 but the checkpoint was trained with T=2"]
     # the analysis tools: the same weights whichever way the folder is named
     reference = _common.build_model(None, str(path)).state_dict()
     for model, checkpoint in ((f"local-dir:{out}", None), (None, str(out)),
