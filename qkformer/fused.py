@@ -154,7 +154,8 @@ def describe(model, device) -> str:
     spikes = (f"spike-driven products below {forward:.0%} / {weight_grad:.0%} non-zeros "
               f"(forward / weight gradient)" if max(forward, weight_grad) > 0
               else "spike-driven products off")
-    threads = (f"{torch.get_num_threads()} OpenMP threads" if cpu.threaded()
+    n = torch.get_num_threads()
+    threads = (f"{n} OpenMP thread{'s' if n != 1 else ''}" if cpu.threaded()
                else "1 thread, built without OpenMP")
     if cpu.isa() != "native":
         threads += f", built for {cpu.isa()}"
