@@ -512,7 +512,9 @@ def _extras():
 
 def test_cuda_extras_one_per_major():
     extras = _extras()
-    assert extras["cuda12"] == ["cupy-cuda12x"] and extras["cuda13"] == ["cupy-cuda13x"]
+    cupy = {k: [e for e in v if e.startswith("cupy")] for k, v in extras.items()}
+    assert cupy["cuda12"] == ["cupy-cuda12x"] and cupy["cuda13"] == ["cupy-cuda13x"]
+    assert all(any(e.startswith("triton") for e in extras[k]) for k in ("cuda", "cuda12", "cuda13"))
     pinned = re.search(r"^torch==(\S+)", (REPO / "constraints.txt").read_text(), re.M).group(1)
     # plain [cuda] is the major of the pinned torch (README: match torch.version.cuda)
     if torch.__version__.split("+")[0] == pinned and torch.version.cuda:
