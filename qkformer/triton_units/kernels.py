@@ -110,6 +110,23 @@ def _grad_coefficients(s1, s2, mean, invstd, scale, n, rep, A: tl.constexpr):
             (-scale * s1 / n64 * r64).to(A))
 
 
+@triton.jit
+def _store_parts(part_ptr, p, C, cols, cm, s1, s2):
+    """This program's per-channel partial sums into part[p, 0:2, C]."""
+    base = part_ptr + p.to(tl.int64) * 2 * C
+    tl.store(base + cols, s1, mask=cm)
+    tl.store(base + C + cols, s2, mask=cm)
+
+
+@triton.jit
+def _pooled_outputs(B, Ho, Wo, C, BLOCK: tl.constexpr):
+    """This program's block of pooled outputs [B, Ho, Wo, C]: offsets, mask, and indices."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    m = offs < B * Ho * Wo * C
+    return (offs, m, offs // (C * Wo * Ho), (offs // (C * Wo)) % Ho, (offs // C) % Wo,
+            offs % C)
+
+
 # --------------------------------------------------------------------------------------------
 # BatchNorm statistics
 @triton.jit
@@ -132,9 +149,7 @@ def colstats_kernel(y_ptr, ref_ptr, part_ptr, R, C, rows_per_prog,
         d = tl.where(m, v - ref[None, :], 0.0)
         s1 += tl.sum(d, axis=0).to(tl.float64)
         s2 += tl.sum(d * d, axis=0).to(tl.float64)
-    base = part_ptr + p.to(tl.int64) * 2 * C
-    tl.store(base + cols, s1, mask=cm)
-    tl.store(base + C + cols, s2, mask=cm)
+    _store_parts(part_ptr, p, C, cols, cm, s1, s2)
 
 
 @triton.jit
@@ -345,9 +360,7 @@ def bn_lif_bwd_kernel(gs_ptr, y_ptr, out_ptr, part_ptr, scale_ptr, shift_ptr, ga
             s1 += tl.sum(tl.where(m, t1, 0.0), axis=0).to(tl.float64)
             s2 += tl.sum(tl.where(m, t2, 0.0), axis=0).to(tl.float64)
     if SUMS:
-        base = part_ptr + p.to(tl.int64) * 2 * C
-        tl.store(base + cols, s1, mask=cm)
-        tl.store(base + C + cols, s2, mask=cm)
+        _store_parts(part_ptr, p, C, cols, cm, s1, s2)
 
 
 @triton.jit
@@ -402,13 +415,8 @@ def _window_max(y_ptr, base, oh, ow, H, W, C, sc, sh, m, AFFINE: tl.constexpr, A
 def bn_pool_lif_fwd_kernel(y_ptr, s_ptr, scale_ptr, shift_ptr, steps, B, H, W, C, Ho, Wo, y_step,
                            tau, inv_tau, v_th, AFFINE: tl.constexpr, EXACT: tl.constexpr,
                            BLOCK: tl.constexpr, A: tl.constexpr):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    offs, m, b, oh, ow, c = _pooled_outputs(B, Ho, Wo, C, BLOCK)
     n_out = B * Ho * Wo * C
-    m = offs < n_out
-    c = offs % C
-    ow = (offs // C) % Wo
-    oh = (offs // (C * Wo)) % Ho
-    b = offs // (C * Wo * Ho)
     sc = tl.load(scale_ptr + c, mask=m, other=0.0) if AFFINE else None
     sh = tl.load(shift_ptr + c, mask=m, other=0.0) if AFFINE else None
     v = tl.zeros([BLOCK], A)
@@ -426,13 +434,8 @@ def pool_lif_bwd_kernel(gs_ptr, y_ptr, gp_ptr, arg_ptr, scale_ptr, shift_ptr, B,
                         BLOCK: tl.constexpr, A: tl.constexpr):
     """First half of the pooled backward, per pooled output: the LIF's g_Z of the pooled map
     into gp [steps, B, Ho, Wo, C] (A) and the window position of each max into arg (int8)."""
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    offs, m, b, oh, ow, c = _pooled_outputs(B, Ho, Wo, C, BLOCK)
     n_out = B * Ho * Wo * C
-    m = offs < n_out
-    c = offs % C
-    ow = (offs // C) % Wo
-    oh = (offs // (C * Wo)) % Ho
-    b = offs // (C * Wo * Ho)
     sc = tl.load(scale_ptr + c, mask=m, other=0.0) if AFFINE else None
     sh = tl.load(shift_ptr + c, mask=m, other=0.0) if AFFINE else None
     v = tl.zeros([BLOCK], A)
@@ -509,9 +512,7 @@ def pool_scatter_kernel(gp_ptr, arg_ptr, y_ptr, gz_ptr, part_ptr, B, H, W, C, Ho
             s1 += tl.sum(tl.where(m, t1, 0.0), axis=0).to(tl.float64)
             s2 += tl.sum(tl.where(m, t2, 0.0), axis=0).to(tl.float64)
     if SUMS:
-        base = part_ptr + p.to(tl.int64) * 2 * C
-        tl.store(base + cols, s1, mask=cm)
-        tl.store(base + C + cols, s2, mask=cm)
+        _store_parts(part_ptr, p, C, cols, cm, s1, s2)
 
 
 @triton.jit
