@@ -120,8 +120,8 @@ def is_source_folder(source: str) -> bool:
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     args = build_parser().parse_args(argv)
-    fit_for_command_line(argv is None)
-    return run_cli(lambda: _run(args), from_command_line=argv is None)
+    return run_cli(lambda: _run(args, from_command_line=argv is None),
+                   from_command_line=argv is None)
 
 
 def _check_args(args) -> None:
@@ -143,10 +143,11 @@ def _check_args(args) -> None:
                           f"or a folder export-hub wrote")
 
 
-def _run(args) -> dict:
+def _run(args, from_command_line: bool = False) -> dict:
     from .data.images import build_image_folder, cifar_transforms, imagenet_transforms
 
     _check_args(args)
+    fit_for_command_line(from_command_line)  # after the checks: a bad flag stays one line
     dist = init_distributed(args.device)
     allocator = memory.setup_for(dist.device)
     ckpt = read_source(args.checkpoint) if is_source_folder(args.checkpoint) else \

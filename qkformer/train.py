@@ -361,13 +361,14 @@ class _Logger:
 
 def main(argv: Optional[Sequence[str]] = None, default_config: Optional[str] = None,
          description: str = "Train QKFormer") -> dict:
-    fit_for_command_line(argv is None)
-    return run_cli(lambda: _run(parse_with_config(build_parser(description), argv, default_config)),
+    return run_cli(lambda: _run(parse_with_config(build_parser(description), argv, default_config),
+                                from_command_line=argv is None),
                    from_command_line=argv is None)
 
 
-def _run(args) -> dict:
+def _run(args, from_command_line: bool = False) -> dict:
     check_args(args)
+    fit_for_command_line(from_command_line)  # after the checks: a bad flag stays one line
     dist = init_distributed(args.device)
     out = Path(args.output_dir)
     lock = None

@@ -101,3 +101,13 @@ def reference() -> Path:
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _threads():
+    # a driver run as from the command line fits its threads to the cores free at start (on a
+    # busy machine fewer): the next test gets the process's threads back
+    before = torch.get_num_threads()
+    yield
+    if torch.get_num_threads() != before:
+        torch.set_num_threads(before)

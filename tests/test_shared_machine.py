@@ -96,3 +96,22 @@ def test_progress_lines_without_a_terminal(monkeypatch, capsys):
     monkeypatch.setattr(engine, "PROGRESS_INTERVAL_S", 30.0)
     engine.evaluate(model, loader, torch.device("cpu"), progress=True)
     assert capsys.readouterr().out == ""
+
+
+@pytest.mark.parametrize("main, argv", [
+    ("train", ["--data-dir", "nowhere", "--accum-iter", "0"]),
+    ("evaluate", ["--checkpoint", "nowhere.pth", "--data-dir", "nowhere", "--batch-size", "0"]),
+])
+def test_a_bad_flag_on_a_busy_machine_is_one_line(monkeypatch, capsys, keep_threads, main, argv):
+    # the flags are checked before the threads are fitted: on a busy machine too, a mistake
+    # is one 'error:' line, and the process's threads stay as they were
+    from qkformer import evaluate, train
+    from conftest import cli_error
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(threads, "free_cores", lambda interval=0.2: 0.0)
+    torch.set_num_threads(2)
+    msg = cli_error(monkeypatch, {"train": train, "evaluate": evaluate}[main].main, argv)
+    assert "is invalid" in msg
+    assert "threads:" not in capsys.readouterr().err
+    assert torch.get_num_threads() == 2
