@@ -96,7 +96,8 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--iters", type=int, default=30, help="training batches per epoch (demo: 90)")
     p.add_argument("--rounds", type=int, default=1,
-                   help="repeat every measurement, alternating; the fastest is kept")
+                   help="repeat every measurement, the order of the configurations rotated "
+                        "each round; the fastest is kept")
     p.add_argument("--config", action="append", default=None,
                    help="NAME[:VAR=VALUE,...] (repeatable; default: default, 1-thread, all-cores)")
     args = p.parse_args(argv)
@@ -112,8 +113,10 @@ def main(argv=None) -> dict:
                 hogs = _busy(cores) if load == "busy" else []
                 try:
                     time.sleep(1.0 if hogs else 0.0)  # the competitors are running
-                    for name, env in configs.items():
-                        t = _run_one(env, data, args.iters)["epoch_time_s"]
+                    names = list(configs)
+                    shift = r % len(names)  # each configuration first in turn: no order bias
+                    for name in names[shift:] + names[:shift]:
+                        t = _run_one(configs[name], data, args.iters)["epoch_time_s"]
                         key = (load, name)
                         times[key] = min(times.get(key, float("inf")), t)
                         print(f"round {r + 1} {load:5s} {name:10s} {t:7.2f} s   "
