@@ -226,9 +226,16 @@ def threaded() -> bool:
     return library() is not None and _openmp
 
 
+@torch.compiler.assume_constant_result
+def _loaded() -> bool:
+    # a constant to torch.compile: a model compiled before any eager call builds the kernels
+    # while it is traced (a build cannot be traced) and sees the answer as a constant
+    return library() is not None
+
+
 def supports(t: torch.Tensor) -> bool:
     """Whether the kernels handle this tensor (CPU, a supported dtype) on this machine."""
-    return t.device.type == "cpu" and t.dtype in SUFFIX and library() is not None
+    return t.device.type == "cpu" and t.dtype in SUFFIX and _loaded()
 
 
 def kernel(name: str, dtype: Optional[torch.dtype] = None) -> Callable:
