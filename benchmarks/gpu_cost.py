@@ -6,8 +6,10 @@ CUDA (its fused units as torch ops, ``QKFORMER_CPU_KERNELS=0``, with the same LI
 training step (forward, backward, AdamW) runs under a dispatch-mode counter on the CPU in the
 16-bit AMP dtype, and the counter adds up (per image unless said):
 
-* kernel launches per step (they do not grow with the batch): every ATen op that is not a view or an empty allocation; the LIF as one
-  launch per forward and one per backward (the CUDA kernel's);
+* kernel launches per step (they do not grow with the batch): every ATen op that is not a view
+  or an empty allocation, a convolution's backward as one per gradient it returns (cuDNN's
+  data and weight gradients are separate kernels); the LIF as one launch per forward and one
+  per backward (the CUDA kernel's);
 * host synchronisations: ops that read a device value on the host (``.item()``, ``nonzero``, ...);
 * bytes read and written by the non-GEMM kernels (every tensor argument and result, once);
 * GEMM / convolution FLOPs (torch's FlopCounterMode formulas);
@@ -138,8 +140,11 @@ class StepCounter(TorchDispatchMode):
         if name in _SYNCS:
             self.syncs += 1
         if name in _GEMMS:
-            self.launches += 1
-            self.launch_ops[name] += 1
+            # a convolution's backward is one GEMM per gradient it returns (data, weight; the
+            # bias gradient a reduction): cuDNN launches them apart
+            n = sum(map(bool, args[-1])) if name == "convolution_backward" else 1
+            self.launches += n
+            self.launch_ops[name] += n
             return out
         nbytes = sum(_nbytes(t) for t in _tensors((args, kwargs, out)))
         self.kernel(name, nbytes)
@@ -257,7 +262,7 @@ def count_step(model_key: str, kind: str, size: int, dtype: torch.dtype,
                 optimizer_bytes=counter.bytes - step_bytes,
                 flops=flops.get_total_flops() / size, peak=counter.peak / size,
                 fixed=params * 2 + state, top=counter.by_op.most_common(int(os.environ.get("GPU_COST_TOP", "6"))),
-                top_launches=counter.launch_ops.most_common(8))
+                top_launches=counter.launch_ops.most_common(int(os.environ.get("GPU_COST_TOP", "8"))))
 
 
 def model_time(r: dict, peak_flops: float, bandwidth: float, size: int) -> float:
