@@ -29,6 +29,7 @@ import contextlib
 import math
 import os
 import threading
+import weakref
 from typing import List, Optional, Tuple
 
 import torch
@@ -192,6 +193,39 @@ def _same_shape(t: Tensor, shape, name: str) -> None:
 # ---------------------------------------------------------------------------------------------
 # compact storage
 # ---------------------------------------------------------------------------------------------
+class _ProducedBits:
+    """Spikes that a unit's spiking pass also wrote as bits (Triton route), found again from
+    the tensor a later unit keeps: the same memory, contiguous, of the same size and dtype, and
+    unchanged since (views share the version counter). An entry goes with its spikes."""
+
+    def __init__(self):
+        self._by_ptr = {}
+
+    def remember(self, spikes: Tensor, bits: Tensor) -> None:
+        ptr = spikes.data_ptr()
+        self._by_ptr[ptr] = (weakref.ref(spikes), spikes._version, spikes.numel(), spikes.dtype,
+                             bits)
+        weakref.finalize(spikes, self._forget, ptr, id(bits))
+
+    def _forget(self, ptr: int, bits_id: int) -> None:
+        entry = self._by_ptr.get(ptr)
+        if entry is not None and id(entry[4]) == bits_id:
+            del self._by_ptr[ptr]
+
+    def find(self, x: Tensor) -> Optional[Tensor]:
+        entry = self._by_ptr.get(x.data_ptr())
+        if entry is None:
+            return None
+        spikes, version, n, dtype, bits = entry
+        if (spikes() is None or x._version != version or x.numel() != n or x.dtype != dtype
+                or not x.is_contiguous()):
+            return None
+        return bits
+
+
+_produced_bits = _ProducedBits()
+
+
 def pack(x: Tensor, kind: int) -> Tuple[Tensor, Optional[tuple]]:
     """What to keep of ``x`` for backward: ``(stored tensor, how to restore it)``.
 
@@ -215,6 +249,9 @@ def pack(x: Tensor, kind: int) -> Tuple[Tensor, Optional[tuple]]:
     n = flat.numel()
     if _triton(flat):
         fmt = "bits" if kind == SPIKES else "u8"
+        produced = _produced_bits.find(x) if kind == SPIKES else None
+        if produced is not None:  # written by the spiking pass: exact, nothing to check
+            return produced, (fmt, x.shape, x.dtype)
         record = triton_units.pack(x.contiguous(), fmt)
         return record.data, (fmt, x.shape, x.dtype, record)
     if kind == SPIKES:
@@ -594,13 +631,16 @@ def _spiking_unit(x: Tensor, weight: Tensor, bias: Optional[Tensor], bn_weight: 
                   running_var: Optional[Tensor], kernel_size: int, stride: int, pool: bool,
                   steps: int, bcast: bool, use_bn: bool, batch_stats_: bool,
                   eps: float, tau: float, v_threshold: float, alpha: float,
-                  detach_reset: bool, x_kind: int, gemm_dtype: Optional[torch.dtype]
-                  ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+                  detach_reset: bool, x_kind: int, gemm_dtype: Optional[torch.dtype],
+                  spike_bits: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     # Functional (autograd needs that): the batch statistics are returned, and the caller
     # updates the running ones. alpha, detach_reset (the surrogate) and x_kind (how to keep x)
     # are for the backward pass, and so is the weight cast to gemm_dtype (empty when there is
-    # no cast): the backward pass reuses it instead of casting again.
+    # no cast): the backward pass reuses it instead of casting again. spike_bits (the Triton
+    # route, unpooled): the spiking pass also writes the spikes as bits, returned last (else
+    # an empty tensor), which the next unit keeps instead of packing them again.
     w_cast = weight.new_empty(0)
+    bits = x.new_empty(0, dtype=torch.uint8)
     with torch.autocast(x.device.type, enabled=False):
         if gemm_dtype is not None:
             x, weight = x.to(gemm_dtype), weight.to(gemm_dtype)
@@ -608,6 +648,22 @@ def _spiking_unit(x: Tensor, weight: Tensor, bias: Optional[Tensor], bn_weight: 
             w_cast = weight
         y = _gemm(x, weight, bias, kernel_size, stride, x_kind if gemm_dtype is None else ANALOG)
         A = _arith(y.dtype)
+        if spike_bits:
+            if pool or not _triton(y):
+                raise ValueError("spiking_unit: spike_bits needs the unpooled Triton route")
+            g, out_shape = _geometry(y, steps, pool, bcast)
+            spikes = torch.empty(out_shape, dtype=y.dtype, device=y.device)
+            bits = torch.empty(spikes.numel() // 8, dtype=torch.uint8, device=y.device)
+            if use_bn:
+                mean, var, invstd = triton_units.bn_lif_forward_bn(
+                    y, spikes, steps, g, batch_stats_, running_mean, running_var, bn_weight,
+                    bn_bias, eps, tau, v_threshold, bcast, bits)
+            else:
+                mean, var, invstd = (torch.zeros(0, dtype=torch.float64, device=y.device)
+                                     for _ in range(3))
+                triton_units.bn_lif_forward(y.contiguous(), spikes, steps, g, None, None, tau,
+                                            v_threshold, False, bcast, bits)
+            return spikes, y, mean, var, invstd, w_cast, bits
         if not use_bn:
             mean = torch.zeros(0, dtype=torch.float64, device=y.device)
             var = torch.zeros(0, dtype=torch.float64, device=y.device)
@@ -620,7 +676,7 @@ def _spiking_unit(x: Tensor, weight: Tensor, bias: Optional[Tensor], bn_weight: 
                 mean, var, invstd = triton_units.bn_lif_forward_bn(
                     y, spikes, steps, g, batch_stats_, running_mean, running_var, bn_weight,
                     bn_bias, eps, tau, v_threshold, bcast)
-                return spikes, y, mean, var, invstd, w_cast
+                return spikes, y, mean, var, invstd, w_cast, bits
             mean, var, invstd, scale, shift = triton_units.colstats_coefficients(
                 y.reshape(-1, y.shape[-1]), batch_stats_, running_mean, running_var, bn_weight,
                 bn_bias, eps)
@@ -633,13 +689,13 @@ def _spiking_unit(x: Tensor, weight: Tensor, bias: Optional[Tensor], bn_weight: 
             invstd = (var + eps).rsqrt()
             _, scale, shift = _bn_affine(bn_weight, bn_bias, mean, invstd, A)
         spikes = bn_lif_forward(y, steps, scale, shift, tau, v_threshold, pool, bcast)
-    return spikes, y, mean, var, invstd, w_cast
+    return spikes, y, mean, var, invstd, w_cast, bits
 
 
 @_spiking_unit.register_fake
 def _(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, kernel_size, stride, pool,
       steps, bcast, use_bn, batch_stats_, eps, tau, v_threshold, alpha, detach_reset, x_kind,
-      gemm_dtype):
+      gemm_dtype, spike_bits):
     dtype = gemm_dtype or x.dtype
     cout = weight.shape[0]
     if kernel_size == 0:
@@ -653,15 +709,16 @@ def _(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, kernel_siz
     _, out_shape = _geometry(y, steps, pool, bcast)
     stats = cout if use_bn else 0
     w_cast = weight.new_empty(weight.shape if gemm_dtype is not None else 0, dtype=dtype)
+    bits = x.new_empty(math.prod(out_shape) // 8 if spike_bits else 0, dtype=torch.uint8)
     return (y.new_empty(out_shape), y, *(x.new_empty(stats, dtype=torch.float64) for _ in range(3)),
-            w_cast)
+            w_cast, bits)
 
 
 def _unit_setup(ctx, inputs, output):
     (x, weight, bias, bn_weight, bn_bias, running_mean, running_var, kernel_size, stride, pool,
      steps, bcast, use_bn, batch_stats_, eps, tau, v_threshold, alpha, detach_reset, x_kind,
-     gemm_dtype) = inputs
-    _, y, mean, var, invstd, w_cast = output
+     gemm_dtype, _) = inputs
+    _, y, mean, var, invstd, w_cast, bits = output
     stored, ctx.x_how = pack(x, x_kind)
     ctx.x_shape, ctx.x_dtype, ctx.x_kind = tuple(x.shape), x.dtype, x_kind
     ctx.save_for_backward(stored, weight, bn_weight, bn_bias, y, mean, invstd,
@@ -669,7 +726,7 @@ def _unit_setup(ctx, inputs, output):
     ctx.cfg = (kernel_size, stride, pool, steps, bcast, use_bn, batch_stats_, tau, v_threshold,
                alpha, detach_reset, gemm_dtype, bias is not None)
     ctx.n_inputs = len(inputs)
-    ctx.mark_non_differentiable(y, mean, var, invstd, w_cast)
+    ctx.mark_non_differentiable(y, mean, var, invstd, w_cast, bits)
     # no gradient flows into y and the statistics: autograd must not build (and page in)
     # a zero tensor the size of y for every unit
     ctx.set_materialize_grads(False)
@@ -900,10 +957,15 @@ def spiking_unit(x: Tensor, weight: Tensor, bias: Optional[Tensor], bn: Optional
         # for fewer than 8 input channels (docs/performance.md, "oneDNN").
         x = x[:, ::stride, ::stride, :] if stride > 1 else x
         kernel_size, stride = 0, 1
-    spikes, y, mean, var, _, _ = _spiking_unit(
+    spike_bits = (not pool and compact_storage_enabled() and not torch.compiler.is_compiling()
+                  and not is_fake(x) and triton_units.spike_bits_supported(weight.shape[0])
+                  and _triton_route_for(x.device, gemm_dtype or x.dtype))
+    spikes, y, mean, var, _, _, bits = _spiking_unit(
         x, weight, bias, bn_w, bn_b, rm, rv, kernel_size,
         stride, pool, steps, bcast, use_bn, batch, eps, lif.tau, lif.v_threshold, lif.alpha,
-        lif.detach_reset, x_kind, gemm_dtype)
+        lif.detach_reset, x_kind, gemm_dtype, spike_bits)
+    if spike_bits:
+        _produced_bits.remember(spikes, bits)
     if update:  # as nn.BatchNorm: running = (1 - m) running + m batch (unbiased variance)
         n = y.numel() // y.shape[-1] * (steps if bcast else 1)
         with torch.no_grad():
@@ -1218,6 +1280,14 @@ def _triton_self_check(device: torch.device, dtype: torch.dtype) -> Optional[str
             if not torch.allclose(a, b, rtol=rtol, atol=rtol * 1e-2):
                 err = (a - b).abs().max().item()
                 return f"{name} differs from the torch route by {err:.3g} ({where})"
+    y8 = grid(T * 3, 8)  # channels a multiple of 8: the spiking pass writes the bits too
+    g8, shape8 = _geometry(y8, T, False, False)
+    with forced_route("triton"):
+        s8 = torch.empty(shape8, dtype=dtype, device=device)
+        bits8 = torch.empty(s8.numel() // 8, dtype=torch.uint8, device=device)
+        triton_units.bn_lif_forward(y8, s8, T, g8, None, None, *lif, False, False, bits8)
+        if not torch.equal(bits8, triton_units.pack(s8, "bits").data):
+            return "the bits the spiking pass writes differ from its spikes packed"
     bad = grid(8)
     bad[3] = 0.5
     with forced_route("triton"):

@@ -343,10 +343,11 @@ def test_custom_ops_pass_torch_library_checks():
     gamma = torch.rand(6, dtype=torch.float64, requires_grad=True)
     beta = torch.randn(6, dtype=torch.float64, requires_grad=True)
     args = (x, w, None, gamma, beta, None, None, 0, 1, False, 2, False, True, True, 1e-5, 2.0,
-            0.5, 4.0, True, fused.COUNTS, None)
+            0.5, 4.0, True, fused.COUNTS, None, False)
     torch.library.opcheck(torch.ops.qkformer.spiking_unit.default, args)
     # with a GEMM dtype (as under autocast): the cast weight is an output, reused backward
-    torch.library.opcheck(torch.ops.qkformer.spiking_unit.default, args[:-1] + (torch.float32,))
+    torch.library.opcheck(torch.ops.qkformer.spiking_unit.default,
+                          args[:-2] + (torch.float32, False))
     qk = (torch.rand(2, 3, 5, 8, dtype=torch.float64) < 0.4).double().requires_grad_()
     torch.library.opcheck(torch.ops.qkformer.qk_attention.default,
                           (qk, 2, False, 2.0, 0.5, 4.0, True))

@@ -200,6 +200,78 @@ def test_a_value_that_does_not_fit_keeps_the_original(bad, kind):
     assert kept_how is not None and kept.dtype == torch.uint8 and how[3].original is None
 
 
+@on_route
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("C, bcast", [(8, False), (72, False), (16, True)])
+def test_the_spiking_pass_writes_its_spikes_as_bits(dtype, C, bcast):
+    """The bits the spiking pass writes beside its spikes are those spikes packed (C crossing
+    a 64-channel tile, rows not a whole tile, a repeated input), and the spikes are unchanged."""
+    y, scale, shift, T, _ = _problem(False, bcast, C=C, dtype=dtype)
+    g, shape = fused._geometry(y, T, False, bcast)
+    with fused.forced_route("triton"):
+        plain = fused.bn_lif_forward(y, T, scale, shift, **LIF, bcast=bcast)
+        s = torch.empty(shape, dtype=dtype, device=DEVICE)
+        bits = torch.empty(s.numel() // 8, dtype=torch.uint8, device=DEVICE)
+        triton_units.bn_lif_forward(y, s, T, g, scale, shift, LIF["tau"], LIF["v_threshold"],
+                                    False, bcast, bits)
+        packed = triton_units.pack(s, "bits").data
+    assert torch.equal(s, plain) and 0 < s.mean() < 1
+    assert torch.equal(bits, packed)
+    with pytest.raises(ValueError, match="cannot hold"):
+        triton_units.bn_lif_forward(y, s, T, g, scale, shift, LIF["tau"], LIF["v_threshold"],
+                                    False, bcast, bits[1:])
+
+
+@on_route
+def test_a_unit_keeps_the_bits_its_producer_wrote():
+    """A unit whose input is another unit's spikes keeps the bits written with them (no packing
+    launch, nothing to check); a changed or partial tensor is packed as before."""
+    from qkformer.neuron import MultiStepLIF
+
+    g = torch.Generator().manual_seed(3)
+    T, C = 2, 16
+    x = torch.randn(T, 5, 8, generator=g).to(DEVICE)
+    lif = MultiStepLIF(tau=2.0, detach_reset=True)
+    bn = torch.nn.BatchNorm1d(C).to(DEVICE)
+    with fused.forced_route("triton"):
+        s = fused.spiking_unit(x, torch.randn(C, 8, generator=g).to(DEVICE), None, bn, lif,
+                               steps=T)
+        entry = fused._produced_bits.find(s.reshape(T, -1))
+        assert entry is not None
+        before = dict(triton_units.launch_counts())
+        stored, how = fused.pack(s.reshape(T, 5, C), fused.SPIKES)
+        assert stored is entry and how == ("bits", torch.Size([T, 5, C]), s.dtype)
+        assert triton_units.launch_counts() == before  # nothing launched
+        assert torch.equal(fused.unpack(stored, how), s.reshape(T, 5, C))
+        assert fused._produced_bits.find(s[:1]) is None  # a part
+        assert fused._produced_bits.find(s.transpose(-1, -2)) is None  # not contiguous
+        s.add_(0)  # changed in place (the version counts it)
+        assert fused._produced_bits.find(s) is None
+        stored, how = fused.pack(s, fused.SPIKES)
+        assert stored is not entry and len(how) == 4  # packed again, checked on the device
+    with fused.compact_storage(False), fused.forced_route("triton"):
+        t = fused.spiking_unit(x, torch.randn(C, 8, generator=g).to(DEVICE), None, bn, lif,
+                               steps=T)
+    assert fused._produced_bits.find(t) is None  # compact storage off: no bits written
+    del s
+    assert all(ref() is not None for ref, *_ in fused._produced_bits._by_ptr.values())
+
+
+@on_route
+def test_the_unit_op_with_bits_passes_torch_library_checks():
+    torch.manual_seed(0)
+    x = torch.randint(0, 2, (2, 3, 4, 8)).double().to(DEVICE).requires_grad_()
+    w = torch.randn(16, 8, 1, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    gamma = torch.rand(16, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    beta = torch.randn(16, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    args = (x, w, None, gamma, beta, None, None, 0, 1, False, 2, False, True, True, 1e-5, 2.0,
+            0.5, 4.0, True, fused.SPIKES, None, True)
+    with fused.forced_route("triton"):
+        torch.library.opcheck(torch.ops.qkformer.spiking_unit.default, args)
+        bits = torch.ops.qkformer.spiking_unit.default(*args)[-1]
+    assert bits.dtype == torch.uint8 and bits.numel() == 2 * 3 * 4 * 16 // 8
+
+
 def test_cuda_default_follows_the_self_check(monkeypatch):
     """CUDA runs the fast path only where the Triton units pass their self-check for every AMP
     dtype; else the reference path (the original's computation), and the line says why."""

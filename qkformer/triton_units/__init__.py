@@ -313,23 +313,35 @@ def colstats_coefficients(y2: Tensor, batch: bool, running_mean: Optional[Tensor
 def bn_lif_forward_bn(y: Tensor, s: Tensor, steps: int, geometry: dict, batch: bool,
                       running_mean: Optional[Tensor], running_var: Optional[Tensor],
                       gamma: Optional[Tensor], beta: Optional[Tensor], eps: float,
-                      tau: float, v_threshold: float, bcast: bool):
-    """The unpooled unit's forward with its BatchNorm: spikes into ``s`` and ``(mean, var,
-    invstd)`` float64 returned, the coefficients computed in the spiking pass. Two launches
-    with batch statistics (the statistics pass, then this), one without."""
+                      tau: float, v_threshold: float, bcast: bool,
+                      bits: Optional[Tensor] = None):
+    """The unpooled unit's forward with its BatchNorm: spikes into ``s`` (and packed into
+    ``bits``, see :func:`spike_bits_supported`) and ``(mean, var, invstd)`` float64 returned,
+    the coefficients computed in the spiking pass. Two launches with batch statistics (the
+    statistics pass, then this), one without."""
     g = geometry
     M, C = g["M"], g["C"]
     args, flags, outputs = _bn_inputs(y.view(-1, C), batch, running_mean, running_var, gamma,
                                       beta, eps)
-    _forward_pass(y, s, steps, M, C, None, None, bcast, tau, v_threshold, (args, flags))
+    _forward_pass(y, s, steps, M, C, None, None, bcast, tau, v_threshold, (args, flags), bits)
     return outputs
+
+
+def spike_bits_supported(channels: int) -> bool:
+    """Whether the unpooled spiking pass can also write its spikes as bits (whole bytes per
+    row: the channels a multiple of 8)."""
+    return channels % 8 == 0
 
 
 def _forward_pass(y: Tensor, s: Tensor, steps: int, M: int, C: int, scale: Optional[Tensor],
                   shift: Optional[Tensor], bcast: bool, tau: float, v_threshold: float,
-                  bn: Optional[tuple] = None) -> None:
+                  bn: Optional[tuple] = None, bits: Optional[Tensor] = None) -> None:
     """The unpooled spiking pass: the affine ``scale``/``shift`` (or none), or with ``bn`` =
-    (arguments, flags) of :func:`_bn_inputs` BatchNorm's, computed in the kernel."""
+    (arguments, flags) of :func:`_bn_inputs` BatchNorm's, computed in the kernel; with ``bits``
+    (uint8 [steps M C / 8]) the spikes packed as :func:`pack` packs them too."""
+    if bits is not None and (not spike_bits_supported(C) or bits.numel() * 8 != s.numel()):
+        raise ValueError(f"bn_lif_forward: {bits.numel()} bytes cannot hold {s.numel()} spikes "
+                         f"of {C} channels as bits")
     consts, exact = _lif_consts(tau)
     block_r, block_c = _tiles(C, y.dtype)
     n_cb = math.ceil(C / block_c)
@@ -343,28 +355,33 @@ def _forward_pass(y: Tensor, s: Tensor, steps: int, M: int, C: int, scale: Optio
     else:
         affine, from_bn = True, True
     args, flags = bn
-    _launch("bn_lif_fwd_kernel", (n_parts, n_cb), y, s, _or_unused(scale, y),
+    _launch("bn_lif_fwd_kernel", (n_parts, n_cb), y, s,
+            _or_unused(bits, y.new_empty(0, dtype=torch.uint8)), _or_unused(scale, y),
             _or_unused(shift, y), *args, steps, M, C, 0 if bcast else M * C, rows, **consts,
-            v_th=float(v_threshold), AFFINE=affine, FROM_BN=from_bn, **flags, EXACT=exact,
-            BLOCK_R=block_r, BLOCK_C=block_c, A=_tl_arith(y.dtype))
+            v_th=float(v_threshold), AFFINE=affine, FROM_BN=from_bn, **flags,
+            BITS=bits is not None, EXACT=exact, BLOCK_R=block_r, BLOCK_C=block_c,
+            A=_tl_arith(y.dtype))
 
 
 def bn_lif_forward(y: Tensor, s: Tensor, steps: int, geometry: dict, scale: Optional[Tensor],
                    shift: Optional[Tensor], tau: float, v_threshold: float, pool: bool,
-                   bcast: bool) -> None:
-    """Spikes of LIF(pool?(y scale + shift)) into ``s`` (see ``qkformer.fused.bn_lif_forward``)."""
+                   bcast: bool, bits: Optional[Tensor] = None) -> None:
+    """Spikes of LIF(pool?(y scale + shift)) into ``s`` (see ``qkformer.fused.bn_lif_forward``),
+    and unpooled, with ``bits``, packed there too."""
     consts, exact = _lif_consts(tau)
     A = _tl_arith(y.dtype)
     sc, sh = _or_unused(scale, y), _or_unused(shift, y)
     g = geometry
     if pool:
+        if bits is not None:
+            raise ValueError("bn_lif_forward: the pooled pass writes no bits")
         n_out = g["B"] * g["Ho"] * g["Wo"] * g["C"]
         y_step = 0 if bcast else g["B"] * g["H"] * g["W"] * g["C"]
         _launch("bn_pool_lif_fwd_kernel", (math.ceil(n_out / _BLOCK),), y, s, sc, sh, steps,
                 g["B"], g["H"], g["W"], g["C"], g["Ho"], g["Wo"], y_step, **consts,
                 v_th=float(v_threshold), AFFINE=scale is not None, EXACT=exact, BLOCK=_BLOCK, A=A)
         return
-    _forward_pass(y, s, steps, g["M"], g["C"], scale, shift, bcast, tau, v_threshold)
+    _forward_pass(y, s, steps, g["M"], g["C"], scale, shift, bcast, tau, v_threshold, None, bits)
 
 
 def bn_lif_backward(grad: Tensor, y: Tensor, steps: int, geometry: dict, scale: Optional[Tensor],

@@ -230,15 +230,32 @@ def running_update_kernel(rmean_ptr, rvar_ptr, count_ptr, mean_ptr, var_ptr, mom
 # --------------------------------------------------------------------------------------------
 # BN affine + LIF (no pool)
 @triton.jit
-def bn_lif_fwd_kernel(y_ptr, s_ptr, scale_ptr, shift_ptr, part_ptr, n_parts, count, ref_ptr,
-                      rmean_ptr, rvar_ptr, gamma_ptr, beta_ptr, eps_ptr, mean_ptr, var_ptr,
-                      invstd_ptr, steps, M, C, y_step, rows_per_prog, tau, inv_tau, v_th,
+def _store_bits(bits_ptr, fired, t, rows, r1, C, MC, BLOCK_R: tl.constexpr,
+                BLOCK_C: tl.constexpr):
+    """A tile of spikes as bits, 8 channels a byte (bit i: channel 8j + i), where the flat
+    [steps, M, C] layout puts them (C a multiple of 8)."""
+    grouped = tl.reshape(fired.to(tl.int32), (BLOCK_R, BLOCK_C // 8, 8))
+    weights = tl.full([8], 1, tl.int32) << tl.arange(0, 8)
+    byte = tl.sum(grouped * weights[None, None, :], axis=2)
+    bcols = tl.program_id(1) * (BLOCK_C // 8) + tl.arange(0, BLOCK_C // 8)
+    bm = (rows < r1)[:, None] & (bcols < C // 8)[None, :]
+    tl.store(bits_ptr + t * (MC // 8) + rows[:, None] * (C // 8) + bcols[None, :],
+             byte.to(tl.uint8), mask=bm)
+
+
+@triton.jit
+def bn_lif_fwd_kernel(y_ptr, s_ptr, bits_ptr, scale_ptr, shift_ptr, part_ptr, n_parts, count,
+                      ref_ptr, rmean_ptr, rvar_ptr, gamma_ptr, beta_ptr, eps_ptr, mean_ptr,
+                      var_ptr, invstd_ptr, steps, M, C, y_step, rows_per_prog, tau, inv_tau, v_th,
                       AFFINE: tl.constexpr, FROM_BN: tl.constexpr, BATCH: tl.constexpr,
-                      HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr, EXACT: tl.constexpr,
-                      BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, A: tl.constexpr):
-    """Spikes of LIF(y scale + shift) over rows [p rows_per_prog, ...) and a block of channels.
-    With FROM_BN the affine is BatchNorm's, from the statistics pass's partial sums (BATCH) or
-    the running statistics, and the first row of programs writes mean, var and 1/std."""
+                      HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr, BITS: tl.constexpr,
+                      EXACT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+                      A: tl.constexpr):
+    """Spikes of LIF(y scale + shift) over rows [p rows_per_prog, ...) and a block of channels,
+    and with BITS the same spikes packed (the compact copy the backward pass keeps, written here
+    instead of read back by a packing pass). With FROM_BN the affine is BatchNorm's, from the
+    statistics pass's partial sums (BATCH) or the running statistics, and the first row of
+    programs writes mean, var and 1/std."""
     p = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     cm = cols < C
@@ -268,6 +285,8 @@ def bn_lif_fwd_kernel(y_ptr, s_ptr, scale_ptr, shift_ptr, part_ptr, n_parts, cou
             y = tl.load(y_ptr + t * y_step + offs, mask=m, other=0.0).to(A)
             h, fired, v = _charge(_affine(y, sc, sh, AFFINE), v, tau, inv_tau, v_th, EXACT)
             tl.store(s_ptr + t * MC + offs, fired.to(s_ptr.dtype.element_ty), mask=m)
+            if BITS:
+                _store_bits(bits_ptr, fired, t, rows, r1, C, MC, BLOCK_R, BLOCK_C)
 
 
 @triton.jit
