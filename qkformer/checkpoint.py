@@ -971,6 +971,9 @@ def _json_object(text: str) -> Dict[str, Any]:
 if __name__ == "__main__":
     # Every error one line, as the other command lines (this generic layer does not import
     # their driver code): a wrong file, model or --model-kwargs key is the user's to fix.
+    from qkformer.cli_warnings import one_line_warnings
+
+    one_line_warnings()
     try:
         main()
     except KeyboardInterrupt:

@@ -107,14 +107,18 @@ R = TypeVar("R")
 
 
 def run_cli(body: Callable[[], R], from_command_line: bool) -> R:
-    """Run a script body: on the command line every error ends in one line, ``error: ...``, with
-    exit status 1 (Ctrl-C: one line and 130; a preempted training run: its own status, see
-    docs/long_runs.md); ``QKFORMER_TRACEBACK=1`` shows the traceback instead. Called from Python,
-    errors propagate. The process group, if any, is always torn down."""
+    """Run a script body: on the command line every warning is one line (``warning: ...``) and
+    every error ends in one line, ``error: ...``, with exit status 1 (Ctrl-C: one line and 130;
+    a preempted training run: its own status, see docs/long_runs.md); ``QKFORMER_TRACEBACK=1``
+    shows the traceback instead. Called from Python, errors propagate. The process group, if
+    any, is always torn down."""
     import os
 
+    from .cli_warnings import one_line_warnings
     from .distributed import cleanup
 
+    if from_command_line:
+        one_line_warnings()
     try:
         return body()
     except KeyboardInterrupt:

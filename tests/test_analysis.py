@@ -637,3 +637,15 @@ def test_tools_build_the_model_the_checkpoint_was_trained_as(tmp_path):
     firing.main(["--checkpoint", str(path), "--synthetic", "--batches", "1", "--batch-size", "2",
                  "--out", str(out)])
     assert any(out.iterdir())
+
+
+def test_a_contradicting_flag_is_one_warning_line_on_the_command_line(tmp_path):
+    path, _ = _trained_checkpoint(tmp_path)
+    r = subprocess.run([sys.executable, "-m", "qkformer.analysis", "firing", "--checkpoint",
+                        str(path), "--model-kwargs", '{"T": 3}', "--synthetic", "--batches", "1",
+                        "--batch-size", "2", "--out", str(tmp_path / "out")],
+                       capture_output=True, text=True, timeout=300,
+                       cwd=Path(__file__).resolve().parents[1])
+    assert r.returncode == 0, r.stderr
+    assert [line for line in r.stderr.splitlines() if "T=3" in line or "warn" in line] == [
+        "warning: --model-kwargs T=3 but the checkpoint was trained with T=2"], r.stderr
