@@ -128,7 +128,10 @@ def fast_path_ready(device) -> bool:
     return device.type == "cuda" and all(_triton_serves(device, d) for d in _AMP_DTYPES)
 
 
+@torch.compiler.assume_constant_result
 def _triton_serves(device: torch.device, dtype: torch.dtype) -> bool:
+    # a constant to torch.compile: a graph traced before any eager call runs the self-check
+    # eagerly (it cannot be traced) and takes its verdict as a constant
     return (triton_units.serves(device, dtype)
             and triton_units.verdict(device, dtype, _triton_self_check))
 
@@ -886,6 +889,20 @@ def _unit_backward(ctx, g_spikes, *_):
 _spiking_unit.register_autograd(_unit_backward, setup_context=_unit_setup)
 
 
+@torch.library.custom_op("qkformer::bn_running_update",
+                         mutates_args=("running_mean", "running_var", "count"))
+def _running_update(running_mean: Tensor, running_var: Tensor, count: Tensor, mean: Tensor,
+                    var: Tensor, momentum: float, n: int) -> None:
+    # BatchNorm's buffers updated in one Triton launch. An op, so that a compiled graph calls it
+    # as it is (its mutations declared) instead of tracing into the kernel launch
+    triton_units.running_update(running_mean, running_var, count, mean, var, momentum, n)
+
+
+@_running_update.register_fake
+def _(running_mean, running_var, count, mean, var, momentum, n):
+    return None
+
+
 def spiking_unit(x: Tensor, weight: Tensor, bias: Optional[Tensor], bn: Optional[torch.nn.Module],
                  lif, *, kernel_size: int = 0, stride: int = 1, pool: bool = False,
                  steps: int, bcast: bool = False, x_kind: int = ANALOG,
@@ -973,9 +990,8 @@ def spiking_unit(x: Tensor, weight: Tensor, bias: Optional[Tensor], bn: Optional
             for m in bns:
                 k = m.num_features
                 if on_device:
-                    triton_units.running_update(m.running_mean, m.running_var,
-                                                m.num_batches_tracked, mean[offset:offset + k],
-                                                var[offset:offset + k], momentum, n)
+                    _running_update(m.running_mean, m.running_var, m.num_batches_tracked,
+                                    mean[offset:offset + k], var[offset:offset + k], momentum, n)
                     offset += k
                     continue
                 m.running_mean.mul_(1 - momentum).add_(mean[offset:offset + k].to(m.running_mean.dtype),

@@ -272,6 +272,36 @@ def test_the_unit_op_with_bits_passes_torch_library_checks():
     assert bits.dtype == torch.uint8 and bits.numel() == 2 * 3 * 4 * 16 // 8
 
 
+@on_route
+def test_the_triton_route_runs_inside_a_compiled_graph():
+    """torch.compile (full graph) of the fast path on the Triton route: the unit ops are called
+    as they are, BatchNorm's update included; logits, gradients and buffers equal eager's."""
+    import copy
+    import timm
+
+    import qkformer  # noqa: F401
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    fast = timm.create_model("qkformer_10_384", embed_dims=32, depths=(1, 1, 1), num_heads=2,
+                             img_size=32, T=2, num_classes=5).double().to(DEVICE).train()
+    eager = copy.deepcopy(fast)
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64, device=DEVICE)
+    compiled = torch.compile(fast, backend="aot_eager", fullgraph=True, dynamic=False)
+    before = sum(triton_units.launch_counts().values())
+    out = compiled(x)
+    (out ** 2).sum().backward()
+    assert sum(triton_units.launch_counts().values()) > before  # the Triton kernels ran
+    ref = eager(x)
+    (ref ** 2).sum().backward()
+    assert torch.equal(out, ref)
+    for (name, a), b in zip(fast.named_parameters(), eager.parameters()):
+        assert torch.equal(a.grad, b.grad), name
+    for (name, a), b in zip(fast.named_buffers(), eager.buffers()):
+        assert torch.equal(a, b), name
+    assert any(n.endswith("num_batches_tracked") and int(b) == 1 for n, b in fast.named_buffers())
+
+
 def test_cuda_default_follows_the_self_check(monkeypatch):
     """CUDA runs the fast path only where the Triton units pass their self-check for every AMP
     dtype; else the reference path (the original's computation), and the line says why."""
