@@ -628,6 +628,11 @@ def _weight_grad(gy: Tensor, x: Tensor, weight: Tensor, kernel_size: int, stride
     return gw
 
 
+def _no_stats(y: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    # the statistics outputs of a unit without BatchNorm: three distinct empty tensors
+    return tuple(torch.zeros(0, dtype=torch.float64, device=y.device) for _ in range(3))
+
+
 @torch.library.custom_op("qkformer::spiking_unit", mutates_args=())
 def _spiking_unit(x: Tensor, weight: Tensor, bias: Optional[Tensor], bn_weight: Optional[Tensor],
                   bn_bias: Optional[Tensor], running_mean: Optional[Tensor],
@@ -651,35 +656,27 @@ def _spiking_unit(x: Tensor, weight: Tensor, bias: Optional[Tensor], bn_weight: 
             w_cast = weight
         y = _gemm(x, weight, bias, kernel_size, stride, x_kind if gemm_dtype is None else ANALOG)
         A = _arith(y.dtype)
-        if spike_bits:
-            if pool or not _triton(y):
-                raise ValueError("spiking_unit: spike_bits needs the unpooled Triton route")
+        if spike_bits and (pool or not _triton(y)):
+            raise ValueError("spiking_unit: spike_bits needs the unpooled Triton route")
+        if _triton(y) and not pool:  # BatchNorm's coefficients computed in the spiking pass
             g, out_shape = _geometry(y, steps, pool, bcast)
             spikes = torch.empty(out_shape, dtype=y.dtype, device=y.device)
-            bits = torch.empty(spikes.numel() // 8, dtype=torch.uint8, device=y.device)
+            if spike_bits:
+                bits = torch.empty(spikes.numel() // 8, dtype=torch.uint8, device=y.device)
+            packed = bits if spike_bits else None
             if use_bn:
                 mean, var, invstd = triton_units.bn_lif_forward_bn(
                     y, spikes, steps, g, batch_stats_, running_mean, running_var, bn_weight,
-                    bn_bias, eps, tau, v_threshold, bcast, bits)
+                    bn_bias, eps, tau, v_threshold, bcast, packed)
             else:
-                mean, var, invstd = (torch.zeros(0, dtype=torch.float64, device=y.device)
-                                     for _ in range(3))
+                mean, var, invstd = _no_stats(y)
                 triton_units.bn_lif_forward(y.contiguous(), spikes, steps, g, None, None, tau,
-                                            v_threshold, False, bcast, bits)
+                                            v_threshold, False, bcast, packed)
             return spikes, y, mean, var, invstd, w_cast, bits
         if not use_bn:
-            mean = torch.zeros(0, dtype=torch.float64, device=y.device)
-            var = torch.zeros(0, dtype=torch.float64, device=y.device)
-            invstd = torch.zeros(0, dtype=torch.float64, device=y.device)
+            mean, var, invstd = _no_stats(y)
             scale = shift = None
-        elif _triton(y):
-            if not pool:  # the coefficients computed in the spiking pass
-                g, out_shape = _geometry(y, steps, pool, bcast)
-                spikes = torch.empty(out_shape, dtype=y.dtype, device=y.device)
-                mean, var, invstd = triton_units.bn_lif_forward_bn(
-                    y, spikes, steps, g, batch_stats_, running_mean, running_var, bn_weight,
-                    bn_bias, eps, tau, v_threshold, bcast)
-                return spikes, y, mean, var, invstd, w_cast, bits
+        elif _triton(y):  # pooled
             mean, var, invstd, scale, shift = triton_units.colstats_coefficients(
                 y.reshape(-1, y.shape[-1]), batch_stats_, running_mean, running_var, bn_weight,
                 bn_bias, eps)
