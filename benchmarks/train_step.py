@@ -314,11 +314,12 @@ def cpu_isa_line() -> str:
 
 
 def _native_bf16(device: str):
+    """(whether --amp auto would use 16-bit autocast here, why)."""
     if device == "cuda":
         return True, "CUDA"
-    from qkformer.precision import cpu_bf16_native
+    from qkformer.precision import cpu_bf16_pays
 
-    return cpu_bf16_native()
+    return cpu_bf16_pays()
 
 
 def _report(key: str, results: dict, flops: dict, peaks: dict, args, native_bf16) -> list:
@@ -373,7 +374,7 @@ def _report(key: str, results: dict, flops: dict, peaks: dict, args, native_bf16
           TARGET_PLAIN_EVAL)
     if args.device == "cpu":
         native, why = native_bf16
-        note = "" if native else f"not measurable here: bf16 is emulated on this CPU ({why})"
+        note = "" if native else f"not applicable here: {why}"
         check("bf16 train step vs fp32 baseline", ratio("amp", "train_s"), TARGET_BF16_TRAIN,
               note=note)
         v = ratio("amp", "eval_s")
@@ -442,8 +443,9 @@ def main(argv=None) -> int:
           f"{'default allocator' if args.default_malloc else 'freed memory kept for reuse'}",
           flush=True)
     if args.device == "cpu":
-        print(f"bf16: {'native' if native_bf16[0] else 'emulated'} ({native_bf16[1]}); load "
-              f"average before: {os.getloadavg()[0]:.2f}, {os.cpu_count()} logical CPUs", flush=True)
+        pays = "pays" if native_bf16[0] else "does not pay"
+        print(f"bf16 autocast: {pays} ({native_bf16[1]}); load average before: "
+              f"{os.getloadavg()[0]:.2f}, {os.cpu_count()} logical CPUs", flush=True)
         print(cpu_isa_line(), flush=True)
     dtypes = {"fp32": torch.float32, ("bf16" if args.device == "cpu" else "fp16"):
               torch.bfloat16 if args.device == "cpu" else torch.float16}

@@ -26,7 +26,7 @@ from .checkpoint import (extract_state_dict, is_hub_source, load_checkpoint, mat
                          read_source, saved_architecture)
 from .config import ConfigError, run_cli
 from .cpu import memory
-from .distributed import ShardSampler, init_distributed, is_main
+from .distributed import ShardSampler, gather_objects, init_distributed, is_main
 from .engine import evaluate
 from .training_checkpoint import read_checkpoint_file
 from .threads import fit_for_command_line
@@ -176,7 +176,7 @@ def _run(args, from_command_line: bool = False) -> dict:
         print(f"model {margs.model} (T={margs.T}, input {size}, {style} preprocessing, "
               f"{'legacy' if margs.legacy_ssa else 'fixed'} SSA); eval batch size "
               f"{args.batch_size} per process x {dist.world_size}")
-    amp, precision = resolve_amp(dist.device, args.amp, training=False)
+    amp, precision = gather_objects(resolve_amp(dist.device, args.amp, training=False))[0]
     if is_main():
         print(precision)
         print(describe_backend(dist.device))

@@ -640,7 +640,8 @@ def _spiking_unit(x: Tensor, weight: Tensor, bias: Optional[Tensor], bn_weight: 
                   steps: int, bcast: bool, use_bn: bool, batch_stats_: bool,
                   eps: float, tau: float, v_threshold: float, alpha: float,
                   detach_reset: bool, x_kind: int, gemm_dtype: Optional[torch.dtype],
-                  spike_bits: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+                  spike_bits: bool
+                  ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     # Functional (autograd needs that): the batch statistics are returned, and the caller
     # updates the running ones. alpha, detach_reset (the surrogate) and x_kind (how to keep x)
     # are for the backward pass, and so is the weight cast to gemm_dtype (empty when there is

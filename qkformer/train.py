@@ -425,7 +425,8 @@ class _Preempted(Exception):
 
 def _train(args, dist, out: Path, preempt) -> dict:
     allocator = memory.setup_for(dist.device)
-    args.amp, precision = resolve_amp(dist.device, args.amp)
+    # rank 0's choice on every rank (on a CPU it rests on a timing, which ranks may read apart)
+    args.amp, precision = gather_objects(resolve_amp(dist.device, args.amp))[0]
     seed = args.seed + dist.rank
     random.seed(seed)
     np.random.seed(seed)
