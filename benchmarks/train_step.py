@@ -313,7 +313,7 @@ def cpu_isa_line() -> str:
             f"{forward:.0%} forward, {weight_grad:.0%} weight gradient")
 
 
-def _native_bf16(device: str):
+def _bf16_pays(device: str):
     """(whether --amp auto would use 16-bit autocast here, why)."""
     if device == "cuda":
         return True, "CUDA"
@@ -322,7 +322,7 @@ def _native_bf16(device: str):
     return cpu_bf16_pays()
 
 
-def _report(key: str, results: dict, flops: dict, peaks: dict, args, native_bf16) -> list:
+def _report(key: str, results: dict, flops: dict, peaks: dict, args, bf16_pays) -> list:
     """Print the table and the ratio lines of one model; returns the failed checks."""
     print(f"\n{key}: {MODELS[key][0]}, {MODELS[key][2]} px, batch {args.batch_for[key]}")
     print(f"{'config':<10} {'train s':>8} {'img/s':>7} {'of limit':>8} {'eval s':>8} {'img/s':>7} "
@@ -373,8 +373,8 @@ def _report(key: str, results: dict, flops: dict, peaks: dict, args, native_bf16
     check("plain eval (model.eval(), no_grad) vs baseline", ratio("fp32", "eval_s"),
           TARGET_PLAIN_EVAL)
     if args.device == "cpu":
-        native, why = native_bf16
-        note = "" if native else f"not applicable here: {why}"
+        pays, why = bf16_pays
+        note = "" if pays else f"not applicable here: {why}"
         check("bf16 train step vs fp32 baseline", ratio("amp", "train_s"), TARGET_BF16_TRAIN,
               note=note)
         v = ratio("amp", "eval_s")
@@ -431,8 +431,8 @@ def main(argv=None) -> int:
         p.error(f"unknown configurations {unknown}; choose from {list(all_configs)}")
     if "baseline" not in configs:
         configs.insert(0, "baseline")
-    native_bf16 = _native_bf16(args.device)
-    if "amp" in configs and args.device == "cpu" and not native_bf16[0] and not args.force_bf16:
+    bf16_pays = _bf16_pays(args.device)
+    if "amp" in configs and args.device == "cpu" and not bf16_pays[0] and not args.force_bf16:
         configs.remove("amp")
     args.batch_for = {k: args.batch or MODELS[k][3] for k in models}
     torch.set_num_threads(args.threads)
@@ -443,8 +443,8 @@ def main(argv=None) -> int:
           f"{'default allocator' if args.default_malloc else 'freed memory kept for reuse'}",
           flush=True)
     if args.device == "cpu":
-        pays = "pays" if native_bf16[0] else "does not pay"
-        print(f"bf16 autocast: {pays} ({native_bf16[1]}); load average before: "
+        pays = "pays" if bf16_pays[0] else "does not pay"
+        print(f"bf16 autocast: {pays} ({bf16_pays[1]}); load average before: "
               f"{os.getloadavg()[0]:.2f}, {os.cpu_count()} logical CPUs", flush=True)
         print(cpu_isa_line(), flush=True)
     dtypes = {"fp32": torch.float32, ("bf16" if args.device == "cpu" else "fp16"):
@@ -497,7 +497,7 @@ def main(argv=None) -> int:
           "(CUDA: max_memory_allocated) above the process before its first step)")
     failed = []
     for key in models:
-        failed += _report(key, results[key], flops[key], peaks, args, native_bf16)
+        failed += _report(key, results[key], flops[key], peaks, args, bf16_pays)
     broken = [f"{k}/{c}" for k in models for c, r in results[k].items() if "error" in r]
     if broken:
         print(f"failed configurations: {broken}")

@@ -937,6 +937,9 @@ def spiking_unit(x: Tensor, weight: Tensor, bias: Optional[Tensor], bn: Optional
     use_bn = bool(bns)
     bn_w = bn_b = rm = rv = None
     batch, momentum, eps = False, 0.0, 1e-5
+    gemm_dtype = (torch.get_autocast_dtype(x.device.type)
+                  if torch.is_autocast_enabled(x.device.type) else None)
+    on_triton = _triton_route_for(x.device, gemm_dtype or x.dtype)
     if use_bn:
         first = bns[0]
         training = first.training
@@ -944,9 +947,7 @@ def spiking_unit(x: Tensor, weight: Tensor, bias: Optional[Tensor], bn: Optional
         batch = training or not tracking
         eps = first.eps
         # on the Triton route the update kernel counts the batch (with a fixed momentum)
-        on_device = first.momentum is not None and _triton_route_for(
-            x.device, torch.get_autocast_dtype(x.device.type)
-            if torch.is_autocast_enabled(x.device.type) else x.dtype)
+        on_device = first.momentum is not None and on_triton
         if training and tracking and update_stats:
             if not on_device:
                 for m in bns:
@@ -962,9 +963,6 @@ def spiking_unit(x: Tensor, weight: Tensor, bias: Optional[Tensor], bn: Optional
             rv = cat([m.running_var for m in bns])
     else:
         update = False
-    gemm_dtype = None
-    if torch.is_autocast_enabled(x.device.type):
-        gemm_dtype = torch.get_autocast_dtype(x.device.type)
     if kernel_size == 1:
         # A 1x1 convolution (padding 0) reads every stride-th pixel: a projection of those
         # tokens. Exact, and it keeps strided 1x1 convolutions away from oneDNN, whose
@@ -974,7 +972,7 @@ def spiking_unit(x: Tensor, weight: Tensor, bias: Optional[Tensor], bn: Optional
         kernel_size, stride = 0, 1
     spike_bits = (not pool and compact_storage_enabled() and not torch.compiler.is_compiling()
                   and not is_fake(x) and triton_units.spike_bits_supported(weight.shape[0])
-                  and _triton_route_for(x.device, gemm_dtype or x.dtype))
+                  and on_triton)
     spikes, y, mean, var, _, _, bits = _spiking_unit(
         x, weight, bias, bn_w, bn_b, rm, rv, kernel_size,
         stride, pool, steps, bcast, use_bn, batch, eps, lif.tau, lif.v_threshold, lif.alpha,
