@@ -1160,10 +1160,18 @@ def _lif_rows(x: Tensor, steps: int) -> Tensor:  # [T*G, N, d] -> [T, G, N*d] (L
     return x.view(steps, -1, x.shape[1] * x.shape[2])
 
 
+def _ssa_on_triton(qkv: Tensor, num_heads: int) -> bool:
+    """The SSA core runs as one Triton kernel each way (one head's tokens fit a program)."""
+    T, B, N, C3 = qkv.shape
+    return _triton(qkv) and triton_units.ssa_blocks(N, C3 // 3 // num_heads) is not None
+
+
 @torch.library.custom_op("qkformer::ssa_attention", mutates_args=())
 def _ssa_attention(qkv: Tensor, num_heads: int, scale: float, tau: float, v_threshold: float,
                    alpha: float, detach_reset: bool) -> Tensor:
     T, B, N, C3 = qkv.shape
+    if _ssa_on_triton(qkv, num_heads):
+        return triton_units.ssa_forward(qkv.contiguous(), num_heads, scale, tau, v_threshold)
     with torch.autocast(qkv.device.type, enabled=False):  # the scores stay exact integers
         x, _ = _ssa_scores(_heads_from_tokens(qkv, num_heads, 3, _arith(qkv.dtype)), scale)
         s = _lif_only(_lif_rows(x, T), T, tau, v_threshold)
@@ -1187,6 +1195,9 @@ def _ssa_setup(ctx, inputs, output):
 def _ssa_attention_backward(g_s: Tensor, qkv: Tensor, num_heads: int, scale: float, tau: float,
                             v_threshold: float, alpha: float, detach_reset: bool) -> Tensor:
     T, B, N, C3 = qkv.shape
+    if _ssa_on_triton(qkv, num_heads):
+        return triton_units.ssa_backward(g_s.contiguous(), qkv.contiguous(), num_heads, scale,
+                                         tau, v_threshold, alpha, detach_reset)
     A = _arith(qkv.dtype)
     with torch.autocast(qkv.device.type, enabled=False):
         heads = _heads_from_tokens(qkv, num_heads, 3, A)
@@ -1292,6 +1303,18 @@ def _triton_self_check(device: torch.device, dtype: torch.dtype) -> Optional[str
             if not torch.allclose(a, b, rtol=rtol, atol=rtol * 1e-2):
                 err = (a - b).abs().max().item()
                 return f"{name} differs from the torch route by {err:.3g} ({where})"
+    qkv = (grid(T, 1, 6, 3 * 8, lo=-3, hi=5) > 0).to(dtype)  # SSA, 2 heads of 4 channels
+    g_ssa = grid(T, 1, 6, 8)
+    ssa = {}
+    for r in ("triton", "torch"):
+        with forced_route(r):
+            ssa[r] = (_ssa_attention(qkv, 2, 0.5, *lif, 4.0, True),
+                      _ssa_attention_backward(g_ssa, qkv, 2, 0.5, *lif, 4.0, True))
+    if not torch.equal(ssa["triton"][0], ssa["torch"][0]):
+        return "the self-attention's spikes differ from the torch route"
+    if not torch.allclose(ssa["triton"][1].to(A), ssa["torch"][1].to(A), rtol=rtol,
+                          atol=rtol * 1e-2):
+        return "the self-attention's gradient differs from the torch route"
     y8 = grid(T * 3, 8)  # channels a multiple of 8: the spiking pass writes the bits too
     g8, shape8 = _geometry(y8, T, False, False)
     with forced_route("triton"):

@@ -164,6 +164,46 @@ def test_token_attention_matches_the_torch_route(dtype, heads, C):
 
 @on_route
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("heads,C,N", [(2, 16, 9), (1, 48, 49), (3, 30, 20), (1, 40, 70)])
+def test_self_attention_matches_the_torch_route(dtype, heads, C, N):
+    """SSA in one kernel each way, on the token-major layout: the spikes bit-equal (the scores
+    are integer sums, exact in any order), the gradients within the rounding of the summation
+    order; no head-major copy is made."""
+    g = torch.Generator().manual_seed(C + N)
+    T, B = 4, 2
+    density = (8 / (C // heads * N)) ** (1 / 3)  # scores of about 1: some fire, some not
+    qkv = (torch.rand(T, B, N, 3 * C, generator=g) < density).to(dtype).to(DEVICE)
+    lif = dict(tau=2.0, v_threshold=0.5, alpha=4.0, detach_reset=True)
+    before = triton_units.launch_counts().get("ssa_fwd_kernel", 0)
+    out_tr, out_to = _routes(lambda: fused._ssa_attention(qkv, heads, 0.125, **lif))
+    assert triton_units.launch_counts()["ssa_fwd_kernel"] == before + 1
+    assert torch.equal(out_tr, out_to)
+    assert 0.05 < out_to.float().mean() < 0.95
+    g_out = torch.randn(T, B, N, C, generator=g).to(dtype).to(DEVICE)
+    gr_tr, gr_to = _routes(lambda: fused._ssa_attention_backward(g_out, qkv, heads, 0.125,
+                                                                 **lif))
+    rtol = 1e-12 if dtype == torch.float64 else (1e-5 if dtype == torch.float32 else 1e-2)
+    scale = gr_to.abs().max()
+    assert scale > 0
+    torch.testing.assert_close(gr_tr, gr_to, rtol=rtol, atol=rtol * scale)
+
+
+@on_route
+def test_self_attention_blocks():
+    """A head's channels in one tile, its tokens in blocks (smaller backward); heads wider
+    than 128 channels take the torch route."""
+    assert triton_units.ssa_blocks(49, 48) == (64, 64)
+    assert triton_units.ssa_blocks(196, 48, "backward") == (32, 64)
+    assert triton_units.ssa_blocks(9, 8) == (16, 16)
+    assert triton_units.ssa_blocks(9, 129) is None
+    qkv = torch.zeros(1, 1, 4, 3 * 129, device=DEVICE)
+    with fused.forced_route("triton"):
+        assert not fused._ssa_on_triton(qkv, 1)
+        assert fused._ssa_on_triton(qkv[..., :3 * 128], 1)
+
+
+@on_route
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("n", [1, 7, 8, 9, 2051])
 def test_packing_round_trips(dtype, n):
     g = torch.Generator().manual_seed(n)
@@ -372,7 +412,7 @@ def test_triton_route_through_the_interpreter(tmp_path):
                 "pool_lif_bwd_kernel", "pool_scatter_kernel", "bn_apply_kernel",
                 "to_bits_kernel", "from_bits_kernel", "to_u8_kernel", "from_u8_kernel",
                 "bn_affine_kernel", "running_update_kernel", "qk_token_fwd_kernel",
-                "qk_token_bwd_kernel"}
+                "qk_token_bwd_kernel", "ssa_fwd_kernel", "ssa_bwd_kernel", "ssa_bwd_kv_kernel"}
     assert kernels == expected, expected ^ kernels
     sizes = _compile_for_sm90(variants)
     assert set(sizes) == expected and all(n > 0 for n in sizes.values())

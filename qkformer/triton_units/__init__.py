@@ -8,6 +8,9 @@ Per unit and training step (``kernels.py`` has the kernels):
   input gradient, and recompute + LIF backward + the input gradient (one pass writing it). The
   pooled unit writes the pooled gradient and the window argmax once and gathers them back.
 
+The attention cores are one kernel each way: QKTA, and SSA (reading and writing the
+token-major layouts, so that no head-major copy is made).
+
 16-bit values stay 16-bit in memory; the arithmetic is float32 (float64 for float64 tensors) in
 registers. Compact storage packs spikes to bits and counts to bytes with a device-side flag
 for values that do not fit; :class:`Packed` resolves it without stalling the stream.
@@ -36,6 +39,7 @@ __all__ = ["interpreting", "is_available", "unavailable_reason", "serves", "hand
            "describe", "launch_counts", "colstats_coefficients", "bn_lif_forward",
            "bn_lif_backward", "bn_grad_coefficients", "pool_lif_backward", "bn_apply",
            "bn_affine", "running_update", "colstats", "bn_lif_forward_bn", "qk_token_forward", "qk_token_backward",
+           "ssa_blocks", "ssa_forward", "ssa_backward",
            "pack", "unpack", "Packed", "DTYPES"]
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -550,6 +554,63 @@ def qk_token_backward(g_out: Tensor, k: Tensor, qs: Tensor, tau: float, v_thresh
             **consts, v_th=float(v_threshold), alpha=float(alpha), decay=1.0 - 1.0 / tau,
             STEPS=T, EXACT=exact, DETACH=bool(detach_reset), BLOCK_R=block_r, BLOCK_D=block_d,
             A=_tl_arith(k.dtype))
+    return out
+
+
+_SSA_TILE = {"forward": 4096, "backward": 2048}  # elements of a [tokens, channels] tile
+_SSA_MAX_HEAD = 128
+
+
+def ssa_blocks(tokens: int, head_dim: int, direction: str = "forward"
+               ) -> Optional[Tuple[int, int]]:
+    """(BLOCK_N, BLOCK_D) of an SSA kernel: a head's channels in one tile, its tokens in
+    blocks (the backward pass keeps T tiles of charges in registers, hence smaller blocks);
+    None for heads wider than the kernels take (the caller then takes the torch route)."""
+    if head_dim > _SSA_MAX_HEAD:
+        return None
+    block_d = max(16, _pow2(head_dim, _SSA_MAX_HEAD))
+    return max(16, _pow2(tokens, _SSA_TILE[direction] // block_d)), block_d
+
+
+def ssa_forward(qkv: Tensor, num_heads: int, scale: float, tau: float,
+                v_threshold: float) -> Tensor:
+    """SSA on stacked spikes ``qkv`` [T, B, N, 3C] (contiguous): LIF((q (kᵀ v)) scale) per
+    head, [T, B, N, C]. One launch."""
+    T, B, N, C3 = qkv.shape
+    C = C3 // 3
+    D = C // num_heads
+    block_n, block_d = ssa_blocks(N, D)
+    consts, exact = _lif_consts(tau)
+    out = qkv.new_empty((T, B, N, C))
+    _launch("ssa_fwd_kernel", (B, num_heads, math.ceil(N / block_n)), qkv, out,
+            _constant(scale, qkv.device), B, N, C, D, **consts, v_th=float(v_threshold),
+            STEPS=T, EXACT=exact, BLOCK_N=block_n, BLOCK_D=block_d, A=_tl_arith(qkv.dtype))
+    return out
+
+
+def ssa_backward(g_out: Tensor, qkv: Tensor, num_heads: int, scale: float, tau: float,
+                 v_threshold: float, alpha: float, detach_reset: bool) -> Tensor:
+    """Backward of :func:`ssa_forward`: [g_q | g_k | g_v] [T, B, N, 3C] in ``qkv``'s dtype,
+    from ``g_out`` [T, B, N, C] (both contiguous). One launch where a head's tokens fit one
+    block, else two (the second sums the blocks' shares of g_kv)."""
+    T, B, N, C3 = qkv.shape
+    C = C3 // 3
+    D = C // num_heads
+    block_n, block_d = ssa_blocks(N, D, "backward")
+    n_blocks = math.ceil(N / block_n)
+    consts, exact = _lif_consts(tau)
+    out = torch.empty_like(qkv)
+    A = _arith(qkv.dtype)
+    part = (torch.empty((B, num_heads, n_blocks, T, D, D), dtype=A, device=qkv.device)
+            if n_blocks > 1 else _or_unused(None, torch.empty(0, dtype=A, device=qkv.device)))
+    grid = (B, num_heads, n_blocks)
+    _launch("ssa_bwd_kernel", grid, g_out, qkv, out, part, _constant(scale, qkv.device), B, N,
+            C, D, n_blocks, **consts, v_th=float(v_threshold), alpha=float(alpha),
+            decay=1.0 - 1.0 / tau, STEPS=T, EXACT=exact, DETACH=bool(detach_reset),
+            WHOLE=n_blocks == 1, BLOCK_N=block_n, BLOCK_D=block_d, A=_tl_arith(qkv.dtype))
+    if n_blocks > 1:
+        _launch("ssa_bwd_kv_kernel", grid, qkv, out, part, B, N, C, D, n_blocks, STEPS=T,
+                BLOCK_N=block_n, BLOCK_D=block_d, A=_tl_arith(qkv.dtype))
     return out
 
 

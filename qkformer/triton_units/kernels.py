@@ -652,3 +652,129 @@ def qk_token_bwd_kernel(g_ptr, k_ptr, qs_ptr, out_ptr, R, C, H, D, tau, inv_tau,
         tl.store(out_ptr + base * 2 * C + cols[None, :], g_q.to(out_ptr.dtype.element_ty), mask=m)
         tl.store(out_ptr + base * 2 * C + C + cols[None, :], (a * g).to(out_ptr.dtype.element_ty),
                  mask=m)
+
+
+# --------------------------------------------------------------------------------------------
+# Spikformer's SSA core: per head, LIF((q (kᵀ v)) scale), read from and written to token-major
+# layouts (no head-major copies). Products of spikes are integer sums, exact in any order.
+# Program (b, head, block of tokens); kᵀ v needs every token, so each program sums it over all
+# blocks itself (re-reading k and v, which stay in cache) rather than exchanging it.
+@triton.jit
+def _ssa_tile(qkv_ptr, t, b, B, N, C, col0, n, d, D, which: tl.constexpr, A: tl.constexpr):
+    """q (which 0), k (1) or v (2) of head columns col0 + d, step t, batch b, tokens n:
+    [BLOCK_N, BLOCK_D] in A; and the tokens' rows of the [steps, B, N] layout."""
+    rows = (t * B + b).to(tl.int64) * N + n
+    m = (n < N)[:, None] & (d < D)[None, :]
+    ptr = qkv_ptr + rows[:, None] * 3 * C + which * C + (col0 + d)[None, :]
+    return tl.load(ptr, mask=m, other=0.0).to(A), rows, m
+
+
+@triton.jit
+def _ssa_kv(qkv_ptr, t, b, B, N, C, col0, d, D, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+            A: tl.constexpr):
+    """kᵀ v of one head at step t, over all tokens: [BLOCK_D, BLOCK_D] in A."""
+    kv = tl.zeros([BLOCK_D, BLOCK_D], A)
+    for n0 in range(0, N, BLOCK_N):
+        n = n0 + tl.arange(0, BLOCK_N)
+        k, _, _ = _ssa_tile(qkv_ptr, t, b, B, N, C, col0, n, d, D, 1, A)
+        v, _, _ = _ssa_tile(qkv_ptr, t, b, B, N, C, col0, n, d, D, 2, A)
+        kv += tl.dot(tl.trans(k), v, input_precision="ieee", out_dtype=A)
+    return kv
+
+
+@triton.jit
+def ssa_fwd_kernel(qkv_ptr, out_ptr, scale_ptr, B, N, C, D, tau, inv_tau, v_th,
+                   STEPS: tl.constexpr, EXACT: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BLOCK_D: tl.constexpr, A: tl.constexpr):
+    """qkv [steps, B, N, 3C] (q | k | v spikes), program (b, head of D channels, block of
+    tokens): out [steps, B, N, C] = LIF((q (kᵀ v)) scale) over the steps."""
+    b = tl.program_id(0)
+    col0 = tl.program_id(1) * D
+    n = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
+    d = tl.arange(0, BLOCK_D)
+    scale = tl.load(scale_ptr).to(A)
+    v_mem = tl.zeros([BLOCK_N, BLOCK_D], A)
+    for t in range(0, STEPS):
+        kv = _ssa_kv(qkv_ptr, t, b, B, N, C, col0, d, D, BLOCK_N, BLOCK_D, A)
+        q, rows, m = _ssa_tile(qkv_ptr, t, b, B, N, C, col0, n, d, D, 0, A)
+        x = tl.dot(q, kv, input_precision="ieee", out_dtype=A) * scale
+        h, fired, v_mem = _charge(x, v_mem, tau, inv_tau, v_th, EXACT)
+        tl.store(out_ptr + rows[:, None] * C + (col0 + d)[None, :],
+                 fired.to(out_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _ssa_store_kv_grads(qkv_ptr, out_ptr, g_kv, t, b, B, N, C, col0, n, d, D, A: tl.constexpr):
+    """g_k = v g_kvᵀ and g_v = k g_kv of a block of tokens into out's k and v columns."""
+    k, rows, m = _ssa_tile(qkv_ptr, t, b, B, N, C, col0, n, d, D, 1, A)
+    v, _, _ = _ssa_tile(qkv_ptr, t, b, B, N, C, col0, n, d, D, 2, A)
+    base = out_ptr + rows[:, None] * 3 * C + (col0 + d)[None, :]
+    T = out_ptr.dtype.element_ty
+    tl.store(base + C, tl.dot(v, tl.trans(g_kv), input_precision="ieee", out_dtype=A).to(T),
+             mask=m)
+    tl.store(base + 2 * C, tl.dot(k, g_kv, input_precision="ieee", out_dtype=A).to(T), mask=m)
+
+
+@triton.jit
+def ssa_bwd_kernel(g_ptr, qkv_ptr, out_ptr, part_ptr, scale_ptr, B, N, C, D, n_blocks, tau,
+                   inv_tau, v_th, alpha, decay, STEPS: tl.constexpr, EXACT: tl.constexpr,
+                   DETACH: tl.constexpr, WHOLE: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BLOCK_D: tl.constexpr, A: tl.constexpr):
+    """Backward of ssa_fwd_kernel: g [steps, B, N, C] -> out [steps, B, N, 3C] = [g_q | g_k |
+    g_v]. The charges are recomputed (integer scores, so exactly); with G = g_X scale:
+    g_q = G (kᵀ v)ᵀ, g_kv = qᵀ G, g_k = v g_kvᵀ, g_v = k g_kv. g_kv sums over every token:
+    with WHOLE (one block holds them all) this program finishes; otherwise it writes its
+    block's share of g_kv into part [B, heads, n_blocks, steps, D, D] (A) and
+    ssa_bwd_kv_kernel finishes."""
+    b = tl.program_id(0)
+    j = tl.program_id(1)
+    col0 = j * D
+    blk = tl.program_id(2)
+    n = blk * BLOCK_N + tl.arange(0, BLOCK_N)
+    d = tl.arange(0, BLOCK_D)
+    scale = tl.load(scale_ptr).to(A)
+    v_mem = tl.zeros([BLOCK_N, BLOCK_D], A)
+    hs = ()
+    for t in tl.static_range(STEPS):
+        kv = _ssa_kv(qkv_ptr, t, b, B, N, C, col0, d, D, BLOCK_N, BLOCK_D, A)
+        q, rows, m = _ssa_tile(qkv_ptr, t, b, B, N, C, col0, n, d, D, 0, A)
+        h, fired, v_mem = _charge(tl.dot(q, kv, input_precision="ieee", out_dtype=A) * scale,
+                                  v_mem, tau, inv_tau, v_th, EXACT)
+        hs = hs + (h,)
+    carry = tl.zeros([BLOCK_N, BLOCK_D], A)
+    for t in tl.static_range(STEPS - 1, -1, -1):
+        kv = _ssa_kv(qkv_ptr, t, b, B, N, C, col0, d, D, BLOCK_N, BLOCK_D, A)
+        q, rows, m = _ssa_tile(qkv_ptr, t, b, B, N, C, col0, n, d, D, 0, A)
+        g_s = tl.load(g_ptr + rows[:, None] * C + (col0 + d)[None, :], mask=m, other=0.0).to(A)
+        g_x, carry = _grad(g_s, hs[t], carry, tau, inv_tau, v_th, alpha, decay, EXACT, DETACH)
+        gh = tl.where(m, g_x * scale, 0.0)
+        tl.store(out_ptr + rows[:, None] * 3 * C + (col0 + d)[None, :],
+                 tl.dot(gh, tl.trans(kv), input_precision="ieee",
+                        out_dtype=A).to(out_ptr.dtype.element_ty), mask=m)
+        g_kv = tl.dot(tl.trans(q), gh, input_precision="ieee", out_dtype=A)
+        if WHOLE:
+            _ssa_store_kv_grads(qkv_ptr, out_ptr, g_kv, t, b, B, N, C, col0, n, d, D, A)
+        else:
+            base = (((b * tl.num_programs(1) + j) * n_blocks + blk) * STEPS + t).to(tl.int64)
+            tl.store(part_ptr + base * D * D + d[:, None] * D + d[None, :], g_kv,
+                     mask=(d < D)[:, None] & (d < D)[None, :])
+
+
+@triton.jit
+def ssa_bwd_kv_kernel(qkv_ptr, out_ptr, part_ptr, B, N, C, D, n_blocks, STEPS: tl.constexpr,
+                      BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, A: tl.constexpr):
+    """Second half of ssa_bwd_kernel for heads split over blocks of tokens: g_kv summed over
+    the blocks in block order, then g_k and g_v of this program's block."""
+    b = tl.program_id(0)
+    j = tl.program_id(1)
+    col0 = j * D
+    n = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
+    d = tl.arange(0, BLOCK_D)
+    tile = d[:, None] * D + d[None, :]
+    tm = (d < D)[:, None] & (d < D)[None, :]
+    for t in range(0, STEPS):
+        g_kv = tl.zeros([BLOCK_D, BLOCK_D], A)
+        for p in range(0, n_blocks):
+            base = (((b * tl.num_programs(1) + j) * n_blocks + p) * STEPS + t).to(tl.int64)
+            g_kv += tl.load(part_ptr + base * D * D + tile, mask=tm, other=0.0)
+        _ssa_store_kv_grads(qkv_ptr, out_ptr, g_kv, t, b, B, N, C, col0, n, d, D, A)
