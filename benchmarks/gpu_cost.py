@@ -14,8 +14,13 @@ training step (forward, backward, AdamW) runs under a dispatch-mode counter on t
 * bytes read and written by the non-GEMM kernels (every tensor argument and result, once);
 * GEMM / convolution FLOPs (torch's FlopCounterMode formulas);
 * the peak of live memory during the step (every storage allocated inside it, freed when its
-  last reference goes), i.e. activations and temporaries; parameters, gradients and optimizer
-  state are listed apart.
+  last reference goes), i.e. activations, temporaries and the weight gradients; parameters
+  and optimizer state are listed apart.
+
+Two steps are counted, of ``--count-batch`` images and of twice as many: bytes, FLOPs and the
+peak are a part per image plus a part per step (weight casts, weight gradients), read off the
+line through the two counts, and the figures are per image of a ``--batch``-image step (the
+per-step part shared by its images).
 
 The roofline model of the step time, clearly a model: GEMM FLOPs at a sustained fraction of the
 dense fp16 tensor-core peak, plus bytes at a fraction of HBM bandwidth, plus launches at a fixed
@@ -27,6 +32,7 @@ cost each. It ranks the two computations; it does not replace a measurement
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import weakref
@@ -52,7 +58,8 @@ _NO_LAUNCH = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_st
               "detach", "lift_fresh", "_to_copy_noop", "set_", "resize_", "_unsafe_view",
               "alias", "view", "_reshape_alias", "as_strided", "expand", "permute", "t",
               "transpose", "unsqueeze", "squeeze", "select", "slice", "split", "split_with_sizes",
-              "chunk", "unbind", "unflatten", "view_as", "_local_scalar_dense"}
+              "chunk", "unbind", "unflatten", "view_as", "_local_scalar_dense",
+              "_record_function_enter_new", "_record_function_exit"}  # (profiler marks: host)
 _SYNCS = {"_local_scalar_dense", "nonzero", "is_nonzero", "item", "masked_select",
           "unique", "_unique2", "equal"}
 
@@ -95,6 +102,7 @@ class StepCounter(TorchDispatchMode):
         self.peak = 0
         self._seen = set()
         self.quiet = 0  # > 0 inside the LIF, which is counted as its one kernel
+        self.gemm_flops = 0  # of Triton kernels (FlopCounterMode sees torch's GEMMs only)
 
     def _track(self, out):
         for t in _tensors(out):
@@ -181,6 +189,22 @@ def _count_lif_as_kernels(counter: StepCounter):
     return lambda: (setattr(neuron, "_forward", fwd), setattr(neuron, "_backward", bwd))
 
 
+def _ssa_flops(name: str, grid: tuple, args: tuple, meta: dict) -> int:
+    """The products the SSA kernels compute with ``tl.dot`` (including what they recompute:
+    kᵀ v per block of tokens, the charges in the backward pass); 0 for other kernels."""
+    if not name.startswith("ssa_"):
+        return 0
+    B, heads, blocks = grid
+    at = 5 if name == "ssa_bwd_kernel" else 3  # where (B, N, C, D) start in the arguments
+    N, D = args[at + 1], args[at + 3]
+    kv = 2 * N * D * D  # kᵀ v over every token
+    own = 2 * math.ceil(N / blocks) * D * D  # one product over the program's block of tokens
+    per_step = {"ssa_fwd_kernel": kv + own,
+                "ssa_bwd_kernel": (kv + own) + kv + 2 * own + (2 * own if blocks == 1 else 0),
+                "ssa_bwd_kv_kernel": 2 * own}[name]
+    return meta["STEPS"] * B * heads * blocks * per_step
+
+
 def _count_triton_launches(counter: StepCounter, checks_known: bool = True):
     """The fast path's Triton route without running its kernels: each launch counted as one
     kernel reading and writing every distinct tensor it is given, once (the launchers pass a
@@ -196,6 +220,7 @@ def _count_triton_launches(counter: StepCounter, checks_known: bool = True):
     def counted(name, grid, *args, **meta):
         seen = {(t.data_ptr(), _nbytes(t)) for t in _tensors((args, meta))}
         counter.kernel(f"{name} (triton)", sum(n for _, n in seen))
+        counter.gemm_flops += _ssa_flops(name, grid, args, meta)
 
     def resolved_at_once(self, data, flag, original):
         self.data, self.flag, self.original = data, flag, None if checks_known else original
@@ -258,11 +283,27 @@ def count_step(model_key: str, kind: str, size: int, dtype: torch.dtype,
                 restore_triton()
     params = sum(_nbytes(p) for p in model.parameters())
     state = sum(_nbytes(t) for s in opt.state.values() for t in _tensors(s))
-    return dict(launches=counter.launches, syncs=counter.syncs, bytes=step_bytes / size,
+    top = int(os.environ.get("GPU_COST_TOP", "6"))
+    return dict(size=size, launches=counter.launches, syncs=counter.syncs, bytes=step_bytes,
                 optimizer_bytes=counter.bytes - step_bytes,
-                flops=flops.get_total_flops() / size, peak=counter.peak / size,
-                fixed=params * 2 + state, top=counter.by_op.most_common(int(os.environ.get("GPU_COST_TOP", "6"))),
-                top_launches=counter.launch_ops.most_common(int(os.environ.get("GPU_COST_TOP", "8"))))
+                flops=flops.get_total_flops() + counter.gemm_flops,
+                peak=counter.peak, fixed=params * 2 + state,
+                top=[(n, b / size) for n, b in counter.by_op.most_common(top)],
+                top_launches=counter.launch_ops.most_common(max(top, 8)))
+
+
+def per_image(small: dict, large: dict, batch: int) -> dict:
+    """Per-image figures of a step of ``batch`` images from the counts of two smaller steps:
+    bytes, FLOPs and the peak are a part per image plus a part per step (weight casts, weight
+    gradients), read off the line through the two counts; the per-step part is shared by the
+    ``batch`` images. Launches and synchronisations are per step."""
+    out = dict(small)
+    for key in ("bytes", "flops", "peak"):
+        slope = (large[key] - small[key]) / (large["size"] - small["size"])
+        out[key] = slope + max(0.0, small[key] - slope * small["size"]) / batch
+    out["launches"] = max(small["launches"], large["launches"])
+    out["syncs"] = max(small["syncs"], large["syncs"])
+    return out
 
 
 def model_time(r: dict, peak_flops: float, bandwidth: float, size: int) -> float:
@@ -276,19 +317,26 @@ def main(argv=None) -> int:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--models", nargs="+", default=["cifar", "hst384"], choices=list(MODELS))
     p.add_argument("--count-batch", type=int, default=2,
-                   help="images in the counted step (counts are per image)")
-    p.add_argument("--batch", type=int, default=32, help="batch of the modelled GPU step")
+                   help="images in the smaller counted step (a second one has twice as many)")
+    p.add_argument("--batch", type=int, default=32,
+                   help="batch of the modelled GPU step, which the per-image figures are of")
     p.add_argument("--dtype", choices=["float16", "bfloat16"], default="bfloat16",
                    help="the AMP dtype on the CPU (same sizes as the GPU's fp16)")
     p.add_argument("--quick", action="store_true", help="tiny models (a smoke test)")
     args = p.parse_args(argv)
     models = ["quick", "quick-dvs"] if args.quick else args.models
     dtype = getattr(torch, args.dtype)
-    print(f"counted on the CPU ({args.dtype} autocast as the GPU's 16-bit AMP), per image; "
-          f"the fast path as torch ops (QKFORMER_CPU_KERNELS=0), the LIF as one kernel launch")
+    print(f"counted on the CPU ({args.dtype} autocast as the GPU's 16-bit AMP), per image of a "
+          f"{args.batch}-image step (from steps of {args.count_batch} and "
+          f"{2 * args.count_batch} images); the fast path as torch ops "
+          f"(QKFORMER_CPU_KERNELS=0), the LIF as one kernel launch")
     met_all = True
+    def counted(key, kind, **kw):
+        return per_image(count_step(key, kind, args.count_batch, dtype, **kw),
+                         count_step(key, kind, 2 * args.count_batch, dtype, **kw), args.batch)
+
     for key in models:
-        rows = {kind: count_step(key, kind, args.count_batch, dtype) for kind in KINDS}
+        rows = {kind: counted(key, kind) for kind in KINDS}
         o = rows["reference"]
         print(f"\n{key}: {MODELS[key][0]}, {MODELS[key][2]} px")
         print(f"{'':34s}" + "".join(f" {v:>16s}" for v in KINDS.values())
@@ -315,12 +363,12 @@ def main(argv=None) -> int:
             print(f"most launched, {KINDS[kind]}: "
                   + ", ".join(f"{n} {c}" for n, c in r["top_launches"]))
         t = rows["triton"]
-        late = count_step(key, "triton", args.count_batch, dtype, checks_known=False)
+        late = counted(key, "triton", checks_known=False)
         print(f"  the Triton route's peak with the packing checks seen only at the backward pass "
               f"(the host far ahead of the device): {late['peak'] / 1e6:.1f} MB / image "
               f"({late['peak'] / o['peak']:.2f}x)")
-        print(f"largest non-GEMM byte movers, {KINDS['triton']}: "
-              + ", ".join(f"{n} {b / args.count_batch / 1e6:.0f} MB" for n, b in t["top"]))
+        print(f"largest non-GEMM byte movers, {KINDS['triton']} (per image of the {args.count_batch}-image step): "
+              + ", ".join(f"{n} {b / 1e6:.0f} MB" for n, b in t["top"]))
         checks = (("non-GEMM bytes", t["bytes"] / o["bytes"], 0.5),
                   ("launches", t["launches"] / o["launches"], 0.75),
                   ("peak live memory", t["peak"] / o["peak"], 0.5))

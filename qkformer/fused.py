@@ -628,9 +628,73 @@ def _weight_grad(gy: Tensor, x: Tensor, weight: Tensor, kernel_size: int, stride
     return gw
 
 
+def _per_channel(y: Tensor, steps: int, bcast: bool) -> int:
+    """How many values of each channel BatchNorm's batch statistics of the conv output ``y``
+    are taken over (with ``bcast`` y is one image batch repeated over the steps)."""
+    return y.numel() // y.shape[-1] * (steps if bcast else 1)
+
+
 def _no_stats(y: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
     # the statistics outputs of a unit without BatchNorm: three distinct empty tensors
     return tuple(torch.zeros(0, dtype=torch.float64, device=y.device) for _ in range(3))
+
+
+def _unit_forward(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, kernel_size,
+                  stride, pool, steps, bcast, use_bn, batch_stats_, eps, tau, v_threshold, alpha,
+                  detach_reset, x_kind, gemm_dtype, spike_bits, running):
+    """The unit's forward (:func:`_spiking_unit`'s arguments). ``running``
+    (:data:`triton_units.Running`, Triton route only): the statistics kernel also updates the
+    BatchNorm buffers, in place; the op itself passes None, as an op with autograd must not
+    mutate its inputs."""
+    w_cast = weight.new_empty(0)
+    bits = x.new_empty(0, dtype=torch.uint8)
+    if running is not None:
+        if not (use_bn and batch_stats_ and _triton_route_for(x.device, gemm_dtype or x.dtype)):
+            raise ValueError("spiking_unit: running statistics are updated in the kernels of "
+                             "the Triton route, from batch statistics")
+    with torch.autocast(x.device.type, enabled=False):
+        if gemm_dtype is not None:
+            x, weight = x.to(gemm_dtype), weight.to(gemm_dtype)
+            bias = bias.to(gemm_dtype) if bias is not None else None
+            w_cast = weight
+        y = _gemm(x, weight, bias, kernel_size, stride, x_kind if gemm_dtype is None else ANALOG)
+        if running is not None:
+            running = (*running, _per_channel(y, steps, bcast))
+        A = _arith(y.dtype)
+        if spike_bits and (pool or not _triton(y)):
+            raise ValueError("spiking_unit: spike_bits needs the unpooled Triton route")
+        if _triton(y) and not pool:  # BatchNorm's coefficients computed in the spiking pass
+            g, out_shape = _geometry(y, steps, pool, bcast)
+            spikes = torch.empty(out_shape, dtype=y.dtype, device=y.device)
+            if spike_bits:
+                bits = torch.empty(spikes.numel() // 8, dtype=torch.uint8, device=y.device)
+            packed = bits if spike_bits else None
+            if use_bn:
+                mean, var, invstd = triton_units.bn_lif_forward_bn(
+                    y, spikes, steps, g, batch_stats_, running_mean, running_var, bn_weight,
+                    bn_bias, eps, tau, v_threshold, bcast, packed, running)
+            else:
+                mean, var, invstd = _no_stats(y)
+                triton_units.bn_lif_forward(y.contiguous(), spikes, steps, g, None, None, tau,
+                                            v_threshold, False, bcast, packed)
+            return spikes, y, mean, var, invstd, w_cast, bits
+        if not use_bn:
+            mean, var, invstd = _no_stats(y)
+            scale = shift = None
+        elif _triton(y):  # pooled
+            mean, var, invstd, scale, shift = triton_units.colstats_coefficients(
+                y.reshape(-1, y.shape[-1]), batch_stats_, running_mean, running_var, bn_weight,
+                bn_bias, eps, running)
+        else:
+            if batch_stats_:
+                mean, var = batch_stats(y)
+            else:
+                mean, var = running_mean.double(), running_var.double()
+            mean, var = mean.clone(), var.clone()  # never an alias of an input
+            invstd = (var + eps).rsqrt()
+            _, scale, shift = _bn_affine(bn_weight, bn_bias, mean, invstd, A)
+        spikes = bn_lif_forward(y, steps, scale, shift, tau, v_threshold, pool, bcast)
+    return spikes, y, mean, var, invstd, w_cast, bits
 
 
 @torch.library.custom_op("qkformer::spiking_unit", mutates_args=())
@@ -648,49 +712,9 @@ def _spiking_unit(x: Tensor, weight: Tensor, bias: Optional[Tensor], bn_weight: 
     # no cast): the backward pass reuses it instead of casting again. spike_bits (the Triton
     # route, unpooled): the spiking pass also writes the spikes as bits, returned last (else
     # an empty tensor), which the next unit keeps instead of packing them again.
-    w_cast = weight.new_empty(0)
-    bits = x.new_empty(0, dtype=torch.uint8)
-    with torch.autocast(x.device.type, enabled=False):
-        if gemm_dtype is not None:
-            x, weight = x.to(gemm_dtype), weight.to(gemm_dtype)
-            bias = bias.to(gemm_dtype) if bias is not None else None
-            w_cast = weight
-        y = _gemm(x, weight, bias, kernel_size, stride, x_kind if gemm_dtype is None else ANALOG)
-        A = _arith(y.dtype)
-        if spike_bits and (pool or not _triton(y)):
-            raise ValueError("spiking_unit: spike_bits needs the unpooled Triton route")
-        if _triton(y) and not pool:  # BatchNorm's coefficients computed in the spiking pass
-            g, out_shape = _geometry(y, steps, pool, bcast)
-            spikes = torch.empty(out_shape, dtype=y.dtype, device=y.device)
-            if spike_bits:
-                bits = torch.empty(spikes.numel() // 8, dtype=torch.uint8, device=y.device)
-            packed = bits if spike_bits else None
-            if use_bn:
-                mean, var, invstd = triton_units.bn_lif_forward_bn(
-                    y, spikes, steps, g, batch_stats_, running_mean, running_var, bn_weight,
-                    bn_bias, eps, tau, v_threshold, bcast, packed)
-            else:
-                mean, var, invstd = _no_stats(y)
-                triton_units.bn_lif_forward(y.contiguous(), spikes, steps, g, None, None, tau,
-                                            v_threshold, False, bcast, packed)
-            return spikes, y, mean, var, invstd, w_cast, bits
-        if not use_bn:
-            mean, var, invstd = _no_stats(y)
-            scale = shift = None
-        elif _triton(y):  # pooled
-            mean, var, invstd, scale, shift = triton_units.colstats_coefficients(
-                y.reshape(-1, y.shape[-1]), batch_stats_, running_mean, running_var, bn_weight,
-                bn_bias, eps)
-        else:
-            if batch_stats_:
-                mean, var = batch_stats(y)
-            else:
-                mean, var = running_mean.double(), running_var.double()
-            mean, var = mean.clone(), var.clone()  # never an alias of an input
-            invstd = (var + eps).rsqrt()
-            _, scale, shift = _bn_affine(bn_weight, bn_bias, mean, invstd, A)
-        spikes = bn_lif_forward(y, steps, scale, shift, tau, v_threshold, pool, bcast)
-    return spikes, y, mean, var, invstd, w_cast, bits
+    return _unit_forward(x, weight, bias, bn_weight, bn_bias, running_mean, running_var,
+                         kernel_size, stride, pool, steps, bcast, use_bn, batch_stats_, eps, tau,
+                         v_threshold, alpha, detach_reset, x_kind, gemm_dtype, spike_bits, None)
 
 
 @_spiking_unit.register_fake
@@ -762,7 +786,7 @@ def _unit_input_grad(grad, y, mean, invstd, bn_weight, bn_bias, steps, pool, bca
         if need[4] and bn_bias is not None:
             g_beta = sum_gz.to(bn_bias.dtype)
         if batch_stats_:  # the batch statistics depend on y too
-            n = y.numel() // y.shape[-1] * (steps if bcast else 1)
+            n = _per_channel(y, steps, bcast)
             rep = steps if bcast else 1
             b = (-scale64 * invstd * gzxhat / n * rep).to(A)
             d = (-scale64 * sum_gz / n * rep).to(A)
@@ -785,7 +809,7 @@ def _unit_input_grad_triton(grad, y, mean, invstd, bn_weight, bn_bias, steps, po
     gy = torch.empty(y.shape, dtype=y.dtype, device=y.device)
     lif = (tau, v_threshold, alpha, detach_reset, bcast)
     rep = steps if bcast else 1
-    n = y.numel() // y.shape[-1] * rep
+    n = _per_channel(y, steps, bcast)
     want_gamma = need[3] and bn_weight is not None
     want_beta = need[4] and bn_bias is not None
     if not pool:
@@ -887,6 +911,22 @@ def _unit_backward(ctx, g_spikes, *_):
 _spiking_unit.register_autograd(_unit_backward, setup_context=_unit_setup)
 
 
+class _SpikingUnitFunction(torch.autograd.Function):
+    """Eager autograd of the unit: the op's formula without the dispatcher's custom-op layers
+    (Python overhead on every call), and free to update BatchNorm's running statistics inside
+    the statistics kernel (the last argument, :data:`triton_units.Running` or None)."""
+
+    @staticmethod
+    def forward(ctx, *args):
+        output = _unit_forward(*args)
+        _unit_setup(ctx, args[:-1], output)
+        return output
+
+    @staticmethod
+    def backward(ctx, *grads):
+        return _unit_backward(ctx, *grads) + (None,)
+
+
 @torch.library.custom_op("qkformer::bn_running_update",
                          mutates_args=("running_mean", "running_var", "count"))
 def _running_update(running_mean: Tensor, running_var: Tensor, count: Tensor, mean: Tensor,
@@ -973,14 +1013,25 @@ def spiking_unit(x: Tensor, weight: Tensor, bias: Optional[Tensor], bn: Optional
     spike_bits = (not pool and compact_storage_enabled() and not torch.compiler.is_compiling()
                   and not is_fake(x) and triton_units.spike_bits_supported(weight.shape[0])
                   and on_triton)
-    spikes, y, mean, var, _, _, bits = _spiking_unit(
-        x, weight, bias, bn_w, bn_b, rm, rv, kernel_size,
-        stride, pool, steps, bcast, use_bn, batch, eps, lif.tau, lif.v_threshold, lif.alpha,
-        lif.detach_reset, x_kind, gemm_dtype, spike_bits)
+    args = (x, weight, bias, bn_w, bn_b, rm, rv, kernel_size, stride, pool, steps, bcast, use_bn,
+            batch, eps, lif.tau, lif.v_threshold, lif.alpha, lif.detach_reset, x_kind,
+            gemm_dtype, spike_bits)
+    if torch.compiler.is_compiling() or is_fake(x):
+        running = None
+        spikes, y, mean, var, _, _, bits = _spiking_unit(*args)
+    else:
+        # eagerly, on the Triton route, the statistics kernel updates the running statistics
+        running = (([(m.running_mean, m.running_var, m.num_batches_tracked) for m in bns],
+                    momentum) if update and on_device and len(bns) <= 3
+                   and len({m.num_features for m in bns}) == 1 else None)
+        grad = torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (x, weight, bias, bn_w, bn_b))
+        spikes, y, mean, var, _, _, bits = (_SpikingUnitFunction.apply(*args, running) if grad
+                                            else _unit_forward(*args, running))
     if spike_bits:
         _produced_bits.remember(spikes, bits)
-    if update:  # as nn.BatchNorm: running = (1 - m) running + m batch (unbiased variance)
-        n = y.numel() // y.shape[-1] * (steps if bcast else 1)
+    if update and running is None:  # as nn.BatchNorm: running = (1 - m) running + m batch
+        n = _per_channel(y, steps, bcast)
         with torch.no_grad():
             offset = 0
             for m in bns:

@@ -319,7 +319,10 @@ class HierarchicalSpikingTransformer(nn.Module):
             - Input: ``[T, B, num_features, H', W']``
             - Output: ``[B, num_classes]``, or ``[B, num_features]`` with ``pre_logits``
         """
-        x = x.flatten(3).mean(3).mean(0)
+        if x.stride(2) == 1:  # a view of the token-major layout: the mean taken there gives a
+            x = x.permute(0, 1, 3, 4, 2).flatten(2, 3).mean(2).mean(0)  # token-major gradient
+        else:
+            x = x.flatten(3).mean(3).mean(0)
         return x if pre_logits else self.head(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

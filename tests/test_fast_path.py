@@ -356,6 +356,40 @@ def test_custom_ops_pass_torch_library_checks():
                           (qkv, 2, 0.125, 2.0, 0.5, 4.0, True))
 
 
+def test_eager_units_skip_the_dispatcher_and_equal_the_op():
+    """Eagerly a unit is a plain autograd Function (the custom op's layers cost Python time on
+    every call); its outputs and gradients are those of the op, which compiled graphs call."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.add(str(func))
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    x = torch.randint(0, 3, (4, 5, 8)).double().requires_grad_()
+    w = torch.randn(6, 8, dtype=torch.float64, requires_grad=True)
+    bn = nn.BatchNorm1d(6).double()
+    lif = MultiStepLIF(v_threshold=0.5)
+    ops = Ops()
+    with ops:
+        out = fused.spiking_unit(x, w, None, bn, lif, steps=2, x_kind=fused.COUNTS)
+    assert not any("qkformer.spiking_unit" in n for n in ops.names), sorted(ops.names)
+    args = (x, w, None, bn.weight, bn.bias, None, None, 0, 1, False, 2, False, True, True,
+            bn.eps, lif.tau, lif.v_threshold, lif.alpha, lif.detach_reset, fused.COUNTS, None,
+            False)
+    ref = torch.ops.qkformer.spiking_unit.default(*args)[0]
+    assert torch.equal(out, ref) and 0 < out.mean() < 1
+    g = torch.randn_like(out)
+    inputs = (x, w, bn.weight, bn.bias)
+    for a, b in zip(torch.autograd.grad(out, inputs, g), torch.autograd.grad(ref, inputs, g)):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.slow
 def test_compile_fullgraph_fast_path_matches_eager():
     torch._dynamo.reset()

@@ -33,7 +33,8 @@ def test_gpu_cost_quick():
         for row, tol in ((launches, 0.01), (nbytes, 0.1), (peak, 0.3)):  # the printed ratios
             for col, ratio in ((1, row[3]), (2, row[4])):  # (of figures rounded to 0.1)
                 assert abs(row[col] / row[0] - ratio) <= tol * ratio + 0.01, row
-        assert gflop[0] == gflop[1] == gflop[2]  # the same GEMMs on every route
+        # the same GEMMs on every route; the Triton attention kernels recompute a few products
+        assert gflop[0] == gflop[1] <= gflop[2] <= 1.02 * gflop[0] + 0.1  # (printed to 0.1)
         assert syncs[0] == 0 and syncs[2] == 0  # the original and the Triton route never wait
         assert syncs[1] > 0  # the torch-op form's packing check reads a device value
     assert "lif_forward (kernel)" in proc.stdout and "lif_backward (kernel)" in proc.stdout

@@ -163,6 +163,46 @@ def test_token_attention_matches_the_torch_route(dtype, heads, C):
 
 
 @on_route
+@pytest.mark.parametrize("grad", [True, False], ids=["grad", "no_grad"])
+@pytest.mark.parametrize("stacked,pool", [(3, False), (1, False), (1, True)],
+                         ids=["qkv", "single", "pooled"])
+def test_the_statistics_kernels_update_the_running_statistics(stacked, pool, grad):
+    """Eagerly, on the Triton route, the kernel that computes a unit's batch statistics also
+    updates its BatchNorms' running statistics and batch counters (three side by side for a
+    stacked projection): no update launch, the buffers as nn.BatchNorm's update leaves them."""
+    from qkformer.neuron import MultiStepLIF
+
+    g = torch.Generator().manual_seed(stacked + 2 * pool)
+    T, C, cin = 2, 8, 5
+    lif = MultiStepLIF()
+    x = (torch.randn(T * 2, 6, 6, cin, generator=g) if pool
+         else torch.randn(T * 3, 7, cin, generator=g)).to(DEVICE).requires_grad_(grad)
+    w = (torch.randn(C * stacked, cin, 3, 3, generator=g) if pool
+         else torch.randn(C * stacked, cin, generator=g)).to(DEVICE)
+    made = []
+    for r in ("triton", "torch"):
+        bns = [(torch.nn.BatchNorm2d if pool else torch.nn.BatchNorm1d)(C).to(DEVICE)
+               for _ in range(stacked)]
+        for i, bn in enumerate(bns):
+            bn.running_mean.fill_(0.25 * i)
+            bn.num_batches_tracked.fill_(i)
+        before = triton_units.launch_counts().get("running_update_kernel", 0)
+        with fused.forced_route(r):
+            for _ in range(2):
+                fused.spiking_unit(x, w, None, bns if stacked > 1 else bns[0], lif,
+                                   kernel_size=3 if pool else 0, pool=pool, steps=T)
+        if r == "triton":
+            assert triton_units.launch_counts().get("running_update_kernel", 0) == before
+        made.append(bns)
+    for ours, theirs in zip(*made):
+        assert ours.num_batches_tracked.item() == theirs.num_batches_tracked.item()
+        # within float32 rounding of the batch statistics (summed in different orders)
+        torch.testing.assert_close(ours.running_mean, theirs.running_mean, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(ours.running_var, theirs.running_var, rtol=1e-5, atol=1e-6)
+        assert ours.running_var.sub(1).abs().max() > 0.05  # moved away from its initial 1
+
+
+@on_route
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("heads,C,N", [(2, 16, 9), (1, 48, 49), (3, 30, 20), (1, 40, 70)])
 def test_self_attention_matches_the_torch_route(dtype, heads, C, N):

@@ -269,6 +269,11 @@ def _lif_consts(tau: float):
 
 # --------------------------------------------------------------------------------------------
 # launchers (inputs contiguous; the caller checks shapes and dtypes)
+Running = Tuple[List[Tuple[Tensor, Tensor, Optional[Tensor]]], float, int]
+"""BatchNorm buffers a statistics kernel updates in place, as ``nn.BatchNorm`` does: ([(running
+mean, running var, batch counter or None)] of 1 to 3 BatchNorms of equal width side by side on
+the channels, momentum, n: the values each statistic was taken over)."""
+
 def colstats(y2: Tensor) -> Tuple[Tensor, Tensor]:
     """Partial sums of ``y2`` [R, C] for BatchNorm's batch statistics: ``(part [P, 2, C]
     float64, ref)``, the sums of d = y - ref and d^2 per program (ref: the first row, which
@@ -284,29 +289,49 @@ def colstats(y2: Tensor) -> Tuple[Tensor, Tensor]:
     return part, ref
 
 
-def _bn_inputs(y2: Tensor, batch: bool, running_mean, running_var, gamma, beta, eps: float):
-    """The statistics arguments shared by the kernels that compute BatchNorm's coefficients."""
+def _running_inputs(running: Optional[Running], device: torch.device) -> Tuple[tuple, dict]:
+    """The kernels' arguments for updating the running statistics (none: ``running`` None)."""
+    f64 = _or_unused(None, torch.empty(0, dtype=torch.float64, device=device))
+    if running is None:
+        return (f64,) * 9 + (f64, 1, 1), dict(RUNNING=0, COUNT=False)
+    groups, momentum, n = running
+    if not 1 <= len(groups) <= 3 or len({rm.numel() for rm, _, _ in groups}) != 1:
+        raise ValueError("running statistics: 1 to 3 BatchNorms of equal width")
+    count = groups[0][2] is not None
+    pointers = [t if t is not None else f64 for g in groups for t in g]
+    pointers += [pointers[0]] * (9 - len(pointers))
+    return ((*pointers, _constant(momentum, device), groups[0][0].numel(), int(n)),
+            dict(RUNNING=len(groups), COUNT=count))
+
+
+def _bn_inputs(y2: Tensor, batch: bool, running_mean, running_var, gamma, beta, eps: float,
+               running: Optional[Running] = None):
+    """The statistics arguments shared by the kernels that compute BatchNorm's coefficients
+    (and with ``running`` update the running statistics)."""
     R, C = y2.shape
     f64 = dict(dtype=torch.float64, device=y2.device)
     part, ref = (colstats(y2) if batch
                  else (_or_unused(None, y2.new_empty(0, **f64)), _or_unused(None, y2)))
     outputs = tuple(torch.empty(C, **f64) for _ in range(3))  # mean, var, invstd
+    run_args, run_flags = _running_inputs(running, y2.device)
     args = (part, part.shape[0] if batch else 0, int(max(R, 1)), ref,
             *(_or_unused(t, outputs[0]) for t in (running_mean, running_var, gamma, beta)),
-            _constant(eps, y2.device), *outputs)
-    flags = dict(BATCH=batch, HAS_GAMMA=gamma is not None, HAS_BETA=beta is not None)
+            _constant(eps, y2.device), *outputs, *run_args)
+    flags = dict(BATCH=batch, HAS_GAMMA=gamma is not None, HAS_BETA=beta is not None,
+                 **run_flags)
     return args, flags, outputs
 
 
 def colstats_coefficients(y2: Tensor, batch: bool, running_mean: Optional[Tensor],
                           running_var: Optional[Tensor], gamma: Optional[Tensor],
-                          beta: Optional[Tensor], eps: float):
+                          beta: Optional[Tensor], eps: float, running: Optional[Running] = None):
     """BatchNorm of ``y2`` [R, C]: ``(mean, var, invstd)`` float64 and ``(scale, shift)`` in the
-    arithmetic type, from the batch (``batch``) or the running statistics. Two launches (one
-    without ``batch``)."""
+    arithmetic type, from the batch (``batch``) or the running statistics; with ``running`` the
+    running statistics updated (:data:`Running`). Two launches (one without ``batch``)."""
     C = y2.shape[1]
     A = _arith(y2.dtype)
-    args, flags, outputs = _bn_inputs(y2, batch, running_mean, running_var, gamma, beta, eps)
+    args, flags, outputs = _bn_inputs(y2, batch, running_mean, running_var, gamma, beta, eps,
+                                      running)
     scale, shift = (torch.empty(C, dtype=A, device=y2.device) for _ in range(2))
     block_c = _pow2(C, 64)
     _launch("bn_coefficients_kernel", (math.ceil(C / block_c),), *args, scale, shift, C,
@@ -318,15 +343,16 @@ def bn_lif_forward_bn(y: Tensor, s: Tensor, steps: int, geometry: dict, batch: b
                       running_mean: Optional[Tensor], running_var: Optional[Tensor],
                       gamma: Optional[Tensor], beta: Optional[Tensor], eps: float,
                       tau: float, v_threshold: float, bcast: bool,
-                      bits: Optional[Tensor] = None):
+                      bits: Optional[Tensor] = None, running: Optional[Running] = None):
     """The unpooled unit's forward with its BatchNorm: spikes into ``s`` (and packed into
     ``bits``, see :func:`spike_bits_supported`) and ``(mean, var, invstd)`` float64 returned,
-    the coefficients computed in the spiking pass. Two launches with batch statistics (the
-    statistics pass, then this), one without."""
+    the coefficients computed in the spiking pass, which with ``running`` also updates the
+    running statistics (:data:`Running`). Two launches with batch statistics (the statistics
+    pass, then this), one without."""
     g = geometry
     M, C = g["M"], g["C"]
     args, flags, outputs = _bn_inputs(y.view(-1, C), batch, running_mean, running_var, gamma,
-                                      beta, eps)
+                                      beta, eps, running)
     _forward_pass(y, s, steps, M, C, None, None, bcast, tau, v_threshold, (args, flags), bits)
     return outputs
 
@@ -353,8 +379,9 @@ def _forward_pass(y: Tensor, s: Tensor, steps: int, M: int, C: int, scale: Optio
     if bn is None:
         f64 = _or_unused(None, y.new_empty(0, dtype=torch.float64))
         nothing = _or_unused(None, y)
-        bn = ((f64, 0, 1, nothing, f64, f64, f64, f64, f64, f64, f64, f64),
-              dict(BATCH=False, HAS_GAMMA=False, HAS_BETA=False))
+        run_args, run_flags = _running_inputs(None, y.device)
+        bn = ((f64, 0, 1, nothing, f64, f64, f64, f64, f64, f64, f64, f64, *run_args),
+              dict(BATCH=False, HAS_GAMMA=False, HAS_BETA=False, **run_flags))
         affine, from_bn = scale is not None, False
     else:
         affine, from_bn = True, True

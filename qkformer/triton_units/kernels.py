@@ -173,11 +173,14 @@ def _bn_stats(part_ptr, n_parts, count, ref_ptr, rmean_ptr, rvar_ptr, eps_ptr, C
 
 @triton.jit
 def bn_coefficients_kernel(part_ptr, n_parts, count, ref_ptr, rmean_ptr, rvar_ptr, gamma_ptr,
-                           beta_ptr, eps_ptr, mean_ptr, var_ptr, invstd_ptr, scale_ptr, shift_ptr,
-                           C, BATCH: tl.constexpr, HAS_GAMMA: tl.constexpr,
-                           HAS_BETA: tl.constexpr, BLOCK_C: tl.constexpr, A: tl.constexpr):
+                           beta_ptr, eps_ptr, mean_ptr, var_ptr, invstd_ptr, rm0, rv0, rc0, rm1,
+                           rv1, rc1, rm2, rv2, rc2, momentum_ptr, group_width, n_running,
+                           scale_ptr, shift_ptr, C, BATCH: tl.constexpr, HAS_GAMMA: tl.constexpr,
+                           HAS_BETA: tl.constexpr, RUNNING: tl.constexpr, COUNT: tl.constexpr,
+                           BLOCK_C: tl.constexpr, A: tl.constexpr):
     """Mean, biased variance and 1/std in float64 (:func:`_bn_stats`), and the affine
-    scale = gamma/std, shift = beta - mean scale in A."""
+    scale = gamma/std, shift = beta - mean scale in A; with RUNNING the running statistics
+    updated (:func:`_running_groups`)."""
     cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     cm = cols < C
     mean, var, invstd = _bn_stats(part_ptr, n_parts, count, ref_ptr, rmean_ptr, rvar_ptr,
@@ -188,6 +191,9 @@ def bn_coefficients_kernel(part_ptr, n_parts, count, ref_ptr, rmean_ptr, rvar_pt
     tl.store(invstd_ptr + cols, invstd, mask=cm)
     tl.store(scale_ptr + cols, scale.to(A), mask=cm)
     tl.store(shift_ptr + cols, shift.to(A), mask=cm)
+    if RUNNING > 0:
+        _running_groups(rm0, rv0, rc0, rm1, rv1, rc1, rm2, rv2, rc2, mean, var, cols, cm,
+                        group_width, momentum_ptr, n_running, RUNNING, COUNT)
 
 
 @triton.jit
@@ -206,25 +212,49 @@ def bn_affine_kernel(gamma_ptr, beta_ptr, mean_ptr, invstd_ptr, scale_ptr, shift
 
 
 @triton.jit
-def running_update_kernel(rmean_ptr, rvar_ptr, count_ptr, mean_ptr, var_ptr, momentum_ptr, n, C,
-                          COUNT: tl.constexpr, BLOCK_C: tl.constexpr):
-    """nn.BatchNorm's update: running = (1 - m) running + m batch, the variance unbiased, in
-    the running statistics' type; and the batch counter + 1 (COUNT)."""
-    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    cm = cols < C
+def _running_store(rmean_ptr, rvar_ptr, count_ptr, mean, var, cols, cm, lo, width, momentum_ptr,
+                   n, COUNT: tl.constexpr):
+    """nn.BatchNorm's update of the buffers of channels [lo, lo + width) (the batch statistics
+    ``mean``/``var`` of ``cols``, float64): running = (1 - m) running + m batch, the variance
+    unbiased, in the buffers' type; and with COUNT the batch counter + 1 (by the program whose
+    block holds channel lo)."""
     T = rmean_ptr.dtype.element_ty
+    gm = cm & (cols >= lo) & (cols < lo + width)
+    at = cols - lo
     momentum = tl.load(momentum_ptr)  # float64 (a scalar argument would be float32)
     keep = 1.0 - momentum
     unbias = tl.cast(n, tl.float64) / tl.cast(tl.maximum(n - 1, 1), tl.float64)  # as Python
-    rm = tl.load(rmean_ptr + cols, mask=cm, other=0.0)
-    bm = tl.load(mean_ptr + cols, mask=cm, other=0.0).to(T)
-    tl.store(rmean_ptr + cols, rm * keep.to(T) + bm * momentum.to(T), mask=cm)
-    rv = tl.load(rvar_ptr + cols, mask=cm, other=0.0)
-    bv = (tl.load(var_ptr + cols, mask=cm, other=0.0) * unbias).to(T)
-    tl.store(rvar_ptr + cols, rv * keep.to(T) + bv * momentum.to(T), mask=cm)
+    rm = tl.load(rmean_ptr + at, mask=gm, other=0.0)
+    tl.store(rmean_ptr + at, rm * keep.to(T) + mean.to(T) * momentum.to(T), mask=gm)
+    rv = tl.load(rvar_ptr + at, mask=gm, other=0.0)
+    tl.store(rvar_ptr + at, rv * keep.to(T) + (var * unbias).to(T) * momentum.to(T), mask=gm)
     if COUNT:
-        if tl.program_id(0) == 0:
+        if tl.max(tl.where(cols == lo, 1, 0), axis=0) == 1:
             tl.store(count_ptr, tl.load(count_ptr) + 1)
+
+
+@triton.jit
+def _running_groups(rm0, rv0, rc0, rm1, rv1, rc1, rm2, rv2, rc2, mean, var, cols, cm, width,
+                    momentum_ptr, n, GROUPS: tl.constexpr, COUNT: tl.constexpr):
+    """:func:`_running_store` for 1 to 3 BatchNorms side by side on the channels (a stacked
+    projection), ``width`` channels each, with buffers (rm_i, rv_i, rc_i)."""
+    _running_store(rm0, rv0, rc0, mean, var, cols, cm, 0, width, momentum_ptr, n, COUNT)
+    if GROUPS > 1:
+        _running_store(rm1, rv1, rc1, mean, var, cols, cm, width, width, momentum_ptr, n, COUNT)
+    if GROUPS > 2:
+        _running_store(rm2, rv2, rc2, mean, var, cols, cm, 2 * width, width, momentum_ptr, n,
+                       COUNT)
+
+
+@triton.jit
+def running_update_kernel(rmean_ptr, rvar_ptr, count_ptr, mean_ptr, var_ptr, momentum_ptr, n, C,
+                          COUNT: tl.constexpr, BLOCK_C: tl.constexpr):
+    """:func:`_running_store` of one BatchNorm, from the statistics another kernel wrote."""
+    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cm = cols < C
+    _running_store(rmean_ptr, rvar_ptr, count_ptr, tl.load(mean_ptr + cols, mask=cm, other=0.0),
+                   tl.load(var_ptr + cols, mask=cm, other=0.0), cols, cm, 0, C, momentum_ptr,
+                   n, COUNT)
 
 
 # --------------------------------------------------------------------------------------------
@@ -246,16 +276,18 @@ def _store_bits(bits_ptr, fired, t, rows, r1, C, MC, BLOCK_R: tl.constexpr,
 @triton.jit
 def bn_lif_fwd_kernel(y_ptr, s_ptr, bits_ptr, scale_ptr, shift_ptr, part_ptr, n_parts, count,
                       ref_ptr, rmean_ptr, rvar_ptr, gamma_ptr, beta_ptr, eps_ptr, mean_ptr,
-                      var_ptr, invstd_ptr, steps, M, C, y_step, rows_per_prog, tau, inv_tau, v_th,
-                      AFFINE: tl.constexpr, FROM_BN: tl.constexpr, BATCH: tl.constexpr,
-                      HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr, BITS: tl.constexpr,
-                      EXACT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
-                      A: tl.constexpr):
+                      var_ptr, invstd_ptr, rm0, rv0, rc0, rm1, rv1, rc1, rm2, rv2, rc2,
+                      momentum_ptr, group_width, n_running, steps, M, C, y_step, rows_per_prog,
+                      tau, inv_tau, v_th, AFFINE: tl.constexpr, FROM_BN: tl.constexpr,
+                      BATCH: tl.constexpr, HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr,
+                      RUNNING: tl.constexpr, COUNT: tl.constexpr, BITS: tl.constexpr, EXACT: tl.constexpr,
+                      BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, A: tl.constexpr):
     """Spikes of LIF(y scale + shift) over rows [p rows_per_prog, ...) and a block of channels,
     and with BITS the same spikes packed (the compact copy the backward pass keeps, written here
     instead of read back by a packing pass). With FROM_BN the affine is BatchNorm's, from the
     statistics pass's partial sums (BATCH) or the running statistics, and the first row of
-    programs writes mean, var and 1/std."""
+    programs writes mean, var and 1/std, and with RUNNING (1 to 3 BatchNorms of group_width
+    channels) updates their running statistics (:func:`_running_groups`)."""
     p = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     cm = cols < C
@@ -268,6 +300,9 @@ def bn_lif_fwd_kernel(y_ptr, s_ptr, bits_ptr, scale_ptr, shift_ptr, part_ptr, n_
             tl.store(mean_ptr + cols, mean, mask=cm)
             tl.store(var_ptr + cols, var, mask=cm)
             tl.store(invstd_ptr + cols, invstd, mask=cm)
+            if RUNNING > 0:
+                _running_groups(rm0, rv0, rc0, rm1, rv1, rc1, rm2, rv2, rc2, mean, var, cols, cm,
+                                group_width, momentum_ptr, n_running, RUNNING, COUNT)
         sc = scale.to(A)[None, :]
         sh = shift.to(A)[None, :]
     else:
