@@ -799,10 +799,13 @@ def _unit_input_grad(grad, y, mean, invstd, bn_weight, bn_bias, steps, pool, bca
 
 
 def _unit_input_grad_triton(grad, y, mean, invstd, bn_weight, bn_bias, steps, pool, bcast,
-                            use_bn, batch_stats_, tau, v_threshold, alpha, detach_reset, need):
+                            use_bn, batch_stats_, tau, v_threshold, alpha, detach_reset, need,
+                            bias_grad=None):
     """:func:`_unit_input_grad` in Triton kernels: the BatchNorm sums in one pass, then the
     input gradient (and gamma's and beta's) in a second pass that recomputes g_Z. The pooled
-    unit keeps g_Z instead (its gather is not worth recomputing)."""
+    unit keeps g_Z instead (its gather is not worth recomputing). ``bias_grad`` (unpooled
+    units): filled with the gradient of the convolution's bias, summed by the pass that writes
+    the input gradient."""
     g, _ = _geometry(y, steps, pool, bcast)
     y = y.contiguous()
     grad = grad.to(y.dtype).contiguous()
@@ -814,13 +817,15 @@ def _unit_input_grad_triton(grad, y, mean, invstd, bn_weight, bn_bias, steps, po
     want_beta = need[4] and bn_bias is not None
     if not pool:
         if not use_bn:
-            triton_units.bn_lif_backward(grad, y, steps, g, None, None, *lif, False, out=gy)
+            triton_units.bn_lif_backward(grad, y, steps, g, None, None, *lif, False, out=gy,
+                                         bias_grad=bias_grad)
             return gy, None, None
         bn = (bn_weight, bn_bias, mean, invstd)
         part = triton_units.bn_lif_backward(grad, y, steps, g, None, None, *lif, True, bn=bn)
         g_gamma = torch.empty_like(bn_weight) if want_gamma else None
         g_beta = torch.empty_like(bn_bias) if want_beta else None
         triton_units.bn_lif_backward(grad, y, steps, g, None, None, *lif, False, out=gy, bn=bn,
+                                     bias_grad=bias_grad,
                                      apply=(part, n, rep, batch_stats_, g_gamma, g_beta))
         return gy, g_gamma, g_beta
     scale, shift = (triton_units.bn_affine(bn_weight, bn_bias, mean, invstd, y.dtype) if use_bn
@@ -849,12 +854,17 @@ def _spiking_unit_backward(grad: Tensor, stored: Tensor, x_format: int, x_shape:
     ``w_cast`` is the weight as the forward pass cast it to ``gemm_dtype`` (None: no cast)."""
     how = None if x_format == 0 else (_FORMATS[x_format], torch.Size(x_shape), x_dtype)
     with torch.autocast(y.device.type, enabled=False):
-        grads_of = _unit_input_grad_triton if _triton(y) else _unit_input_grad
-        gy, g_gamma, g_beta = grads_of(grad, y, mean, invstd, bn_weight, bn_bias, steps, pool,
-                                       bcast, use_bn, batch_stats_, tau, v_threshold, alpha,
-                                       detach_reset, need)
+        args = (grad, y, mean, invstd, bn_weight, bn_bias, steps, pool, bcast, use_bn,
+                batch_stats_, tau, v_threshold, alpha, detach_reset, need)
+        gb = None
+        if not _triton(y):
+            gy, g_gamma, g_beta = _unit_input_grad(*args)
+        else:  # the unpooled pass writing gy sums the bias's gradient too
+            gb = (torch.empty(y.shape[-1], dtype=weight.dtype, device=y.device)
+                  if need[2] and has_bias and not pool else None)
+            gy, g_gamma, g_beta = _unit_input_grad_triton(*args, bias_grad=gb)
         w = weight if w_cast is None else w_cast
-        gx = gw = gb = None
+        gx = gw = None
         if need[0]:
             gx = _input_grad(gy, x_shape, x_dtype, w, kernel_size, stride)
         if need[1]:
@@ -869,7 +879,7 @@ def _spiking_unit_backward(grad: Tensor, stored: Tensor, x_format: int, x_shape:
             else:
                 x = unpack(stored, how)
                 gw = _weight_grad(gy, x.to(gy.dtype), w, kernel_size, stride)
-        if need[2] and has_bias:
+        if need[2] and has_bias and gb is None:
             gb = gy.reshape(-1, gy.shape[-1]).sum(0)
     dtypes = (x_dtype, weight.dtype, weight.dtype, None, None)
     # every output its own tensor (custom ops may not return aliases); unwanted ones empty

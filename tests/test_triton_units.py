@@ -163,6 +163,48 @@ def test_token_attention_matches_the_torch_route(dtype, heads, C):
 
 
 @on_route
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("bn_mode,bcast", [("running", False), (None, False),
+                                            ("running", True), ("batch", False)],
+                         ids=["bn", "no_bn", "bn_repeated", "bn_batch_statistics"])
+def test_the_input_gradient_pass_sums_the_bias_gradient(dtype, bn_mode, bcast):
+    """The convolution's bias gradient (the column sums of the input gradient) comes from the
+    pass that writes the input gradient, whichever of its programs finishes last (summed in
+    program order): within rounding of the torch route's sum, and no separate launch. (Under
+    batch statistics it is zero but for rounding: there only the size of that is checked.)"""
+    from qkformer.neuron import MultiStepLIF
+
+    g = torch.Generator().manual_seed(3 + 2 * bcast)
+    T, C, cin = 2, 24, 7  # (the interpreter splits the rows over two programs)
+    x = (torch.randn(3, 65, cin, generator=g) if bcast
+         else torch.randn(T * 3, 65, cin, generator=g)).to(dtype).to(DEVICE)
+    w = (torch.randn(C, cin, generator=g) / 2).to(dtype).to(DEVICE)
+    lif = MultiStepLIF(v_threshold=0.5)
+    grads = []
+    for r in ("triton", "torch"):
+        bias = torch.zeros(C, dtype=dtype, device=DEVICE, requires_grad=True)
+        bn = torch.nn.BatchNorm1d(C).to(dtype).to(DEVICE) if bn_mode else None
+        if bn_mode == "running":
+            bn.eval()
+            bn.running_var.fill_(0.5)
+        with fused.forced_route(r):
+            out = fused.spiking_unit(x, w, bias, bn, lif, steps=T, bcast=bcast)
+            before = triton_units.launch_counts().get("bn_lif_bwd_kernel", 0)
+            out.backward(torch.linspace(-1, 1, out.numel()).view(out.shape).to(out))
+        if r == "triton":  # one pass without BatchNorm, two with
+            assert (triton_units.launch_counts()["bn_lif_bwd_kernel"]
+                    == before + 1 + (bn_mode is not None))
+        grads.append(bias.grad)
+    rtol = 1e-12 if dtype == torch.float64 else (1e-5 if dtype == torch.float32 else 2e-2)
+    if bn_mode == "batch":
+        assert max(grads[0].abs().max(), grads[1].abs().max()) < 1e3 * rtol
+        return
+    scale = grads[1].abs().max()
+    assert scale > 0.1
+    torch.testing.assert_close(grads[0], grads[1], rtol=rtol, atol=rtol * scale * 4)
+
+
+@on_route
 @pytest.mark.parametrize("grad", [True, False], ids=["grad", "no_grad"])
 @pytest.mark.parametrize("stacked,pool", [(3, False), (1, False), (1, True)],
                          ids=["qkv", "single", "pooled"])

@@ -418,7 +418,8 @@ def bn_lif_forward(y: Tensor, s: Tensor, steps: int, geometry: dict, scale: Opti
 def bn_lif_backward(grad: Tensor, y: Tensor, steps: int, geometry: dict, scale: Optional[Tensor],
                     shift: Optional[Tensor], tau: float, v_threshold: float, alpha: float,
                     detach_reset: bool, bcast: bool, sums: bool, out: Optional[Tensor] = None,
-                    bn: Optional[tuple] = None, apply: Optional[tuple] = None) -> Optional[Tensor]:
+                    bn: Optional[tuple] = None, apply: Optional[tuple] = None,
+                    bias_grad: Optional[Tensor] = None) -> Optional[Tensor]:
     """One backward pass of the unpooled unit over ``y`` [steps or 1, M, C]. One launch.
 
     The affine is ``scale``/``shift``, or with ``bn`` = (gamma, beta, mean, invstd) BatchNorm's
@@ -426,7 +427,8 @@ def bn_lif_backward(grad: Tensor, y: Tensor, steps: int, geometry: dict, scale: 
     partial sums ``[P, 2, C]`` of g_Z and g_Z y (nothing is written). Else writes ``out``: g_Z,
     or with ``apply`` = (partial sums of the first pass, n, rep, batch statistics?, g_gamma out,
     g_beta out) the BatchNorm input gradient, and the gradients of gamma and beta into the given
-    tensors (None: not wanted)."""
+    tensors (None: not wanted); and with ``bias_grad`` (C) the column sums of ``out`` (the
+    gradient of the convolution's bias), summed as ``out`` holds them."""
     consts, exact = _lif_consts(tau)
     g = geometry
     M, C = g["M"], g["C"]
@@ -441,19 +443,27 @@ def bn_lif_backward(grad: Tensor, y: Tensor, steps: int, geometry: dict, scale: 
     if apply is not None and bn is None:
         raise ValueError("bn_lif_backward: the input gradient needs the BatchNorm (bn=...)")
     f64 = _or_unused(None, torch.empty(0, dtype=torch.float64, device=y.device))
+    if bias_grad is not None and (sums or out is None):
+        raise ValueError("bn_lif_backward: the bias gradient is summed from what a pass writes")
+    bias_part = (torch.empty((n_parts, C), dtype=torch.float64, device=y.device)
+                 if bias_grad is not None else f64)
+    done = (_flag(y.device, n_cb) if bias_grad is not None
+            else _or_unused(None, torch.empty(0, dtype=torch.int32, device=y.device)))
     _launch("bn_lif_bwd_kernel", (n_parts, n_cb), grad, y, _or_unused(out, y), part,
             _or_unused(scale, y), _or_unused(shift, y), _or_unused(gamma, y),
             _or_unused(beta, y), _or_unused(mean, f64), _or_unused(invstd, f64),
             _or_unused(first, f64), first.shape[0] if first is not None else 0, float(n),
-            float(rep), _or_unused(g_gamma, y), _or_unused(g_beta, y), M, C,
+            float(rep), _or_unused(g_gamma, y), _or_unused(g_beta, y), bias_part, done,
+            _or_unused(bias_grad, y), M, C,
             0 if bcast else M * C, rows, **consts, v_th=float(v_threshold), alpha=float(alpha),
             decay=1.0 - 1.0 / tau, STEPS=steps, BCAST=bcast,
             AFFINE=scale is not None or bn is not None, FROM_BN=bn is not None,
             HAS_GAMMA=gamma is not None, HAS_BETA=beta is not None, SUMS=sums, WRITE=not sums,
             APPLY=apply is not None, FULL_BN=apply is not None and batch,
             WANT_GAMMA=g_gamma is not None, WANT_BETA=g_beta is not None,
-            NEED_Y=sums or (apply is not None and batch), EXACT=exact,
-            DETACH=bool(detach_reset), BLOCK_R=block_r, BLOCK_C=block_c, A=_tl_arith(y.dtype))
+            NEED_Y=sums or (apply is not None and batch), BIAS=bias_grad is not None,
+            EXACT=exact, DETACH=bool(detach_reset), BLOCK_R=block_r, BLOCK_C=block_c,
+            A=_tl_arith(y.dtype))
     return part if sums else None
 
 
@@ -695,13 +705,16 @@ _flags: Dict[torch.device, list] = {}  # device -> [buffer of zeroed flags, next
 _FLAGS = 1024
 
 
-def _flag(device: torch.device) -> Tensor:
-    """A zeroed int32 flag, one of a block zeroed in one launch (each used once)."""
+def _flag(device: torch.device, n: int = 1) -> Tensor:
+    """``n`` zeroed int32 flags or counters, from a block zeroed in one launch (each used
+    once)."""
     ring = _flags.get(device)
-    if ring is None or ring[1] == _FLAGS:
+    if n > _FLAGS:
+        return torch.zeros(n, dtype=torch.int32, device=device)
+    if ring is None or ring[1] + n > _FLAGS:
         ring = _flags[device] = [torch.zeros(_FLAGS, dtype=torch.int32, device=device), 0]
-    ring[1] += 1
-    return ring[0][ring[1] - 1:ring[1]]
+    ring[1] += n
+    return ring[0][ring[1] - n:ring[1]]
 
 
 def pack(x: Tensor, fmt: str) -> Packed:

@@ -119,6 +119,24 @@ def _store_parts(part_ptr, p, C, cols, cm, s1, s2):
 
 
 @triton.jit
+def _finish_column_sums(part_ptr, done_ptr, out_ptr, s, C, cols, cm, ROUND: tl.constexpr):
+    """This program's column sums ``s`` (float64) into part[p, C]; the last program of its
+    block of channels to get here (counted on done[block], zeroed before the launch) adds the
+    rows of part in program order, so the result does not depend on which program that is,
+    and writes the totals to out, rounded through ROUND (the type of the summed values)."""
+    p = tl.program_id(0)
+    tl.store(part_ptr + p.to(tl.int64) * C + cols, s, mask=cm)
+    tl.debug_barrier()  # every thread's share stored before the count says so
+    if tl.atomic_add(done_ptr + tl.program_id(1), 1, sem="acq_rel") == tl.num_programs(0) - 1:
+        total = tl.zeros(s.shape, tl.float64)
+        for q in range(0, tl.num_programs(0)):
+            total += tl.load(part_ptr + q * C + cols, mask=cm, other=0.0, cache_modifier=".cg")
+        if ROUND != tl.float64:  # through float32, as torch sums 16-bit and float32 values
+            total = total.to(tl.float32)
+        tl.store(out_ptr + cols, total.to(ROUND).to(out_ptr.dtype.element_ty), mask=cm)
+
+
+@triton.jit
 def _pooled_outputs(B, Ho, Wo, C, BLOCK: tl.constexpr):
     """This program's block of pooled outputs [B, Ho, Wo, C]: offsets, mask, and indices."""
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -327,13 +345,15 @@ def bn_lif_fwd_kernel(y_ptr, s_ptr, bits_ptr, scale_ptr, shift_ptr, part_ptr, n_
 @triton.jit
 def bn_lif_bwd_kernel(gs_ptr, y_ptr, out_ptr, part_ptr, scale_ptr, shift_ptr, gamma_ptr, beta_ptr,
                       mean_ptr, invstd_ptr, sums_ptr, n_sums, n, rep, g_gamma_ptr, g_beta_ptr,
+                      bias_part_ptr, done_ptr, g_bias_ptr,
                       M, C, y_step, rows_per_prog, tau, inv_tau, v_th, alpha, decay,
                       STEPS: tl.constexpr, BCAST: tl.constexpr, AFFINE: tl.constexpr,
                       FROM_BN: tl.constexpr, HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr,
                       SUMS: tl.constexpr, WRITE: tl.constexpr, APPLY: tl.constexpr,
                       FULL_BN: tl.constexpr, WANT_GAMMA: tl.constexpr, WANT_BETA: tl.constexpr,
-                      NEED_Y: tl.constexpr, EXACT: tl.constexpr, DETACH: tl.constexpr,
-                      BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, A: tl.constexpr):
+                      NEED_Y: tl.constexpr, BIAS: tl.constexpr, EXACT: tl.constexpr,
+                      DETACH: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+                      A: tl.constexpr):
     """Backward of bn_lif_fwd over rows [p rows_per_prog, ...) and a block of channels.
 
     The charges are recomputed from y: Z = y scale + shift (AFFINE), with scale and shift given,
@@ -343,7 +363,8 @@ def bn_lif_bwd_kernel(gs_ptr, y_ptr, out_ptr, part_ptr, scale_ptr, shift_ptr, ga
     * with WRITE: written to out, as g_Z (APPLY off: the arithmetic type), or as the BatchNorm
       input gradient a g_Z (+ b (y - mu) + d with FULL_BN) in out's type, its coefficients
       from the first pass's partial sums (sums, n_sums programs), of which the first row of
-      programs also writes the gradients of gamma and beta.
+      programs also writes the gradients of gamma and beta; and with BIAS the gradient of the
+      convolution's bias, the column sums of what was written (:func:`_finish_column_sums`).
     """
     p = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -377,6 +398,7 @@ def bn_lif_bwd_kernel(gs_ptr, y_ptr, out_ptr, part_ptr, scale_ptr, shift_ptr, ga
         cd = None
     s1 = tl.zeros([BLOCK_C], tl.float64)
     s2 = tl.zeros([BLOCK_C], tl.float64)
+    s_bias = tl.zeros([BLOCK_C], tl.float64)
     MC = M * C
     r0 = p.to(tl.int64) * rows_per_prog
     r1 = tl.minimum(r0 + rows_per_prog, M)
@@ -385,6 +407,7 @@ def bn_lif_bwd_kernel(gs_ptr, y_ptr, out_ptr, part_ptr, scale_ptr, shift_ptr, ga
         m = (rows < r1)[:, None] & cm[None, :]
         offs = rows[:, None] * C + cols[None, :]
         v = tl.zeros([BLOCK_R, BLOCK_C], A)
+        t_bias = tl.zeros([BLOCK_R, BLOCK_C], A)
         hs = ()
         for t in tl.static_range(STEPS):
             y = tl.load(y_ptr + t * y_step + offs, mask=m, other=0.0).to(A)
@@ -404,17 +427,28 @@ def bn_lif_bwd_kernel(gs_ptr, y_ptr, out_ptr, part_ptr, scale_ptr, shift_ptr, ga
             if BCAST:
                 acc += g
             elif WRITE:
-                tl.store(out_ptr + t * MC + offs, _bn_input_grad(g, yt, ca, cb, cmu, cd, APPLY,
-                         FULL_BN).to(out_ptr.dtype.element_ty), mask=m)
+                o = _bn_input_grad(g, yt, ca, cb, cmu, cd, APPLY,
+                                   FULL_BN).to(out_ptr.dtype.element_ty)
+                tl.store(out_ptr + t * MC + offs, o, mask=m)
+                if BIAS:
+                    t_bias += tl.where(m, o.to(A), 0.0)
         if BCAST and WRITE:
             yt = tl.load(y_ptr + offs, mask=m, other=0.0).to(A) if NEED_Y else None
-            tl.store(out_ptr + offs, _bn_input_grad(acc, yt, ca, cb, cmu, cd, APPLY,
-                     FULL_BN).to(out_ptr.dtype.element_ty), mask=m)
+            o = _bn_input_grad(acc, yt, ca, cb, cmu, cd, APPLY,
+                               FULL_BN).to(out_ptr.dtype.element_ty)
+            tl.store(out_ptr + offs, o, mask=m)
+            if BIAS:
+                t_bias += tl.where(m, o.to(A), 0.0)
         if SUMS:
             s1 += tl.sum(tl.where(m, t1, 0.0), axis=0).to(tl.float64)
             s2 += tl.sum(tl.where(m, t2, 0.0), axis=0).to(tl.float64)
+        if BIAS:
+            s_bias += tl.sum(t_bias, axis=0).to(tl.float64)
     if SUMS:
         _store_parts(part_ptr, p, C, cols, cm, s1, s2)
+    if BIAS:
+        _finish_column_sums(bias_part_ptr, done_ptr, g_bias_ptr, s_bias, C, cols, cm,
+                            out_ptr.dtype.element_ty)
 
 
 @triton.jit
