@@ -196,37 +196,70 @@ def _same_shape(t: Tensor, shape, name: str) -> None:
 # ---------------------------------------------------------------------------------------------
 # compact storage
 # ---------------------------------------------------------------------------------------------
-class _ProducedBits:
-    """Spikes that a unit's spiking pass also wrote as bits (Triton route), found again from
-    the tensor a later unit keeps: the same memory, contiguous, of the same size and dtype, and
-    unchanged since (views share the version counter). An entry goes with its spikes."""
+class _Produced:
+    """Compact copies that the kernel producing a tensor wrote beside it (Triton route): the
+    bits of a spiking pass's spikes, the bytes (and their check flag) of a residual sum of
+    counts. Found again from the tensor a later unit keeps: the same memory, contiguous, of the
+    same size and dtype, and unchanged since (views share the version counter). An entry goes
+    with its tensor and holds no reference to it."""
 
     def __init__(self):
         self._by_ptr = {}
 
-    def remember(self, spikes: Tensor, bits: Tensor) -> None:
-        ptr = spikes.data_ptr()
-        self._by_ptr[ptr] = (weakref.ref(spikes), spikes._version, spikes.numel(), spikes.dtype,
-                             bits)
-        weakref.finalize(spikes, self._forget, ptr, id(bits))
+    def remember(self, t: Tensor, kind: int, copy) -> None:
+        ptr = t.data_ptr()
+        self._by_ptr[ptr] = (weakref.ref(t), t._version, t.numel(), t.dtype, kind, copy)
+        weakref.finalize(t, self._forget, ptr, id(copy))
 
-    def _forget(self, ptr: int, bits_id: int) -> None:
+    def _forget(self, ptr: int, copy_id: int) -> None:
         entry = self._by_ptr.get(ptr)
-        if entry is not None and id(entry[4]) == bits_id:
+        if entry is not None and id(entry[5]) == copy_id:
             del self._by_ptr[ptr]
 
-    def find(self, x: Tensor) -> Optional[Tensor]:
+    def find(self, x: Tensor, kind: int):
+        """The copy of ``x`` remembered as ``kind``, else None."""
         entry = self._by_ptr.get(x.data_ptr())
         if entry is None:
             return None
-        spikes, version, n, dtype, bits = entry
-        if (spikes() is None or x._version != version or x.numel() != n or x.dtype != dtype
-                or not x.is_contiguous()):
+        t, version, n, dtype, k, copy = entry
+        if (t() is None or x._version != version or x.numel() != n or x.dtype != dtype
+                or k != kind or not x.is_contiguous()):
             return None
-        return bits
+        return copy
 
 
-_produced_bits = _ProducedBits()
+_produced = _Produced()
+
+
+class _AddCounts(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, a, b):
+        out, data, flag = triton_units.add_counts(a, b)
+        _produced.remember(out, COUNTS, (data, flag))
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        return g, g
+
+
+def add_counts(a: Tensor, b: Tensor) -> Tensor:
+    """``a + b`` of spike counts: a residual sum, which the next unit keeps as bytes.
+
+    On the Triton route, when training eagerly with compact storage on, one kernel also writes
+    the sum as bytes (and their check), which that unit then keeps instead of packing the sum
+    again. Elsewhere a plain addition.
+
+    Shape:
+        - Input: two tensors of one shape, dtype and device
+        - Output: their sum
+    """
+    if (compact_storage_enabled() and torch.is_grad_enabled()
+            and (a.requires_grad or b.requires_grad) and not torch.compiler.is_compiling()
+            and not is_fake(a) and a.shape == b.shape and a.dtype == b.dtype
+            and a.device == b.device and a.is_contiguous() and b.is_contiguous() and _triton(a)):
+        return _AddCounts.apply(a, b)
+    return a + b
 
 
 def pack(x: Tensor, kind: int) -> Tuple[Tensor, Optional[tuple]]:
@@ -252,9 +285,12 @@ def pack(x: Tensor, kind: int) -> Tuple[Tensor, Optional[tuple]]:
     n = flat.numel()
     if _triton(flat):
         fmt = "bits" if kind == SPIKES else "u8"
-        produced = _produced_bits.find(x) if kind == SPIKES else None
-        if produced is not None:  # written by the spiking pass: exact, nothing to check
+        produced = _produced.find(x, kind)
+        if produced is not None and kind == SPIKES:  # by the spiking pass: exact, no check
             return produced, (fmt, x.shape, x.dtype)
+        if produced is not None:  # by a residual sum, with its check
+            record = triton_units.packed(*produced, x)
+            return record.data, (fmt, x.shape, x.dtype, record)
         record = triton_units.pack(x.contiguous(), fmt)
         return record.data, (fmt, x.shape, x.dtype, record)
     if kind == SPIKES:
@@ -1013,11 +1049,14 @@ def spiking_unit(x: Tensor, weight: Tensor, bias: Optional[Tensor], bn: Optional
             rv = cat([m.running_var for m in bns])
     else:
         update = False
-    if kernel_size == 1:
+    if kernel_size == 1 and (stride == 1 or not on_triton):
         # A 1x1 convolution (padding 0) reads every stride-th pixel: a projection of those
         # tokens. Exact, and it keeps strided 1x1 convolutions away from oneDNN, whose
         # channels-last weight gradient for them is wrong (or corrupts the heap) on AVX2 CPUs
-        # for fewer than 8 input channels (docs/performance.md, "oneDNN").
+        # for fewer than 8 input channels (docs/performance.md, "oneDNN"). On the Triton route
+        # a strided one stays a convolution: it reads the input in place (no copy of the
+        # pixels, and the bits of the spikes are those their producer wrote) and writes its
+        # input gradient whole (no scatter into zeros).
         x = x[:, ::stride, ::stride, :] if stride > 1 else x
         kernel_size, stride = 0, 1
     spike_bits = (not pool and compact_storage_enabled() and not torch.compiler.is_compiling()
@@ -1039,7 +1078,7 @@ def spiking_unit(x: Tensor, weight: Tensor, bias: Optional[Tensor], bn: Optional
         spikes, y, mean, var, _, _, bits = (_SpikingUnitFunction.apply(*args, running) if grad
                                             else _unit_forward(*args, running))
     if spike_bits:
-        _produced_bits.remember(spikes, bits)
+        _produced.remember(spikes, SPIKES, bits)
     if update and running is None:  # as nn.BatchNorm: running = (1 - m) running + m batch
         n = _per_channel(y, steps, bcast)
         with torch.no_grad():

@@ -101,8 +101,9 @@ class SpikingBlock(nn.Module):
         return getattr(self, self.attn_name)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attention(x)
-        return x + self.mlp(x)
+        add = fused.add_counts if self.mlp.token_major else torch.add
+        x = add(x, self.attention(x))
+        return add(x, self.mlp(x))
 
 
 @dataclass(frozen=True)
@@ -191,5 +192,5 @@ class SPEDS(nn.Module):
             bcast, kind = False, fused.SPIKES
             if i == self.shortcut_from:
                 source = (frames, False, fused.SPIKES)
-        out = frames + self.shortcut.fused(source[0], T, source[2], source[1])
+        out = fused.add_counts(frames, self.shortcut.fused(source[0], T, source[2], source[1]))
         return out.reshape(T, B, *out.shape[1:])

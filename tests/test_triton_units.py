@@ -358,25 +358,55 @@ def test_a_unit_keeps_the_bits_its_producer_wrote():
     with fused.forced_route("triton"):
         s = fused.spiking_unit(x, torch.randn(C, 8, generator=g).to(DEVICE), None, bn, lif,
                                steps=T)
-        entry = fused._produced_bits.find(s.reshape(T, -1))
+        entry = fused._produced.find(s.reshape(T, -1), fused.SPIKES)
         assert entry is not None
         before = dict(triton_units.launch_counts())
         stored, how = fused.pack(s.reshape(T, 5, C), fused.SPIKES)
         assert stored is entry and how == ("bits", torch.Size([T, 5, C]), s.dtype)
         assert triton_units.launch_counts() == before  # nothing launched
         assert torch.equal(fused.unpack(stored, how), s.reshape(T, 5, C))
-        assert fused._produced_bits.find(s[:1]) is None  # a part
-        assert fused._produced_bits.find(s.transpose(-1, -2)) is None  # not contiguous
+        assert fused._produced.find(s[:1], fused.SPIKES) is None  # a part
+        assert fused._produced.find(s.transpose(-1, -2), fused.SPIKES) is None  # not contiguous
         s.add_(0)  # changed in place (the version counts it)
-        assert fused._produced_bits.find(s) is None
+        assert fused._produced.find(s, fused.SPIKES) is None
         stored, how = fused.pack(s, fused.SPIKES)
         assert stored is not entry and len(how) == 4  # packed again, checked on the device
     with fused.compact_storage(False), fused.forced_route("triton"):
         t = fused.spiking_unit(x, torch.randn(C, 8, generator=g).to(DEVICE), None, bn, lif,
                                steps=T)
-    assert fused._produced_bits.find(t) is None  # compact storage off: no bits written
+    assert fused._produced.find(t, fused.SPIKES) is None  # compact storage off: no bits written
     del s
-    assert all(ref() is not None for ref, *_ in fused._produced_bits._by_ptr.values())
+    assert all(ref() is not None for ref, *_ in fused._produced._by_ptr.values())
+
+
+@on_route
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_a_unit_keeps_the_bytes_of_a_residual_sum(dtype):
+    """A residual sum of counts is written with its bytes in one launch, which the unit that
+    takes it keeps (no packing launch); a sum that does not fit a byte is kept exactly."""
+    g = torch.Generator().manual_seed(5)
+    a = torch.randint(0, 4, (2, 9, 16), generator=g).to(dtype).to(DEVICE).requires_grad_()
+    b = torch.randint(0, 2, (2, 9, 16), generator=g).to(dtype).to(DEVICE)
+    with fused.forced_route("triton"):
+        before = dict(triton_units.launch_counts())
+        s = fused.add_counts(a, b)
+        assert torch.equal(s, a + b)
+        stored, how = fused.pack(s, fused.COUNTS)
+        after = triton_units.launch_counts()
+        assert after["add_u8_kernel"] == before.get("add_u8_kernel", 0) + 1
+        assert after.get("to_u8_kernel", 0) == before.get("to_u8_kernel", 0)
+        assert how[0] == "u8" and torch.equal(fused.unpack(*fused._kept(stored, how)), s)
+        bad = b.clone()
+        bad[1, 2, 3] = 0.5
+        s_bad = fused.add_counts(a, bad)
+        kept = fused.unpack(*fused._kept(*fused.pack(s_bad, fused.COUNTS)))
+        assert torch.equal(kept, s_bad)  # the original, not its bytes
+        s.backward(torch.ones_like(s) * 2)
+    assert torch.equal(a.grad, torch.full_like(a, 2))
+    with torch.no_grad(), fused.forced_route("triton"):  # nothing to keep: a plain sum
+        before = triton_units.launch_counts().get("add_u8_kernel", 0)
+        fused.add_counts(a, b)
+        assert triton_units.launch_counts().get("add_u8_kernel", 0) == before
 
 
 @on_route
@@ -494,7 +524,8 @@ def test_triton_route_through_the_interpreter(tmp_path):
                 "pool_lif_bwd_kernel", "pool_scatter_kernel", "bn_apply_kernel",
                 "to_bits_kernel", "from_bits_kernel", "to_u8_kernel", "from_u8_kernel",
                 "bn_affine_kernel", "running_update_kernel", "qk_token_fwd_kernel",
-                "qk_token_bwd_kernel", "ssa_fwd_kernel", "ssa_bwd_kernel", "ssa_bwd_kv_kernel"}
+                "qk_token_bwd_kernel", "ssa_fwd_kernel", "ssa_bwd_kernel", "ssa_bwd_kv_kernel",
+                "add_u8_kernel"}
     assert kernels == expected, expected ^ kernels
     sizes = _compile_for_sm90(variants)
     assert set(sizes) == expected and all(n > 0 for n in sizes.values())

@@ -40,7 +40,7 @@ __all__ = ["interpreting", "is_available", "unavailable_reason", "serves", "hand
            "bn_lif_backward", "bn_grad_coefficients", "pool_lif_backward", "bn_apply",
            "bn_affine", "running_update", "colstats", "bn_lif_forward_bn", "qk_token_forward", "qk_token_backward",
            "ssa_blocks", "ssa_forward", "ssa_backward",
-           "pack", "unpack", "Packed", "DTYPES"]
+           "pack", "unpack", "add_counts", "packed", "Packed", "DTYPES"]
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _ENABLE_ENV = "QKFORMER_TRITON_UNITS"
@@ -719,7 +719,6 @@ def _flag(device: torch.device, n: int = 1) -> Tensor:
 
 def pack(x: Tensor, fmt: str) -> Packed:
     """Pack contiguous ``x`` to ``fmt`` 'bits' (values 0/1) or 'u8' (integers 0-255)."""
-    _poll()
     flat = x.reshape(-1)
     n = flat.numel()
     flag = _flag(x.device)
@@ -732,10 +731,29 @@ def pack(x: Tensor, fmt: str) -> Packed:
         out = torch.empty(n, dtype=torch.uint8, device=x.device)
         _launch("to_u8_kernel", (math.ceil(n / _BLOCK),), flat, out, flag, n, BLOCK=_BLOCK,
                 A=_tl_arith(x.dtype))
-    packed = Packed(out, flag, x)
-    if not packed.resolved():
-        _pending.append(packed)
-    return packed
+    return packed(out, flag, x)
+
+
+def add_counts(a: Tensor, b: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    """``a + b`` (contiguous, of one shape and dtype), and the sum as bytes with its check flag
+    (``packed(data, flag, sum)`` is then what ``pack(a + b, 'u8')`` returns), in one launch."""
+    n = a.numel()
+    out = torch.empty_like(a)
+    data = torch.empty(n, dtype=torch.uint8, device=a.device)
+    flag = _flag(a.device)
+    _launch("add_u8_kernel", (math.ceil(n / _BLOCK),), a, b, out, data, flag, n, BLOCK=_BLOCK,
+            A=_tl_arith(a.dtype))
+    return out, data, flag
+
+
+def packed(data: Tensor, flag: Tensor, original: Tensor) -> Packed:
+    """The :class:`Packed` record of ``original`` packed into ``data`` with the check ``flag``
+    (pending until the host has seen it)."""
+    _poll()
+    record = Packed(data, flag, original)
+    if not record.resolved():
+        _pending.append(record)
+    return record
 
 
 def unpack(data: Tensor, fmt: str, n: int, dtype: torch.dtype) -> Tensor:

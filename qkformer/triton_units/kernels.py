@@ -646,15 +646,33 @@ def from_bits_kernel(in_ptr, out_ptr, n, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def to_u8_kernel(x_ptr, out_ptr, flag_ptr, n, BLOCK: tl.constexpr, A: tl.constexpr):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    m = offs < n
-    x = tl.load(x_ptr + offs, mask=m, other=0.0).to(A)
+def _store_u8(x, offs, m, out_ptr, flag_ptr):
+    """x (in A) as bytes; the flag raised where a value is not an integer 0-255."""
     low = tl.where(x > 0.0, x, 0.0)  # NaN -> 0, then flagged
     q = tl.where(low < 255.0, low, 255.0).to(tl.int32)
     bad = m & (q.to(x.dtype) != x)
     tl.store(out_ptr + offs, q.to(tl.uint8), mask=m)
     tl.atomic_max(flag_ptr, tl.max(bad.to(tl.int32), axis=0))
+
+
+@triton.jit
+def to_u8_kernel(x_ptr, out_ptr, flag_ptr, n, BLOCK: tl.constexpr, A: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    m = offs < n
+    _store_u8(tl.load(x_ptr + offs, mask=m, other=0.0).to(A), offs, m, out_ptr, flag_ptr)
+
+
+@triton.jit
+def add_u8_kernel(a_ptr, b_ptr, out_ptr, u8_ptr, flag_ptr, n, BLOCK: tl.constexpr,
+                  A: tl.constexpr):
+    """out = a + b (rounded to out's type, as torch adds), and out as bytes (to_u8_kernel's):
+    a residual sum of spike counts, packed for the unit that takes it as its input."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    m = offs < n
+    s = (tl.load(a_ptr + offs, mask=m, other=0.0).to(A)
+         + tl.load(b_ptr + offs, mask=m, other=0.0).to(A)).to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + offs, s, mask=m)
+    _store_u8(s.to(A), offs, m, u8_ptr, flag_ptr)
 
 
 @triton.jit
