@@ -530,9 +530,10 @@ def bn_lif_backward(grad: Tensor, y: Tensor, steps: int, scale: Optional[Tensor]
         y = y.contiguous()
         grad = grad.to(y.dtype).contiguous()
         if pool:
-            gz, part = triton_units.pool_lif_backward(grad, y, steps, g, scale, shift, tau,
-                                                      v_threshold, alpha, detach_reset, bcast, sums)
-            gz = gz.view(y.shape)
+            gz = torch.empty(y.shape, dtype=_arith(y.dtype), device=y.device)
+            part = triton_units.pool_lif_backward(grad, y, steps, g, scale, shift, tau,
+                                                  v_threshold, alpha, detach_reset, bcast, gz,
+                                                  sums)
         else:
             gz = torch.empty(y.shape, dtype=_arith(y.dtype), device=y.device)
             triton_units.bn_lif_backward(grad, y, steps, g, scale, shift, tau, v_threshold, alpha,
@@ -866,12 +867,10 @@ def _unit_input_grad_triton(grad, y, mean, invstd, bn_weight, bn_bias, steps, po
         return gy, g_gamma, g_beta
     scale, shift = (triton_units.bn_affine(bn_weight, bn_bias, mean, invstd, y.dtype) if use_bn
                     else (None, None))
-    gz, part = triton_units.pool_lif_backward(grad, y, steps, g, scale, shift, *lif, use_bn)
-    if not use_bn:
-        return gz.view(y.shape).to(y.dtype), None, None
-    coefficients, g_gamma, g_beta = triton_units.bn_grad_coefficients(
-        part, mean, invstd, bn_weight, n, rep, batch_stats_, want_gamma, want_beta, y.dtype)
-    triton_units.bn_apply(gz, y, gy, coefficients)
+    g_gamma = torch.empty_like(bn_weight) if want_gamma else None
+    g_beta = torch.empty_like(bn_bias) if want_beta else None
+    triton_units.pool_lif_backward(grad, y, steps, g, scale, shift, *lif, gy, apply=(
+        bn_weight, mean, invstd, n, rep, batch_stats_, g_gamma, g_beta) if use_bn else None)
     return gy, g_gamma, g_beta
 
 

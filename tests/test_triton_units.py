@@ -163,7 +163,7 @@ def test_token_attention_matches_the_torch_route(dtype, heads, C):
 
 
 @on_route
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
 @pytest.mark.parametrize("bn_mode,bcast", [("running", False), (None, False),
                                             ("running", True), ("batch", False)],
                          ids=["bn", "no_bn", "bn_repeated", "bn_batch_statistics"])
@@ -245,7 +245,7 @@ def test_the_statistics_kernels_update_the_running_statistics(stacked, pool, gra
 
 
 @on_route
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
 @pytest.mark.parametrize("heads,C,N", [(2, 16, 9), (1, 48, 49), (3, 30, 20), (1, 40, 70)])
 def test_self_attention_matches_the_torch_route(dtype, heads, C, N):
     """SSA in one kernel each way, on the token-major layout: the spikes bit-equal (the scores
@@ -273,11 +273,12 @@ def test_self_attention_matches_the_torch_route(dtype, heads, C, N):
 @on_route
 def test_self_attention_blocks():
     """A head's channels in one tile, its tokens in blocks (smaller backward); heads wider
-    than 128 channels take the torch route."""
+    than 128 channels, and more than 2048 tokens, take the torch route."""
     assert triton_units.ssa_blocks(49, 48) == (64, 64)
     assert triton_units.ssa_blocks(196, 48, "backward") == (32, 64)
     assert triton_units.ssa_blocks(9, 8) == (16, 16)
     assert triton_units.ssa_blocks(9, 129) is None
+    assert triton_units.ssa_blocks(2049, 8) is None  # kᵀ v past what TF32 holds exactly
     qkv = torch.zeros(1, 1, 4, 3 * 129, device=DEVICE)
     with fused.forced_route("triton"):
         assert not fused._ssa_on_triton(qkv, 1)
@@ -520,8 +521,8 @@ def test_triton_route_through_the_interpreter(tmp_path):
     variants = [tuple(v) for v in json.loads(record.read_text())]
     kernels = {v[0] for v in variants}
     expected = {"colstats_kernel", "bn_coefficients_kernel", "bn_lif_fwd_kernel",
-                "bn_pool_lif_fwd_kernel", "bn_lif_bwd_kernel", "bn_grad_coefficients_kernel",
-                "pool_lif_bwd_kernel", "pool_scatter_kernel", "bn_apply_kernel",
+                "bn_pool_lif_fwd_kernel", "bn_lif_bwd_kernel",
+                "pool_lif_bwd_kernel", "pool_scatter_kernel",
                 "to_bits_kernel", "from_bits_kernel", "to_u8_kernel", "from_u8_kernel",
                 "bn_affine_kernel", "running_update_kernel", "qk_token_fwd_kernel",
                 "qk_token_bwd_kernel", "ssa_fwd_kernel", "ssa_bwd_kernel", "ssa_bwd_kv_kernel",

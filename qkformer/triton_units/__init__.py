@@ -37,7 +37,7 @@ from torch import Tensor
 
 __all__ = ["interpreting", "is_available", "unavailable_reason", "serves", "handles", "verdict",
            "describe", "launch_counts", "colstats_coefficients", "bn_lif_forward",
-           "bn_lif_backward", "bn_grad_coefficients", "pool_lif_backward", "bn_apply",
+           "bn_lif_backward", "pool_lif_backward",
            "bn_affine", "running_update", "colstats", "bn_lif_forward_bn", "qk_token_forward", "qk_token_backward",
            "ssa_blocks", "ssa_forward", "ssa_backward",
            "pack", "unpack", "add_counts", "packed", "Packed", "DTYPES"]
@@ -470,9 +470,14 @@ def bn_lif_backward(grad: Tensor, y: Tensor, steps: int, geometry: dict, scale: 
 def pool_lif_backward(grad: Tensor, y: Tensor, steps: int, geometry: dict,
                       scale: Optional[Tensor], shift: Optional[Tensor], tau: float,
                       v_threshold: float, alpha: float, detach_reset: bool, bcast: bool,
-                      sums: bool) -> Tuple[Tensor, Optional[Tensor]]:
-    """Backward of the pooled unit: g_Z of the pre-pool map ([steps or 1, B, H, W, C], the
-    arithmetic type) and, with ``sums``, the partial sums ``[P, 2, C]``. Two launches."""
+                      out: Optional[Tensor] = None, sums: bool = False,
+                      apply: Optional[tuple] = None) -> Optional[Tensor]:
+    """Backward of the pooled unit: the pooled map's g_Z (one launch), then passes that gather
+    it back to the pre-pool map ([steps or 1, B, H, W, C]): into ``out`` (its dtype) g_Z, or
+    with ``apply`` = (gamma, mean, invstd, n, rep, batch statistics?, g_gamma out, g_beta out)
+    the BatchNorm input gradient and the gradients of gamma and beta (None: not wanted).
+    Returns the per-program partial sums ``[P, 2, C]`` of g_Z and g_Z y with ``sums`` (in the
+    pass that writes g_Z) or ``apply`` (a pass of their own before it), else None."""
     consts, exact = _lif_consts(tau)
     g = geometry
     B, H, W, C, Ho, Wo = g["B"], g["H"], g["W"], g["C"], g["Ho"], g["Wo"]
@@ -486,40 +491,33 @@ def pool_lif_backward(grad: Tensor, y: Tensor, steps: int, geometry: dict,
             Wo, y_step, **consts, v_th=float(v_threshold), alpha=float(alpha),
             decay=1.0 - 1.0 / tau, STEPS=steps, AFFINE=scale is not None, EXACT=exact,
             DETACH=bool(detach_reset), BLOCK=_BLOCK, A=_tl_arith(y.dtype))
-    gz = torch.empty((1 if bcast else steps, B, H, W, C), dtype=A, device=y.device)
     block_r, block_c = _tiles(C, y.dtype)
     n_cb = math.ceil(C / block_c)
     n_parts, rows = _row_split(B * H * W, n_cb, block_r, y.device)
-    part = (torch.empty((n_parts, 2, C), dtype=torch.float64, device=y.device) if sums
-            else _or_unused(None, gz))
-    _launch("pool_scatter_kernel", (n_parts, n_cb), gp, arg, y, gz, part, B, H, W, C, Ho, Wo,
-            y_step, rows, STEPS=steps, BCAST=bcast, SUMS=sums, BLOCK_R=block_r, BLOCK_C=block_c,
-            A=_tl_arith(y.dtype))
-    return gz, (part if sums else None)
+    f64 = _or_unused(None, torch.empty(0, dtype=torch.float64, device=y.device))
 
+    def scatter(write: bool, with_sums: bool, first: Optional[Tensor] = None) -> Tensor:
+        part = (torch.empty((n_parts, 2, C), dtype=torch.float64, device=y.device) if with_sums
+                else f64)
+        gamma, mean, invstd, n, rep, batch, g_gamma, g_beta = (
+            apply if first is not None else (None, None, None, 1, 1, False, None, None))
+        _launch("pool_scatter_kernel", (n_parts, n_cb), gp, arg, y, _or_unused(out, y), part,
+                _or_unused(first, f64), first.shape[0] if first is not None else 0,
+                _or_unused(mean, f64), _or_unused(invstd, f64), _or_unused(gamma, y),
+                float(n), float(rep), _or_unused(g_gamma, y), _or_unused(g_beta, y), B, H, W, C,
+                Ho, Wo, y_step, rows, STEPS=steps, BCAST=bcast, SUMS=with_sums, WRITE=write,
+                APPLY=first is not None, FULL_BN=first is not None and batch,
+                HAS_GAMMA=gamma is not None, WANT_GAMMA=g_gamma is not None,
+                WANT_BETA=g_beta is not None, BLOCK_R=block_r, BLOCK_C=block_c,
+                A=_tl_arith(y.dtype))
+        return part
 
-def bn_grad_coefficients(part: Tensor, mean: Tensor, invstd: Tensor, gamma: Optional[Tensor],
-                         n: float, rep: float, batch: bool, want_gamma: bool, want_beta: bool,
-                         dtype: torch.dtype):
-    """From the partial sums: ``(a, b, mu, d)`` of the input gradient (b, mu, d None without
-    batch statistics) in the arithmetic type of ``dtype``, and the gradients of gamma and beta
-    (in gamma's dtype; None where not wanted). One launch."""
-    C = mean.numel()
-    A = _arith(dtype)
-    dev = mean.device
-    a = torch.empty(C, dtype=A, device=dev)
-    b, mu, d = ((torch.empty(C, dtype=A, device=dev) for _ in range(3)) if batch
-                else (None, None, None))
-    pdt = gamma.dtype if gamma is not None else torch.float32
-    g_gamma = torch.empty(C, dtype=pdt, device=dev) if want_gamma else None
-    g_beta = torch.empty(C, dtype=pdt, device=dev) if want_beta else None
-    block_c = _pow2(C, 256)
-    _launch("bn_grad_coefficients_kernel", (math.ceil(C / block_c),), part, part.shape[0], mean,
-            invstd, _or_unused(gamma, mean), float(n), float(rep),
-            a, *(_or_unused(t, a) for t in (b, mu, d, g_gamma, g_beta)), C, BATCH=batch,
-            HAS_GAMMA=gamma is not None, WANT_GAMMA=want_gamma, WANT_BETA=want_beta,
-            BLOCK_C=block_c, A=_tl_arith(dtype))
-    return (a, b, mu, d), g_gamma, g_beta
+    if apply is None:
+        part = scatter(out is not None, sums)
+        return part if sums else None
+    part = scatter(False, True)
+    scatter(True, False, part)
+    return part
 
 
 def bn_affine(gamma: Optional[Tensor], beta: Optional[Tensor], mean: Tensor, invstd: Tensor,
@@ -546,16 +544,6 @@ def running_update(running_mean: Tensor, running_var: Tensor, count: Optional[Te
     _launch("running_update_kernel", (math.ceil(C / block_c),), running_mean, running_var,
             _or_unused(count, running_mean), mean, var, _constant(momentum, mean.device), int(n),
             C, COUNT=count is not None, BLOCK_C=block_c)
-
-
-def bn_apply(gz: Tensor, y: Tensor, out: Tensor, coefficients: tuple) -> None:
-    """``out`` = a g_Z [+ b (y - mu) + d], per channel, over ``gz`` / ``y`` [R, C]."""
-    a, b, mu, d = coefficients
-    C = y.shape[-1]
-    RC = y.numel()
-    _launch("bn_apply_kernel", (math.ceil(RC / _BLOCK),), gz, y, out, a,
-            *(_or_unused(t, a) for t in (b, mu, d)), RC, C, FULL_BN=b is not None,
-            BLOCK=_BLOCK, A=_tl_arith(y.dtype))
 
 
 def qk_token_forward(qk: Tensor, num_heads: int, tau: float, v_threshold: float
@@ -602,8 +590,9 @@ def ssa_blocks(tokens: int, head_dim: int, direction: str = "forward"
                ) -> Optional[Tuple[int, int]]:
     """(BLOCK_N, BLOCK_D) of an SSA kernel: a head's channels in one tile, its tokens in
     blocks (the backward pass keeps T tiles of charges in registers, hence smaller blocks);
-    None for heads wider than the kernels take (the caller then takes the torch route)."""
-    if head_dim > _SSA_MAX_HEAD:
+    None for heads wider than the kernels take, or for more tokens than TF32 holds kᵀ v of
+    exactly (the caller then takes the torch route)."""
+    if head_dim > _SSA_MAX_HEAD or tokens > 2048:
         return None
     block_d = max(16, _pow2(head_dim, _SSA_MAX_HEAD))
     return max(16, _pow2(tokens, _SSA_TILE[direction] // block_d)), block_d

@@ -111,6 +111,26 @@ def _grad_coefficients(s1, s2, mean, invstd, scale, n, rep, A: tl.constexpr):
 
 
 @triton.jit
+def _apply_coefficients(sums_ptr, n_sums, mean, invstd, scale, n, rep, g_gamma_ptr, g_beta_ptr,
+                        C, cols, cm, WANT_GAMMA: tl.constexpr, WANT_BETA: tl.constexpr,
+                        FULL_BN: tl.constexpr, BLOCK_C: tl.constexpr, A: tl.constexpr):
+    """The coefficients (a, b, mu, d) of the input gradient as [1, BLOCK_C] rows (b, mu, d None
+    without FULL_BN), from the sums pass's partial sums; the first row of programs writes the
+    gradients of gamma and beta."""
+    t1, t2 = _sum_parts(sums_ptr, n_sums, C, cols, cm, BLOCK_C)
+    gzxhat, a, b, mu, d = _grad_coefficients(t1, t2, mean, invstd, scale, n, rep, A)
+    if tl.program_id(0) == 0:
+        if WANT_GAMMA:
+            tl.store(g_gamma_ptr + cols, gzxhat.to(g_gamma_ptr.dtype.element_ty), mask=cm)
+        if WANT_BETA:
+            tl.store(g_beta_ptr + cols, t1.to(g_beta_ptr.dtype.element_ty), mask=cm)
+    if FULL_BN:
+        return a[None, :], b[None, :], mu[None, :], d[None, :]
+    else:
+        return a[None, :], None, None, None
+
+
+@triton.jit
 def _store_parts(part_ptr, p, C, cols, cm, s1, s2):
     """This program's per-channel partial sums into part[p, 0:2, C]."""
     base = part_ptr + p.to(tl.int64) * 2 * C
@@ -380,17 +400,9 @@ def bn_lif_bwd_kernel(gs_ptr, y_ptr, out_ptr, part_ptr, scale_ptr, shift_ptr, ga
         sc = tl.load(scale_ptr + cols, mask=cm, other=0.0)[None, :] if AFFINE else None
         sh = tl.load(shift_ptr + cols, mask=cm, other=0.0)[None, :] if AFFINE else None
     if APPLY:
-        t1_, t2_ = _sum_parts(sums_ptr, n_sums, C, cols, cm, BLOCK_C)
-        gzxhat, a, b, mu, d = _grad_coefficients(t1_, t2_, mean, invstd, scale, n, rep, A)
-        if p == 0:
-            if WANT_GAMMA:
-                tl.store(g_gamma_ptr + cols, gzxhat.to(g_gamma_ptr.dtype.element_ty), mask=cm)
-            if WANT_BETA:
-                tl.store(g_beta_ptr + cols, t1_.to(g_beta_ptr.dtype.element_ty), mask=cm)
-        ca = a[None, :]
-        cb = b[None, :] if FULL_BN else None
-        cmu = mu[None, :] if FULL_BN else None
-        cd = d[None, :] if FULL_BN else None
+        ca, cb, cmu, cd = _apply_coefficients(sums_ptr, n_sums, mean, invstd, scale, n, rep,
+                                              g_gamma_ptr, g_beta_ptr, C, cols, cm, WANT_GAMMA,
+                                              WANT_BETA, FULL_BN, BLOCK_C, A)
     else:
         ca = None
         cb = None
@@ -449,32 +461,6 @@ def bn_lif_bwd_kernel(gs_ptr, y_ptr, out_ptr, part_ptr, scale_ptr, shift_ptr, ga
     if BIAS:
         _finish_column_sums(bias_part_ptr, done_ptr, g_bias_ptr, s_bias, C, cols, cm,
                             out_ptr.dtype.element_ty)
-
-
-@triton.jit
-def bn_grad_coefficients_kernel(part_ptr, n_parts, mean_ptr, invstd_ptr, gamma_ptr, n, rep,
-                                a_ptr, b_ptr, mu_ptr, d_ptr, g_gamma_ptr, g_beta_ptr, C,
-                                BATCH: tl.constexpr, HAS_GAMMA: tl.constexpr,
-                                WANT_GAMMA: tl.constexpr, WANT_BETA: tl.constexpr,
-                                BLOCK_C: tl.constexpr, A: tl.constexpr):
-    """From sum(g_Z) and sum(g_Z y): the affine parameters' gradients and the coefficients of
-    the input gradient g_Y = a g_Z + b (y - mu) + d (b, mu, d only for batch statistics)."""
-    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    cm = cols < C
-    s1, s2 = _sum_parts(part_ptr, n_parts, C, cols, cm, BLOCK_C)
-    mean = tl.load(mean_ptr + cols, mask=cm, other=0.0)
-    invstd = tl.load(invstd_ptr + cols, mask=cm, other=0.0)
-    scale, _ = _bn_affine(gamma_ptr, gamma_ptr, mean, invstd, cols, cm, HAS_GAMMA, False)
-    gzxhat, a, b, mu, d = _grad_coefficients(s1, s2, mean, invstd, scale, n, rep, A)
-    if WANT_GAMMA:
-        tl.store(g_gamma_ptr + cols, gzxhat.to(g_gamma_ptr.dtype.element_ty), mask=cm)
-    if WANT_BETA:
-        tl.store(g_beta_ptr + cols, s1.to(g_beta_ptr.dtype.element_ty), mask=cm)
-    tl.store(a_ptr + cols, a, mask=cm)
-    if BATCH:
-        tl.store(b_ptr + cols, b, mask=cm)
-        tl.store(mu_ptr + cols, mu, mask=cm)
-        tl.store(d_ptr + cols, d, mask=cm)
 
 
 # --------------------------------------------------------------------------------------------
@@ -542,21 +528,38 @@ def pool_lif_bwd_kernel(gs_ptr, y_ptr, gp_ptr, arg_ptr, scale_ptr, shift_ptr, B,
 
 
 @triton.jit
-def pool_scatter_kernel(gp_ptr, arg_ptr, y_ptr, gz_ptr, part_ptr, B, H, W, C, Ho, Wo, y_step,
-                        rows_per_prog, STEPS: tl.constexpr, BCAST: tl.constexpr,
-                        SUMS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
-                        A: tl.constexpr):
-    """Second half, per pre-pool element (rows = (b, ih, iw)): the sum of the pooled gradients
-    whose max it was, gathered from the (at most 2 x 2) windows that hold it in ascending
-    window order (the order in which a scatter over the windows adds them), into gz
-    ([steps, B, H, W, C], or [B, H, W, C] summed over the steps with BCAST, steps descending
-    within each window); and with SUMS the per-channel [sum g_Z, sum g_Z y] of this program
-    into part[p]."""
+def pool_scatter_kernel(gp_ptr, arg_ptr, y_ptr, out_ptr, part_ptr, sums_ptr, n_sums, mean_ptr,
+                        invstd_ptr, gamma_ptr, n, rep, g_gamma_ptr, g_beta_ptr, B, H, W, C, Ho,
+                        Wo, y_step, rows_per_prog, STEPS: tl.constexpr, BCAST: tl.constexpr,
+                        SUMS: tl.constexpr, WRITE: tl.constexpr, APPLY: tl.constexpr,
+                        FULL_BN: tl.constexpr, HAS_GAMMA: tl.constexpr,
+                        WANT_GAMMA: tl.constexpr, WANT_BETA: tl.constexpr,
+                        BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, A: tl.constexpr):
+    """Second half, per pre-pool element (rows = (b, ih, iw)): g_Z, the sum of the pooled
+    gradients whose max it was, gathered from the (at most 2 x 2) windows that hold it in
+    ascending window order (the order in which a scatter over the windows adds them), per step
+    ([steps, B, H, W, C]; summed over the steps with BCAST, steps descending within each
+    window). With SUMS the per-channel [sum g_Z, sum g_Z y] of this program into part[p]; with
+    WRITE g_Z written to out, or with APPLY the BatchNorm input gradient a g_Z (+ b (y - mu) + d
+    with FULL_BN) in out's type, its coefficients from the sums pass's partial sums (sums,
+    n_sums programs): the gather is done again rather than g_Z kept between the passes."""
     p = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     cm = cols < C
     R = B * H * W
     n_out = B * Ho * Wo * C
+    if APPLY:
+        mean = tl.load(mean_ptr + cols, mask=cm, other=0.0)
+        invstd = tl.load(invstd_ptr + cols, mask=cm, other=0.0)
+        scale, _ = _bn_affine(gamma_ptr, gamma_ptr, mean, invstd, cols, cm, HAS_GAMMA, False)
+        ca, cb, cmu, cd = _apply_coefficients(sums_ptr, n_sums, mean, invstd, scale, n, rep,
+                                              g_gamma_ptr, g_beta_ptr, C, cols, cm, WANT_GAMMA,
+                                              WANT_BETA, FULL_BN, BLOCK_C, A)
+    else:
+        ca = None
+        cb = None
+        cmu = None
+        cd = None
     s1 = tl.zeros([BLOCK_C], tl.float64)
     s2 = tl.zeros([BLOCK_C], tl.float64)
     r0 = p.to(tl.int64) * rows_per_prog
@@ -591,9 +594,13 @@ def pool_scatter_kernel(gp_ptr, arg_ptr, y_ptr, gz_ptr, part_ptr, B, H, W, C, Ho
                     g += tl.where(hit, tl.load(gp_ptr + tt * n_out + o, mask=hit, other=0.0),
                                   0.0)
             out = rows[:, None] * C + cols[None, :]
-            tl.store(gz_ptr + tt * R * C + out, g, mask=m)
+            y = (tl.load(y_ptr + tt * y_step + out, mask=m, other=0.0).to(A)
+                 if SUMS or FULL_BN else None)
+            if WRITE:
+                tl.store(out_ptr + tt * R * C + out,
+                         _bn_input_grad(g, y, ca, cb, cmu, cd, APPLY,
+                                        FULL_BN).to(out_ptr.dtype.element_ty), mask=m)
             if SUMS:
-                y = tl.load(y_ptr + tt * y_step + out, mask=m, other=0.0).to(A)
                 t1 += g
                 t2 += g * y
         if SUMS:
@@ -601,22 +608,6 @@ def pool_scatter_kernel(gp_ptr, arg_ptr, y_ptr, gz_ptr, part_ptr, B, H, W, C, Ho
             s2 += tl.sum(tl.where(m, t2, 0.0), axis=0).to(tl.float64)
     if SUMS:
         _store_parts(part_ptr, p, C, cols, cm, s1, s2)
-
-
-@triton.jit
-def bn_apply_kernel(g_ptr, y_ptr, out_ptr, a_ptr, b_ptr, mu_ptr, d_ptr, RC, C,
-                    FULL_BN: tl.constexpr, BLOCK: tl.constexpr, A: tl.constexpr):
-    """g_Y = a g_Z + b (y - mu) + d per channel (FULL_BN off: a g_Z), in out's type."""
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    m = offs < RC
-    c = offs % C
-    g = tl.load(g_ptr + offs, mask=m, other=0.0)
-    o = tl.load(a_ptr + c, mask=m, other=0.0) * g
-    if FULL_BN:
-        y = tl.load(y_ptr + offs, mask=m, other=0.0).to(A)
-        o += tl.load(b_ptr + c, mask=m, other=0.0) * (y - tl.load(mu_ptr + c, mask=m, other=0.0)) \
-            + tl.load(d_ptr + c, mask=m, other=0.0)
-    tl.store(out_ptr + offs, o.to(out_ptr.dtype.element_ty), mask=m)
 
 
 # --------------------------------------------------------------------------------------------
@@ -743,7 +734,8 @@ def qk_token_bwd_kernel(g_ptr, k_ptr, qs_ptr, out_ptr, R, C, H, D, tau, inv_tau,
 
 # --------------------------------------------------------------------------------------------
 # Spikformer's SSA core: per head, LIF((q (kᵀ v)) scale), read from and written to token-major
-# layouts (no head-major copies). Products of spikes are integer sums, exact in any order.
+# layouts (no head-major copies). Products of spikes are integer sums, exact in any order and
+# in TF32; those with a gradient are float32 products (IEEE, as torch's float32 GEMMs).
 # Program (b, head, block of tokens); kᵀ v needs every token, so each program sums it over all
 # blocks itself (re-reading k and v, which stay in cache) rather than exchanging it.
 @triton.jit
@@ -757,6 +749,16 @@ def _ssa_tile(qkv_ptr, t, b, B, N, C, col0, n, d, D, which: tl.constexpr, A: tl.
 
 
 @triton.jit
+def _exact_dot(a, b, A: tl.constexpr):
+    """a b for operands holding integers up to 2048 (spikes, kᵀ v of at most 2048 tokens):
+    exact in TF32 (tensor cores), accumulated in A; float64 in float64."""
+    if A == tl.float64:
+        return tl.dot(a, b, input_precision="ieee", out_dtype=A)
+    else:
+        return tl.dot(a, b, input_precision="tf32", out_dtype=A)
+
+
+@triton.jit
 def _ssa_kv(qkv_ptr, t, b, B, N, C, col0, d, D, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
             A: tl.constexpr):
     """kᵀ v of one head at step t, over all tokens: [BLOCK_D, BLOCK_D] in A."""
@@ -765,7 +767,7 @@ def _ssa_kv(qkv_ptr, t, b, B, N, C, col0, d, D, BLOCK_N: tl.constexpr, BLOCK_D: 
         n = n0 + tl.arange(0, BLOCK_N)
         k, _, _ = _ssa_tile(qkv_ptr, t, b, B, N, C, col0, n, d, D, 1, A)
         v, _, _ = _ssa_tile(qkv_ptr, t, b, B, N, C, col0, n, d, D, 2, A)
-        kv += tl.dot(tl.trans(k), v, input_precision="ieee", out_dtype=A)
+        kv += _exact_dot(tl.trans(k), v, A)
     return kv
 
 
@@ -784,7 +786,7 @@ def ssa_fwd_kernel(qkv_ptr, out_ptr, scale_ptr, B, N, C, D, tau, inv_tau, v_th,
     for t in range(0, STEPS):
         kv = _ssa_kv(qkv_ptr, t, b, B, N, C, col0, d, D, BLOCK_N, BLOCK_D, A)
         q, rows, m = _ssa_tile(qkv_ptr, t, b, B, N, C, col0, n, d, D, 0, A)
-        x = tl.dot(q, kv, input_precision="ieee", out_dtype=A) * scale
+        x = _exact_dot(q, kv, A) * scale
         h, fired, v_mem = _charge(x, v_mem, tau, inv_tau, v_th, EXACT)
         tl.store(out_ptr + rows[:, None] * C + (col0 + d)[None, :],
                  fired.to(out_ptr.dtype.element_ty), mask=m)
@@ -825,7 +827,7 @@ def ssa_bwd_kernel(g_ptr, qkv_ptr, out_ptr, part_ptr, scale_ptr, B, N, C, D, n_b
     for t in tl.static_range(STEPS):
         kv = _ssa_kv(qkv_ptr, t, b, B, N, C, col0, d, D, BLOCK_N, BLOCK_D, A)
         q, rows, m = _ssa_tile(qkv_ptr, t, b, B, N, C, col0, n, d, D, 0, A)
-        h, fired, v_mem = _charge(tl.dot(q, kv, input_precision="ieee", out_dtype=A) * scale,
+        h, fired, v_mem = _charge(_exact_dot(q, kv, A) * scale,
                                   v_mem, tau, inv_tau, v_th, EXACT)
         hs = hs + (h,)
     carry = tl.zeros([BLOCK_N, BLOCK_D], A)
