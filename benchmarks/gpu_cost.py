@@ -274,7 +274,7 @@ def count_step(model_key: str, kind: str, size: int, dtype: torch.dtype,
         try:
             with flops, counter:
                 forward_backward()
-                syncs, step_bytes = counter.syncs, counter.bytes
+                syncs, step_bytes, step_ops = counter.syncs, counter.bytes, Counter(counter.by_op)
                 update()  # AdamW's step counts are host scalars on a GPU too: no syncs counted
                 counter.syncs = syncs
         finally:
@@ -288,7 +288,7 @@ def count_step(model_key: str, kind: str, size: int, dtype: torch.dtype,
                 optimizer_bytes=counter.bytes - step_bytes,
                 flops=flops.get_total_flops() + counter.gemm_flops,
                 peak=counter.peak, fixed=params * 2 + state,
-                top=[(n, b / size) for n, b in counter.by_op.most_common(top)],
+                top=[(n, b / size) for n, b in step_ops.most_common(top)],
                 top_launches=counter.launch_ops.most_common(max(top, 8)))
 
 
