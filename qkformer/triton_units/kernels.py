@@ -112,11 +112,14 @@ def _grad_coefficients(s1, s2, mean, invstd, scale, n, rep, A: tl.constexpr):
 
 @triton.jit
 def _apply_coefficients(sums_ptr, n_sums, mean, invstd, scale, n, rep, g_gamma_ptr, g_beta_ptr,
-                        C, cols, cm, WANT_GAMMA: tl.constexpr, WANT_BETA: tl.constexpr,
-                        FULL_BN: tl.constexpr, BLOCK_C: tl.constexpr, A: tl.constexpr):
-    """The coefficients (a, b, mu, d) of the input gradient as [1, BLOCK_C] rows (b, mu, d None
-    without FULL_BN), from the sums pass's partial sums; the first row of programs writes the
-    gradients of gamma and beta."""
+                        C, cols, cm, APPLY: tl.constexpr, WANT_GAMMA: tl.constexpr,
+                        WANT_BETA: tl.constexpr, FULL_BN: tl.constexpr, BLOCK_C: tl.constexpr,
+                        A: tl.constexpr):
+    """With APPLY the coefficients (a, b, mu, d) of the input gradient as [1, BLOCK_C] rows
+    (b, mu, d None without FULL_BN), from the sums pass's partial sums, the first row of
+    programs writing the gradients of gamma and beta; else all None."""
+    if not APPLY:
+        return None, None, None, None
     t1, t2 = _sum_parts(sums_ptr, n_sums, C, cols, cm, BLOCK_C)
     gzxhat, a, b, mu, d = _grad_coefficients(t1, t2, mean, invstd, scale, n, rep, A)
     if tl.program_id(0) == 0:
@@ -397,17 +400,14 @@ def bn_lif_bwd_kernel(gs_ptr, y_ptr, out_ptr, part_ptr, scale_ptr, shift_ptr, ga
         sc = scale.to(A)[None, :]
         sh = shift.to(A)[None, :]
     else:
+        mean = None  # (APPLY comes with FROM_BN)
+        invstd = None
+        scale = None
         sc = tl.load(scale_ptr + cols, mask=cm, other=0.0)[None, :] if AFFINE else None
         sh = tl.load(shift_ptr + cols, mask=cm, other=0.0)[None, :] if AFFINE else None
-    if APPLY:
-        ca, cb, cmu, cd = _apply_coefficients(sums_ptr, n_sums, mean, invstd, scale, n, rep,
-                                              g_gamma_ptr, g_beta_ptr, C, cols, cm, WANT_GAMMA,
-                                              WANT_BETA, FULL_BN, BLOCK_C, A)
-    else:
-        ca = None
-        cb = None
-        cmu = None
-        cd = None
+    ca, cb, cmu, cd = _apply_coefficients(sums_ptr, n_sums, mean, invstd, scale, n, rep,
+                                          g_gamma_ptr, g_beta_ptr, C, cols, cm, APPLY,
+                                          WANT_GAMMA, WANT_BETA, FULL_BN, BLOCK_C, A)
     s1 = tl.zeros([BLOCK_C], tl.float64)
     s2 = tl.zeros([BLOCK_C], tl.float64)
     s_bias = tl.zeros([BLOCK_C], tl.float64)
@@ -548,18 +548,13 @@ def pool_scatter_kernel(gp_ptr, arg_ptr, y_ptr, out_ptr, part_ptr, sums_ptr, n_s
     cm = cols < C
     R = B * H * W
     n_out = B * Ho * Wo * C
-    if APPLY:
-        mean = tl.load(mean_ptr + cols, mask=cm, other=0.0)
-        invstd = tl.load(invstd_ptr + cols, mask=cm, other=0.0)
-        scale, _ = _bn_affine(gamma_ptr, gamma_ptr, mean, invstd, cols, cm, HAS_GAMMA, False)
-        ca, cb, cmu, cd = _apply_coefficients(sums_ptr, n_sums, mean, invstd, scale, n, rep,
-                                              g_gamma_ptr, g_beta_ptr, C, cols, cm, WANT_GAMMA,
-                                              WANT_BETA, FULL_BN, BLOCK_C, A)
-    else:
-        ca = None
-        cb = None
-        cmu = None
-        cd = None
+    mean = tl.load(mean_ptr + cols, mask=cm, other=0.0) if APPLY else None
+    invstd = tl.load(invstd_ptr + cols, mask=cm, other=0.0) if APPLY else None
+    scale = (_bn_affine(gamma_ptr, gamma_ptr, mean, invstd, cols, cm, HAS_GAMMA, False)[0]
+             if APPLY else None)
+    ca, cb, cmu, cd = _apply_coefficients(sums_ptr, n_sums, mean, invstd, scale, n, rep,
+                                          g_gamma_ptr, g_beta_ptr, C, cols, cm, APPLY,
+                                          WANT_GAMMA, WANT_BETA, FULL_BN, BLOCK_C, A)
     s1 = tl.zeros([BLOCK_C], tl.float64)
     s2 = tl.zeros([BLOCK_C], tl.float64)
     r0 = p.to(tl.int64) * rows_per_prog
