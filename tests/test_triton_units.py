@@ -485,7 +485,24 @@ CHILD_TESTS = [
 
 
 def _compile_for_sm90(variants):
-    """Compile each recorded (kernel, signature, constants) for sm_90 (cubin)."""
+    """Compile each recorded (kernel, signature, constants) for sm_90 (cubin): cubin sizes by
+    kernel. The variants are shared out over the CPU's cores (each compile is one core's work
+    for a few seconds)."""
+    import concurrent.futures
+    import multiprocessing
+
+    workers = max(1, min(4, os.cpu_count() or 1, len(variants)))
+    chunks = [variants[i::workers] for i in range(workers)]
+    sizes = {}
+    with concurrent.futures.ProcessPoolExecutor(
+            workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        for part in pool.map(_compile_chunk, chunks):
+            for name, n in part.items():
+                sizes[name] = max(sizes.get(name, 0), n)
+    return sizes
+
+
+def _compile_chunk(variants):
     import triton
     import triton.language as tl
     from triton.backends.compiler import GPUTarget

@@ -118,19 +118,20 @@ def _apply_coefficients(sums_ptr, n_sums, mean, invstd, scale, n, rep, g_gamma_p
     """With APPLY the coefficients (a, b, mu, d) of the input gradient as [1, BLOCK_C] rows
     (b, mu, d None without FULL_BN), from the sums pass's partial sums, the first row of
     programs writing the gradients of gamma and beta; else all None."""
-    if not APPLY:
-        return None, None, None, None
-    t1, t2 = _sum_parts(sums_ptr, n_sums, C, cols, cm, BLOCK_C)
-    gzxhat, a, b, mu, d = _grad_coefficients(t1, t2, mean, invstd, scale, n, rep, A)
-    if tl.program_id(0) == 0:
-        if WANT_GAMMA:
-            tl.store(g_gamma_ptr + cols, gzxhat.to(g_gamma_ptr.dtype.element_ty), mask=cm)
-        if WANT_BETA:
-            tl.store(g_beta_ptr + cols, t1.to(g_beta_ptr.dtype.element_ty), mask=cm)
-    if FULL_BN:
-        return a[None, :], b[None, :], mu[None, :], d[None, :]
+    if APPLY:  # (an early return would not end the compiled function: if / else)
+        t1, t2 = _sum_parts(sums_ptr, n_sums, C, cols, cm, BLOCK_C)
+        gzxhat, a, b, mu, d = _grad_coefficients(t1, t2, mean, invstd, scale, n, rep, A)
+        if tl.program_id(0) == 0:
+            if WANT_GAMMA:
+                tl.store(g_gamma_ptr + cols, gzxhat.to(g_gamma_ptr.dtype.element_ty), mask=cm)
+            if WANT_BETA:
+                tl.store(g_beta_ptr + cols, t1.to(g_beta_ptr.dtype.element_ty), mask=cm)
+        if FULL_BN:
+            return a[None, :], b[None, :], mu[None, :], d[None, :]
+        else:
+            return a[None, :], None, None, None
     else:
-        return a[None, :], None, None, None
+        return None, None, None, None
 
 
 @triton.jit
