@@ -28,7 +28,11 @@ def _fwd_bwd(model, x, y):
     return logits.detach()
 
 
-def _steady_ms(model, x, y, reps: int = 5) -> float:
+def _steady(model, x, y, reps: int = 5):
+    """(ms per forward + backward, peak MiB allocated above what was live before)."""
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
     for _ in range(reps):
@@ -36,7 +40,7 @@ def _steady_ms(model, x, y, reps: int = 5) -> float:
         model.zero_grad(set_to_none=True)
     end.record()
     torch.cuda.synchronize()
-    return start.elapsed_time(end) / reps
+    return start.elapsed_time(end) / reps, (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
 def main(argv=None) -> int:
@@ -89,10 +93,11 @@ def main(argv=None) -> int:
 
     for m in (eager, compiled_model):
         m.zero_grad(set_to_none=True)
-    eager_ms, compiled_ms = _steady_ms(eager, x, y), _steady_ms(compiled, x, y)
+    (eager_ms, eager_mb), (compiled_ms, compiled_mb) = _steady(eager, x, y), _steady(compiled, x, y)
     print(f"compiled vs eager (fullgraph, fp32, batch {args.batch}): {'differ' if problems else 'allclose'}"
           f"; logits max diff {logit_err:.2g}, worst grad diff {worst[0]:.2g}; compile "
-          f"{compile_s:.1f} s; fwd+bwd {compiled_ms:.1f} ms compiled, {eager_ms:.1f} ms eager")
+          f"{compile_s:.1f} s; fwd+bwd {compiled_ms:.1f} ms compiled, {eager_ms:.1f} ms eager; "
+          f"peak {compiled_mb:.0f} MiB compiled, {eager_mb:.0f} MiB eager (compact storage in both)")
     return 1 if problems else 0
 
 

@@ -6,7 +6,8 @@ convolution (1x1 as one GEMM over all tokens, or k x k) -> BatchNorm -> [MaxPool
 and the neuron forward, one pass back, and it keeps for the backward pass only
 
 * its input, compactly (:func:`pack`): spikes as 1 bit, small integer counts (the residual
-  stream) as 1 byte, both checked, with the original kept where a check fails;
+  stream) as 1 byte, both checked, with the original kept where a check fails (in a compiled
+  graph, which cannot branch on the check, a failed check is an error);
 * the GEMM output (float) and the batch statistics, from which BatchNorm, the pool's argmax and
   the LIF charges are recomputed in the backward pass (cheaper than storing them).
 
@@ -46,6 +47,7 @@ __all__ = ["ANALOG", "SPIKES", "COUNTS", "route", "forced_route", "fast_path_rea
 
 # What a unit's input holds, which decides how it is kept for backward.
 ANALOG, SPIKES, COUNTS = 0, 1, 2
+_FORMATS = (None, "bits", "u8")  # how each kind is stored: itself, or packed (see pack())
 
 _state = threading.local()
 
@@ -266,8 +268,9 @@ def pack(x: Tensor, kind: int) -> Tuple[Tensor, Optional[tuple]]:
     """What to keep of ``x`` for backward: ``(stored tensor, how to restore it)``.
 
     Spikes -> 1 bit per element, counts -> 1 byte, analog (and anything that fails its check)
-    -> ``x`` itself (``how`` None). Compiled graphs keep ``x`` too: the checks are
-    data-dependent branches. Off under ``compact_storage(False)``.
+    -> ``x`` itself (``how`` None). Off under ``compact_storage(False)``. A compiled graph
+    cannot branch on the check, so there a value that does not fit is an error instead
+    (:func:`_pack_exact`).
 
     Args:
         x: the tensor to keep.
@@ -278,9 +281,14 @@ def pack(x: Tensor, kind: int) -> Tuple[Tensor, Optional[tuple]]:
         - Output: uint8 ``[ceil(numel / 8)]`` (bits) or ``[numel]`` (bytes), with ``how`` =
           ``(format, shape, dtype)``; or ``x`` itself with ``how`` None
     """
-    if (kind == ANALOG or not compact_storage_enabled() or x.numel() == 0
-            or torch.compiler.is_compiling() or is_fake(x)):
+    if kind == ANALOG or not compact_storage_enabled() or x.numel() == 0:
         return x, None
+    if torch.compiler.is_compiling() or is_fake(x):
+        return _pack_exact(x, kind), (_FORMATS[kind], x.shape, x.dtype)
+    return _pack_now(x, kind)
+
+
+def _pack_now(x: Tensor, kind: int) -> Tuple[Tensor, Optional[tuple]]:
     flat = x.contiguous().view(-1)
     n = flat.numel()
     if _triton(flat):
@@ -321,6 +329,43 @@ def pack(x: Tensor, kind: int) -> Tuple[Tensor, Optional[tuple]]:
     return out, (fmt, x.shape, x.dtype)
 
 
+@torch.library.custom_op("qkformer::pack_exact", mutates_args=())
+def _pack_exact(x: Tensor, kind: int) -> Tensor:
+    # Inside a compiled graph only the packed copy is kept: the graph cannot choose between it
+    # and the original by the check. A value that does not fit (a layer declared the wrong
+    # kind) is an error: on the Triton route a device-side assertion, so the host never waits.
+    flat = x.contiguous().view(-1)
+    if _triton(flat):
+        data, flag = triton_units.pack_flagged(flat, _FORMATS[kind])
+        torch._assert_async(flag[0] == 0, _NOT_PACKABLE[kind])
+        return data
+    data, how = _pack_now(flat, kind)
+    if how is None:
+        raise ValueError(_NOT_PACKABLE[kind])
+    return data
+
+
+_NOT_PACKABLE = (None, "compact storage: a tensor declared as spikes holds a value other than 0 "
+                 "and 1", "compact storage: a tensor declared as counts holds a value that is "
+                 "not an integer 0-255")
+
+
+@_pack_exact.register_fake
+def _(x, kind):
+    n = x.numel()
+    return x.new_empty((n + 7) // 8 if kind == SPIKES else n, dtype=torch.uint8)
+
+
+@torch.library.custom_op("qkformer::unpack_exact", mutates_args=())
+def _unpack_exact(data: Tensor, kind: int, shape: List[int], dtype: torch.dtype) -> Tensor:
+    return unpack(data, (_FORMATS[kind], torch.Size(shape), dtype))
+
+
+@_unpack_exact.register_fake
+def _(data, kind, shape, dtype):
+    return data.new_empty(shape, dtype=dtype)
+
+
 def _kept(stored: Tensor, how: Optional[tuple]) -> Tuple[Tensor, Optional[tuple]]:
     """What the backward pass reads of a packed input: the packed copy when its device-side
     check is known to have passed, else the original (still referenced until then)."""
@@ -349,6 +394,8 @@ def unpack(data: Tensor, how: Optional[tuple]) -> Tensor:
     if how is None:
         return data
     fmt, shape, dtype = how[:3]
+    if torch.compiler.is_compiling() or is_fake(data):
+        return _unpack_exact(data, _FORMATS.index(fmt), list(shape), dtype)
     n = math.prod(shape)
     if data.dtype != torch.uint8 or data.numel() != ((n + 7) // 8 if fmt == "bits" else n):
         raise ValueError(f"unpack: {data.numel()} values of {data.dtype} do not hold {fmt} of "
@@ -792,9 +839,6 @@ def _unit_setup(ctx, inputs, output):
     # no gradient flows into y and the statistics: autograd must not build (and page in)
     # a zero tensor the size of y for every unit
     ctx.set_materialize_grads(False)
-
-
-_FORMATS = (None, "bits", "u8")  # how x is stored: itself, or packed (see pack())
 
 
 def _bn_affine(bn_weight, bn_bias, mean: Tensor, invstd: Tensor, A: torch.dtype):

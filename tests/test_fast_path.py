@@ -407,6 +407,45 @@ def test_compile_fullgraph_fast_path_matches_eager():
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-6, msg=n)
 
 
+def test_compiled_graphs_keep_inputs_compactly():
+    """Under torch.compile the units keep their spike and count inputs packed, as eagerly:
+    the same bytes saved for backward, the same logits and gradients."""
+    _, fast, x = _pair("imagenet", dict())
+    fast.train()
+    runs = {}
+    for name, compact in (("compiled", True), ("eager", True), ("plain", False)):
+        torch._dynamo.reset()
+        model = copy.deepcopy(fast)
+        net = torch.compile(model, backend="aot_eager", fullgraph=True, dynamic=False)
+        net = net if name != "eager" else model
+        out = []
+        with fused.compact_storage(compact):
+            kept = saved_bytes(lambda: out.append(net(x)))
+        (out[0] ** 2).sum().backward()
+        runs[name] = (kept, out[0], [p.grad for p in model.parameters()])
+    assert runs["compiled"][0] == runs["eager"][0] < 0.8 * runs["plain"][0]
+    assert torch.equal(runs["compiled"][1], runs["eager"][1])
+    for a, b in zip(runs["compiled"][2], runs["eager"][2]):
+        assert torch.equal(a, b)
+
+
+def test_compiled_graph_rejects_a_tensor_of_the_wrong_kind():
+    """A compiled graph keeps only the packed copy, so an input that is not what the layer
+    declared (here values 0.5 declared as spikes) is an error, not a silent rounding."""
+    torch._dynamo.reset()
+    lif = MultiStepLIF(tau=2.0, v_threshold=1.0, detach_reset=True)
+    w = torch.randn(8, 8, dtype=torch.float64, requires_grad=True)
+
+    def unit(x):
+        return fused.spiking_unit(x, w, None, None, lif, steps=2, x_kind=fused.SPIKES)
+
+    compiled = torch.compile(unit, backend="aot_eager", fullgraph=True, dynamic=False)
+    spikes = torch.randint(0, 2, (2, 3, 8), dtype=torch.float64)
+    assert torch.equal(compiled(spikes), unit(spikes))
+    with pytest.raises(Exception, match="declared as spikes holds a value other than 0 and 1"):
+        compiled(spikes * 0.5)
+
+
 def test_off_the_cpu_models_take_the_reference_path(monkeypatch):
     """Without kernels of its own a device runs the reference path (the torch-op fast path is
     slower than it on a GPU by the count); QKFORMER_CUDA_FAST_PATH=1 keeps the fast path."""

@@ -22,6 +22,7 @@ import pytest
 import torch
 
 from qkformer import fused, triton_units
+from conftest import saved_bytes
 
 REPO = Path(__file__).resolve().parents[1]
 INTERPRETED = triton_units.interpreting()
@@ -441,18 +442,51 @@ def test_the_triton_route_runs_inside_a_compiled_graph():
     eager = copy.deepcopy(fast)
     x = torch.randn(2, 3, 32, 32, dtype=torch.float64, device=DEVICE)
     compiled = torch.compile(fast, backend="aot_eager", fullgraph=True, dynamic=False)
-    before = sum(triton_units.launch_counts().values())
-    out = compiled(x)
+    before = dict(triton_units.launch_counts())
+    outs = []
+    kept = saved_bytes(lambda: outs.append(compiled(x)))
+    out = outs[0]
     (out ** 2).sum().backward()
-    assert sum(triton_units.launch_counts().values()) > before  # the Triton kernels ran
-    ref = eager(x)
+    launched = {k: v - before.get(k, 0) for k, v in triton_units.launch_counts().items()}
+    assert launched.get("bn_lif_fwd_kernel") and launched.get("to_bits_kernel")
+    kept_eagerly = saved_bytes(lambda: outs.append(eager(x)))
+    ref = outs[1]
     (ref ** 2).sum().backward()
+    with fused.compact_storage(False):
+        kept_plainly = saved_bytes(lambda: copy.deepcopy(eager)(x))
+    # compact storage holds under compile: inputs packed by a packing pass (the eager route
+    # keeps the bits the spiking pass wrote instead, which a traced graph cannot look up)
+    assert kept == kept_eagerly < 0.8 * kept_plainly
     assert torch.equal(out, ref)
     for (name, a), b in zip(fast.named_parameters(), eager.parameters()):
         assert torch.equal(a.grad, b.grad), name
     for (name, a), b in zip(fast.named_buffers(), eager.buffers()):
         assert torch.equal(a, b), name
     assert any(n.endswith("num_batches_tracked") and int(b) == 1 for n, b in fast.named_buffers())
+
+
+@on_route
+def test_a_compiled_graph_rejects_non_spikes_without_waiting_for_the_host():
+    """Inside a compiled graph a value that does not fit its declared kind fails the device-side
+    assertion of the packing op (on CPU tensors the assertion is checked at once)."""
+    torch._dynamo.reset()
+    x = torch.tensor([[0.0, 1.0, 0.5, 1.0] * 4], device=DEVICE).repeat(4, 1)
+    with fused.forced_route("triton"):
+        data = torch.ops.qkformer.pack_exact(x[:2].round(), fused.SPIKES)
+        assert torch.equal(fused.unpack(data, ("bits", x[:2].shape, x.dtype)), x[:2].round())
+        if NATIVE:  # a device-side assertion ends the CUDA context: in a child process
+            code = ("import torch, qkformer.fused as f\n"
+                    "x = torch.tensor([0.0, 1.0, 0.5] * 8, device='cuda')\n"
+                    "c = torch.compile(lambda t: torch.ops.qkformer.pack_exact(t, f.SPIKES))\n"
+                    "c(x); torch.cuda.synchronize()\n")
+            r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
+                               text=True, timeout=300)
+            assert r.returncode != 0 and "assert" in r.stderr.lower(), r.stderr[-2000:]
+            return
+        packer = torch.compile(lambda t: torch.ops.qkformer.pack_exact(t, fused.SPIKES),
+                               backend="aot_eager", fullgraph=True)
+        with pytest.raises(RuntimeError, match="declared as spikes holds a value other than 0"):
+            packer(x)
 
 
 def test_cuda_default_follows_the_self_check(monkeypatch):

@@ -708,6 +708,12 @@ def _flag(device: torch.device, n: int = 1) -> Tensor:
 
 def pack(x: Tensor, fmt: str) -> Packed:
     """Pack contiguous ``x`` to ``fmt`` 'bits' (values 0/1) or 'u8' (integers 0-255)."""
+    return packed(*pack_flagged(x, fmt), x)
+
+
+def pack_flagged(x: Tensor, fmt: str) -> Tuple[Tensor, Tensor]:
+    """:func:`pack`'s launch: the packed data and the device-side flag (nonzero: a value did
+    not fit), without a record that waits for the host."""
     flat = x.reshape(-1)
     n = flat.numel()
     flag = _flag(x.device)
@@ -720,7 +726,7 @@ def pack(x: Tensor, fmt: str) -> Packed:
         out = torch.empty(n, dtype=torch.uint8, device=x.device)
         _launch("to_u8_kernel", (math.ceil(n / _BLOCK),), flat, out, flag, n, BLOCK=_BLOCK,
                 A=_tl_arith(x.dtype))
-    return packed(out, flag, x)
+    return out, flag
 
 
 def add_counts(a: Tensor, b: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
