@@ -358,7 +358,7 @@ def _(x, kind):
 
 @torch.library.custom_op("qkformer::unpack_exact", mutates_args=())
 def _unpack_exact(data: Tensor, kind: int, shape: List[int], dtype: torch.dtype) -> Tensor:
-    return unpack(data, (_FORMATS[kind], torch.Size(shape), dtype))
+    return _unpack_now(data, (_FORMATS[kind], torch.Size(shape), dtype))
 
 
 @_unpack_exact.register_fake
@@ -393,9 +393,13 @@ def unpack(data: Tensor, how: Optional[tuple]) -> Tensor:
     data, how = _kept(data, how)
     if how is None:
         return data
-    fmt, shape, dtype = how[:3]
     if torch.compiler.is_compiling() or is_fake(data):
-        return _unpack_exact(data, _FORMATS.index(fmt), list(shape), dtype)
+        return _unpack_exact(data, _FORMATS.index(how[0]), list(how[1]), how[2])
+    return _unpack_now(data, how)
+
+
+def _unpack_now(data: Tensor, how: tuple) -> Tensor:
+    fmt, shape, dtype = how[:3]
     n = math.prod(shape)
     if data.dtype != torch.uint8 or data.numel() != ((n + 7) // 8 if fmt == "bits" else n):
         raise ValueError(f"unpack: {data.numel()} values of {data.dtype} do not hold {fmt} of "
@@ -1434,7 +1438,7 @@ def _triton_self_check(device: torch.device, dtype: torch.dtype) -> Optional[str
                 stats = (triton_units.colstats_coefficients(y.reshape(-1, C).contiguous(), True,
                                                             None, None, None, None, 1e-5)[:2]
                          if r == "triton" else batch_stats(y))
-                bits = unpack(*pack(s, SPIKES))
+                bits = _unpack_now(*_pack_now(s, SPIKES))
             out[r] = (s, gz, sums, gy, stats, bits)
         (s1, gz1, sums1, gy1, st1, b1), (s2, gz2, sums2, gy2, st2, _) = out["triton"], out["torch"]
         where = f"{'pooled' if pool else 'plain'}{', repeated input' if bcast else ''}"
@@ -1469,8 +1473,9 @@ def _triton_self_check(device: torch.device, dtype: torch.dtype) -> Optional[str
     bad = grid(8)
     bad[3] = 0.5
     with forced_route("triton"):
-        stored, how = _kept(*pack(bad, SPIKES))
-        kept = unpack(stored, how)
+        # the eager packing, also when a graph being traced asks for the verdict
+        stored, how = _kept(*_pack_now(bad, SPIKES))
+        kept = unpack(stored, how) if how is None else _unpack_now(stored, how)
     if how is not None or not torch.equal(kept, bad):
         return "a value that does not fit was not kept exactly"
     return None
