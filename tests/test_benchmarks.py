@@ -72,6 +72,23 @@ def test_lif_gpu_benchmark_runs():
         assert float(ms) > 0 and math.isfinite(float(time_ratio)), f"{name}: {out}"
 
 
+def test_gemm_fusion_benchmark_finds_the_projections():
+    """The projections it times are the model's own: those of a quick model's forward, with
+    how each input is kept; without CUDA it says it skipped."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        from gpu_gemm_fusion import projection_shapes
+    finally:
+        sys.path.remove(str(BENCH))
+    shapes = projection_shapes("quick", 4)
+    kinds = {fmt for (_, _, _, _, fmt) in shapes}
+    assert shapes and kinds == {"bits", "u8"}, shapes
+    assert all(rows % 4 == 0 and k > 0 and n > 0 for rows, k, n, _, _ in shapes)
+    if not torch.cuda.is_available():
+        assert _run("gpu_gemm_fusion.py").strip() == \
+            "no CUDA device: GEMM fusion benchmark skipped"
+
+
 def test_lif_benchmark_quick():
     out = _run("lif.py", "--quick")
     lines = out.splitlines()

@@ -465,6 +465,65 @@ def test_the_triton_route_runs_inside_a_compiled_graph():
     assert any(n.endswith("num_batches_tracked") and int(b) == 1 for n, b in fast.named_buffers())
 
 
+GEMM_TOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 2e-3,
+            torch.bfloat16: 1e-2}
+
+
+@on_route
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("bias", [False, True], ids=["", "bias"])
+def test_a_gemm_with_statistics_feeds_the_spiking_pass(dtype, bias):
+    """linear_stats: the projection (float64 reference, within the dtype's rounding) and, from
+    its epilogue, BatchNorm's partial sums, which the spiking pass takes in place of a
+    statistics pass: the same spikes and statistics as that pass gives (sizes off the tiles)."""
+    g = torch.Generator().manual_seed(3)
+    T, M, K, N = 2, 75, 40, 24
+    x = torch.randint(0, 2, (T * M, K), generator=g).to(dtype).to(DEVICE)
+    w = (torch.randn(N, K, generator=g) / 3).to(dtype).to(DEVICE)
+    b = torch.randn(N, generator=g).to(dtype).to(DEVICE) if bias else None
+    ref = torch.randn(N, generator=g).to(dtype).to(DEVICE)
+    y, part = triton_units.linear_stats(x, w, b, ref)
+    exact = x.double() @ w.double().t() + (b.double() if bias else 0)
+    tol = GEMM_TOL[dtype] * exact.abs().max().item()
+    assert y.dtype == dtype and (y.double() - exact).abs().max().item() <= tol
+    d = y.double() - ref.double()
+    torch.testing.assert_close(part.sum(0), torch.stack([d.sum(0), (d * d).sum(0)]),
+                               rtol=1e-12 if dtype == torch.float64 else 1e-5, atol=1e-9)
+    geometry, shape = fused._geometry(y.view(T, M, N), T, False, False)
+    outs = []
+    for stats in ((part, ref), None):
+        s = torch.empty(shape, dtype=dtype, device=DEVICE)
+        stat = triton_units.bn_lif_forward_bn(y.view(T, M, N), s, T, geometry, True, None, None,
+                                              None, None, 1e-5, **LIF, bcast=False, stats=stats)
+        outs.append((s, stat))
+    (s1, st1), (s2, st2) = outs
+    assert torch.equal(s1, s2) and 0 < s1.float().mean() < 1
+    for a, c in zip(st1, st2):
+        # (float32 sums over other tiles about another reference: float32 rounding apart)
+        torch.testing.assert_close(a, c, rtol=1e-12 if dtype == torch.float64 else 3e-5,
+                                   atol=1e-12)
+
+
+@on_route
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("M", [50, 700], ids=["one split", "split rows"])
+@pytest.mark.parametrize("fmt", ["bits", "u8"])
+def test_a_weight_gradient_reads_the_input_as_stored(dtype, M, fmt):
+    """weight_grad_packed: gᵀ X from X as compact storage keeps it (spikes as bits, counts as
+    bytes), equal to the product with X unpacked (within rounding of the summation order)."""
+    g = torch.Generator().manual_seed(4)
+    K, N = 24, 20
+    x = torch.randint(0, 2 if fmt == "bits" else 5, (M, K), generator=g).to(dtype).to(DEVICE)
+    grad = torch.randn(M, N, generator=g).to(dtype).to(DEVICE)
+    data = triton_units.pack(x, fmt).data
+    gw = triton_units.weight_grad_packed(grad, data, fmt, K)
+    exact = grad.double().t() @ x.double()
+    assert gw.shape == (N, K) and gw.dtype == dtype
+    assert (gw.double() - exact).abs().max().item() <= GEMM_TOL[dtype] * exact.abs().max().item()
+    with pytest.raises(ValueError, match=f"the {fmt} of M K values"):
+        triton_units.weight_grad_packed(grad, data[:-1], fmt, K)
+
+
 @on_route
 def test_a_graph_traced_first_runs_the_self_check_eagerly(monkeypatch):
     """The first call compiled, before any eager one: the self-check runs while the graph is
@@ -602,7 +661,7 @@ def test_triton_route_through_the_interpreter(tmp_path):
                 "to_bits_kernel", "from_bits_kernel", "to_u8_kernel", "from_u8_kernel",
                 "bn_affine_kernel", "running_update_kernel", "qk_token_fwd_kernel",
                 "qk_token_bwd_kernel", "ssa_fwd_kernel", "ssa_bwd_kernel", "ssa_bwd_kv_kernel",
-                "add_u8_kernel"}
+                "add_u8_kernel", "gemm_kernel"}
     assert kernels == expected, expected ^ kernels
     sizes = _compile_for_sm90(variants)
     assert set(sizes) == expected and all(n > 0 for n in sizes.values())

@@ -40,7 +40,8 @@ __all__ = ["interpreting", "is_available", "unavailable_reason", "serves", "hand
            "bn_lif_backward", "pool_lif_backward",
            "bn_affine", "running_update", "colstats", "bn_lif_forward_bn", "qk_token_forward", "qk_token_backward",
            "ssa_blocks", "ssa_forward", "ssa_backward",
-           "pack", "unpack", "add_counts", "packed", "Packed", "DTYPES"]
+           "pack", "unpack", "add_counts", "packed", "Packed", "linear_stats",
+           "weight_grad_packed", "DTYPES"]
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _ENABLE_ENV = "QKFORMER_TRITON_UNITS"
@@ -305,12 +306,15 @@ def _running_inputs(running: Optional[Running], device: torch.device) -> Tuple[t
 
 
 def _bn_inputs(y2: Tensor, batch: bool, running_mean, running_var, gamma, beta, eps: float,
-               running: Optional[Running] = None):
+               running: Optional[Running] = None, stats: Optional[Tuple[Tensor, Tensor]] = None):
     """The statistics arguments shared by the kernels that compute BatchNorm's coefficients
-    (and with ``running`` update the running statistics)."""
+    (and with ``running`` update the running statistics). ``stats``: the partial sums and
+    their reference as :func:`colstats` returns them, already taken (by :func:`linear_stats`)."""
     R, C = y2.shape
     f64 = dict(dtype=torch.float64, device=y2.device)
-    part, ref = (colstats(y2) if batch
+    if stats is not None and not batch:
+        raise ValueError("BatchNorm statistics given for a unit on running statistics")
+    part, ref = (stats if stats is not None else colstats(y2) if batch
                  else (_or_unused(None, y2.new_empty(0, **f64)), _or_unused(None, y2)))
     outputs = tuple(torch.empty(C, **f64) for _ in range(3))  # mean, var, invstd
     run_args, run_flags = _running_inputs(running, y2.device)
@@ -343,16 +347,18 @@ def bn_lif_forward_bn(y: Tensor, s: Tensor, steps: int, geometry: dict, batch: b
                       running_mean: Optional[Tensor], running_var: Optional[Tensor],
                       gamma: Optional[Tensor], beta: Optional[Tensor], eps: float,
                       tau: float, v_threshold: float, bcast: bool,
-                      bits: Optional[Tensor] = None, running: Optional[Running] = None):
+                      bits: Optional[Tensor] = None, running: Optional[Running] = None,
+                      stats: Optional[Tuple[Tensor, Tensor]] = None):
     """The unpooled unit's forward with its BatchNorm: spikes into ``s`` (and packed into
     ``bits``, see :func:`spike_bits_supported`) and ``(mean, var, invstd)`` float64 returned,
     the coefficients computed in the spiking pass, which with ``running`` also updates the
     running statistics (:data:`Running`). Two launches with batch statistics (the statistics
-    pass, then this), one without."""
+    pass, then this), one without, or with the ``stats`` a GEMM's epilogue took
+    (:func:`linear_stats`)."""
     g = geometry
     M, C = g["M"], g["C"]
     args, flags, outputs = _bn_inputs(y.view(-1, C), batch, running_mean, running_var, gamma,
-                                      beta, eps, running)
+                                      beta, eps, running, stats)
     _forward_pass(y, s, steps, M, C, None, None, bcast, tau, v_threshold, (args, flags), bits)
     return outputs
 
@@ -727,6 +733,77 @@ def pack_flagged(x: Tensor, fmt: str) -> Tuple[Tensor, Tensor]:
         _launch("to_u8_kernel", (math.ceil(n / _BLOCK),), flat, out, flag, n, BLOCK=_BLOCK,
                 A=_tl_arith(x.dtype))
     return out, flag
+
+
+# --------------------------------------------------------------------------------------------
+# GEMMs that take part in the unit. Not on the default route: whether they beat cuBLAS with a
+# separate pass at the unit's shapes is measured by benchmarks/gpu_gemm_fusion.py on a GPU.
+def _tl_storage(dtype: torch.dtype):
+    import triton.language as tl
+
+    return {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32,
+            torch.float64: tl.float64}[dtype]
+
+
+def _gemm(a: Tensor, a_strides, a_packed: int, b: Tensor, b_strides, b_packed: int, I: int,
+          J: int, K: int, dtype: torch.dtype, bias: Optional[Tensor] = None,
+          ref: Optional[Tensor] = None, splits: int = 1) -> Tuple[Tensor, Optional[Tensor]]:
+    """C = A B (see gemm_kernel) in ``dtype``: ``(C [I, J], part [P, 2, J] or None)``; with
+    ``splits`` > 1 the K range is split over programs whose float partial products are added
+    in split order (one more launch)."""
+    device = a.device
+    block_i = 128 if I >= 128 else max(16, _pow2(I, 128))
+    block_j = max(16, _pow2(J, 128))
+    block_k = 32 if dtype in (torch.float16, torch.bfloat16) else 16
+    splits = max(1, min(splits, math.ceil(K / block_k)))
+    k_per = math.ceil(math.ceil(K / splits) / block_k) * block_k
+    splits = math.ceil(K / k_per)
+    A = _arith(dtype)
+    out = torch.empty((splits, I, J) if splits > 1 else (I, J),
+                      dtype=A if splits > 1 else dtype, device=device)
+    n_i = math.ceil(I / block_i)
+    part = (torch.empty((n_i, 2, J), dtype=torch.float64, device=device) if ref is not None
+            else None)
+    like = torch.empty(0, dtype=dtype, device=device)
+    _launch("gemm_kernel", (n_i, math.ceil(J / block_j), splits), a, b, out,
+            _or_unused(bias, like), _or_unused(ref, like),
+            _or_unused(part, torch.empty(0, dtype=torch.float64, device=device)), I, J, K, k_per,
+            *a_strides, *b_strides, A_PACKED=a_packed, B_PACKED=b_packed, BIAS=bias is not None,
+            STATS=ref is not None, IEEE=dtype in (torch.float32, torch.float64),
+            BLOCK_I=block_i, BLOCK_J=block_j, BLOCK_K=block_k, T=_tl_storage(dtype),
+            A=_tl_arith(dtype))
+    if splits > 1:
+        out = out.sum(0).to(dtype)
+    return out, part
+
+
+def linear_stats(x2: Tensor, weight: Tensor, bias: Optional[Tensor],
+                 ref: Tensor) -> Tuple[Tensor, Tensor]:
+    """``y = x2 weightᵀ (+ bias)`` for x2 [M, K] and weight [N, K], with BatchNorm's partial
+    sums of y about ``ref`` [N] from the GEMM's epilogue: ``(y, part)``, part as
+    :func:`colstats` returns it. One launch."""
+    M, K = x2.shape
+    N = weight.shape[0]
+    if x2.stride(1) != 1 or weight.stride(1) != 1:
+        raise ValueError("linear_stats: x2 and weight need contiguous rows")
+    y, part = _gemm(x2, (x2.stride(0), 1), 0, weight, (1, weight.stride(0)), 0, M, N, K,
+                    x2.dtype, bias=bias, ref=ref)
+    return y, part
+
+
+def weight_grad_packed(g2: Tensor, data: Tensor, fmt: str, K: int) -> Tensor:
+    """``g2ᵀ X`` for g2 [M, N] and X [M, K] as :func:`pack` stored it (``fmt`` 'bits' or
+    'u8'): the weight gradient of a projection of spikes or counts without unpacking them.
+    Split over the M rows to fill the device."""
+    M, N = g2.shape
+    per_byte = 8 if fmt == "bits" else 1
+    if g2.stride(1) != 1 or data.numel() * per_byte < M * K:
+        raise ValueError(f"weight_grad_packed: g2 needs contiguous rows and the {fmt} of M K "
+                         f"values")
+    splits = max(1, _programs(g2.device) // (math.ceil(N / 128) * math.ceil(K / 128)))
+    gw, _ = _gemm(g2, (1, g2.stride(0)), 0, data, (K, 1), 1 if fmt == "bits" else 2, N, K, M,
+                  g2.dtype, splits=splits)
+    return gw
 
 
 def add_counts(a: Tensor, b: Tensor) -> Tuple[Tensor, Tensor, Tensor]:

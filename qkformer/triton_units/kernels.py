@@ -863,3 +863,71 @@ def ssa_bwd_kv_kernel(qkv_ptr, out_ptr, part_ptr, B, N, C, D, n_blocks, STEPS: t
             base = (((b * tl.num_programs(1) + j) * n_blocks + p) * STEPS + t).to(tl.int64)
             g_kv += tl.load(part_ptr + base * D * D + tile, mask=tm, other=0.0)
         _ssa_store_kv_grads(qkv_ptr, out_ptr, g_kv, t, b, B, N, C, col0, n, d, D, A)
+
+
+# --------------------------------------------------------------------------------------------
+# GEMMs that take part in the unit (a measured decision on a GPU: benchmarks/gpu_gemm_fusion.py)
+@triton.jit
+def _gemm_operand(ptr, flat, m, PACKED: tl.constexpr, T: tl.constexpr):
+    """A tile of an operand in type T: loaded as it is stored (PACKED 0), from bits (1:
+    element ``flat`` is bit flat % 8 of byte flat // 8, as to_bits_kernel packs a tensor) or
+    from bytes (2: counts, as to_u8_kernel packs them)."""
+    if PACKED == 1:
+        byte = tl.load(ptr + flat // 8, mask=m, other=0).to(tl.int32)
+        bit = (byte >> (flat % 8).to(tl.int32)) & 1
+        return bit.to(tl.float32).to(T)  # through float32, as from_bits_kernel
+    elif PACKED == 2:
+        return tl.load(ptr + flat, mask=m, other=0).to(tl.float32).to(T)
+    else:
+        return tl.load(ptr + flat, mask=m, other=0.0).to(T)
+
+
+@triton.jit
+def gemm_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, ref_ptr, part_ptr, I, J, K, k_per,
+                sa_i, sa_k, sb_k, sb_j, A_PACKED: tl.constexpr, B_PACKED: tl.constexpr,
+                BIAS: tl.constexpr, STATS: tl.constexpr, IEEE: tl.constexpr,
+                BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr,
+                T: tl.constexpr, A: tl.constexpr):
+    """C[I, J] = A[I, K] B[K, J] (+ bias[J]), operands in T, accumulated in A, stored in C's
+    type. Operands are read through their strides (in elements), as stored or packed
+    (A_PACKED/B_PACKED, see _gemm_operand: spikes and counts as compact storage keeps them, so
+    no 16-bit copy is made for the product). Program (i, j, s) sums k over [s k_per, (s + 1) k_per) into C[s] (split-K for
+    a long K, such as the rows of a weight gradient; the caller adds the C[s] in order). With
+    STATS the epilogue also writes this program's per-column sums of d = c - ref and d^2 over
+    its rows (of the stored, rounded values, as colstats_kernel reads them) to
+    part[pid_i, 0:2, J]: BatchNorm's batch statistics without a pass over C."""
+    pid_i = tl.program_id(0)
+    pid_j = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    ri = pid_i.to(tl.int64) * BLOCK_I + tl.arange(0, BLOCK_I)
+    rj = pid_j * BLOCK_J + tl.arange(0, BLOCK_J)
+    mi = ri < I
+    mj = rj < J
+    k_lo = pid_s.to(tl.int64) * k_per
+    k_hi = tl.minimum(k_lo + k_per, K)
+    acc = tl.zeros([BLOCK_I, BLOCK_J], A)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        rk = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
+        mk = rk < k_hi
+        a = _gemm_operand(a_ptr, ri[:, None] * sa_i + rk[None, :] * sa_k,
+                          mi[:, None] & mk[None, :], A_PACKED, T)
+        b = _gemm_operand(b_ptr, rk[:, None] * sb_k + rj[None, :] * sb_j,
+                          mk[:, None] & mj[None, :], B_PACKED, T)
+        if IEEE:
+            acc += tl.dot(a, b, input_precision="ieee", out_dtype=A)
+        elif T == tl.bfloat16:  # bfloat16 values are exact in TF32 (and the interpreter has no
+            # bfloat16 product)
+            acc += tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="tf32",
+                          out_dtype=A)
+        else:
+            acc += tl.dot(a, b, out_dtype=A)
+    if BIAS:
+        acc += tl.load(bias_ptr + rj, mask=mj, other=0.0).to(A)[None, :]
+    c = acc.to(c_ptr.dtype.element_ty)
+    m = mi[:, None] & mj[None, :]
+    tl.store(c_ptr + pid_s.to(tl.int64) * I * J + ri[:, None] * J + rj[None, :], c, mask=m)
+    if STATS:
+        ref = tl.load(ref_ptr + rj, mask=mj, other=0.0).to(A)
+        d = tl.where(m, c.to(A) - ref[None, :], 0.0)
+        _store_parts(part_ptr, pid_i, J, rj, mj, tl.sum(d, axis=0).to(tl.float64),
+                     tl.sum(d * d, axis=0).to(tl.float64))
