@@ -218,6 +218,15 @@ def _count_triton_launches(counter: StepCounter, checks_known: bool = True):
     launch, packed_init = triton_units._launch, triton_units.Packed.__init__
 
     def counted(name, grid, *args, **meta):
+        if name == "gemm_kernel":  # a GEMM (its work, as cuBLAS's); outside it only the partial
+            I, J, K = args[6:9]    # sums its epilogue writes
+            counter.launches += 1
+            counter.launch_ops[f"{name} (triton)"] += 1
+            counter.gemm_flops += 2 * I * J * K
+            if meta["STATS"]:
+                counter.bytes += _nbytes(args[5])
+                counter.by_op[f"{name} (triton)"] += _nbytes(args[5])
+            return
         seen = {(t.data_ptr(), _nbytes(t)) for t in _tensors((args, meta))}
         counter.kernel(f"{name} (triton)", sum(n for _, n in seen))
         counter.gemm_flops += _ssa_flops(name, grid, args, meta)
@@ -323,7 +332,13 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", choices=["float16", "bfloat16"], default="bfloat16",
                    help="the AMP dtype on the CPU (same sizes as the GPU's fp16)")
     p.add_argument("--quick", action="store_true", help="tiny models (a smoke test)")
+    p.add_argument("--fused-gemms", action="store_true",
+                   help="the Triton route with the projections as Triton GEMMs that take part "
+                        "in the unit (QKFORMER_TRITON_GEMMS=1; not the default)")
     args = p.parse_args(argv)
+    if args.fused_gemms:
+        os.environ["QKFORMER_TRITON_GEMMS"] = "1"
+        KINDS["triton"] = "Triton+GEMMs"
     models = ["quick", "quick-dvs"] if args.quick else args.models
     dtype = getattr(torch, args.dtype)
     print(f"counted on the CPU ({args.dtype} autocast as the GPU's 16-bit AMP), per image of a "

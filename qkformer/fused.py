@@ -745,7 +745,19 @@ def _unit_forward(x, weight, bias, bn_weight, bn_bias, running_mean, running_var
             x, weight = x.to(gemm_dtype), weight.to(gemm_dtype)
             bias = bias.to(gemm_dtype) if bias is not None else None
             w_cast = weight
-        y = _gemm(x, weight, bias, kernel_size, stride, x_kind if gemm_dtype is None else ANALOG)
+        stats = None
+        if (kernel_size == 0 and use_bn and batch_stats_ and not pool and _triton(x)
+                and triton_units.gemms_enabled() and x.dtype == weight.dtype):
+            # the statistics from the GEMM's epilogue; taken about the running mean where there
+            # is one (a shift that keeps E[d^2] - E[d]^2 free of cancellation)
+            ref = (torch.cat([grp[0] for grp in running[0]]) if running is not None
+                   else torch.zeros(weight.shape[0], device=x.device)).to(x.dtype)
+            y2, part = triton_units.linear_stats(x.reshape(-1, x.shape[-1]).contiguous(),
+                                                 weight.reshape(weight.shape[0], -1), bias, ref)
+            y, stats = y2.view(*x.shape[:-1], -1), (part, ref)
+        else:
+            y = _gemm(x, weight, bias, kernel_size, stride,
+                      x_kind if gemm_dtype is None else ANALOG)
         if running is not None:
             running = (*running, _per_channel(y, steps, bcast))
         A = _arith(y.dtype)
@@ -760,7 +772,7 @@ def _unit_forward(x, weight, bias, bn_weight, bn_bias, running_mean, running_var
             if use_bn:
                 mean, var, invstd = triton_units.bn_lif_forward_bn(
                     y, spikes, steps, g, batch_stats_, running_mean, running_var, bn_weight,
-                    bn_bias, eps, tau, v_threshold, bcast, packed, running)
+                    bn_bias, eps, tau, v_threshold, bcast, packed, running, stats)
             else:
                 mean, var, invstd = _no_stats(y)
                 triton_units.bn_lif_forward(y.contiguous(), spikes, steps, g, None, None, tau,
@@ -959,6 +971,11 @@ def _spiking_unit_backward(grad: Tensor, stored: Tensor, x_format: int, x_shape:
                        else sparse.csr_from_dense(stored, limit))
             if csr is not None:
                 gw = sparse.weight_grad(csr, x_shape, gy, w, kernel_size, stride)
+            elif (how is not None and kernel_size == 0 and _triton(gy)
+                  and triton_units.gemms_enabled()):
+                # the input read as it was kept (bits, bytes): no unpacked copy
+                gw = triton_units.weight_grad_packed(gy.reshape(-1, gy.shape[-1]), stored,
+                                                     how[0], x_shape[-1]).view(weight.shape)
             else:
                 x = unpack(stored, how)
                 gw = _weight_grad(gy, x.to(gy.dtype), w, kernel_size, stride)

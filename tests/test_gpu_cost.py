@@ -41,3 +41,19 @@ def test_gpu_cost_quick():
     triton = proc.stdout.split("most launched, fast, Triton: ", 1)[1].splitlines()[0]
     assert "(triton)" in triton and "lif_forward" not in triton  # the LIF runs inside the units
     assert "targets (Triton route / original): " in proc.stdout
+
+
+def test_gpu_cost_counts_the_fused_gemms_as_gemms():
+    """--fused-gemms: the Triton GEMMs count as the GEMM work they replace (same GFLOP as the
+    default route's), and the passes they absorb leave the non-GEMM bytes."""
+    out = {}
+    for flag in ((), ("--fused-gemms",)):
+        proc = subprocess.run([sys.executable, "benchmarks/gpu_cost.py", "--models", "quick",
+                               *flag], cwd=REPO, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        out[flag] = (_rows(proc.stdout, "quick"), proc.stdout)
+    (plain, _), (fused, text) = out[()], out[("--fused-gemms",)]
+    assert "gemm_kernel (triton)" in text.split("most launched, Triton+GEMMs: ", 1)[1]
+    assert fused["GEMM GFLOP / image"][2] == plain["GEMM GFLOP / image"][2]
+    assert fused["non-GEMM bytes / image (MB)"][2] < plain["non-GEMM bytes / image (MB)"][2]
+    assert fused["non-GEMM bytes / image (MB)"][:2] == plain["non-GEMM bytes / image (MB)"][:2]

@@ -525,6 +525,46 @@ def test_a_weight_gradient_reads_the_input_as_stored(dtype, M, fmt):
 
 
 @on_route
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_the_units_on_the_fused_gemms_train_as_on_cublas(dtype, monkeypatch):
+    """QKFORMER_TRITON_GEMMS=1: the 1x1 projections with BatchNorm take their statistics from
+    the GEMM's epilogue and their weight gradients from the kept bits and bytes; a training
+    step (logits, gradients, BatchNorm buffers) equals the one on torch's GEMMs within the
+    rounding of the summation order (float64: 1e-10)."""
+    import copy
+    import timm
+
+    import qkformer  # noqa: F401
+
+    torch.manual_seed(0)
+    model = timm.create_model("qkformer_10_384", embed_dims=32, depths=(1, 1, 1), num_heads=2,
+                              img_size=32, T=2, num_classes=5).to(dtype).to(DEVICE).train()
+    x = torch.randn(2, 3, 32, 32, dtype=dtype, device=DEVICE)
+    assert fused._triton_serves(torch.device(DEVICE), dtype)  # its self-check's launches before
+    runs = []
+    for fused_gemms in ("1", "0"):
+        monkeypatch.setenv("QKFORMER_TRITON_GEMMS", fused_gemms)
+        net = copy.deepcopy(model)
+        before = dict(triton_units.launch_counts())
+        out = net(x)
+        (out ** 2).sum().backward()
+        launched = {k: v - before.get(k, 0) for k, v in triton_units.launch_counts().items()}
+        runs.append((out, net, launched))
+    (out1, net1, l1), (out2, net2, l2) = runs
+    assert l1.get("gemm_kernel", 0) >= 8 and l2.get("gemm_kernel", 0) == 0
+    assert l1.get("colstats_kernel", 0) < l2["colstats_kernel"]
+    if dtype != torch.float64:  # (float64 unpacks: Triton has no float64 MMA for it)
+        assert l1.get("from_bits_kernel", 0) + l1.get("from_u8_kernel", 0) < \
+            l2.get("from_bits_kernel", 0) + l2.get("from_u8_kernel", 0)
+    tol = dict(rtol=1e-10, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-3, atol=1e-4)
+    torch.testing.assert_close(out1, out2, **tol)
+    for (name, a), b in zip(net1.named_parameters(), net2.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, **tol, msg=name)
+    for (name, a), b in zip(net1.named_buffers(), net2.buffers()):
+        torch.testing.assert_close(a, b, **tol, msg=name)
+
+
+@on_route
 def test_a_graph_traced_first_runs_the_self_check_eagerly(monkeypatch):
     """The first call compiled, before any eager one: the self-check runs while the graph is
     traced, with the eager packing, passes, and the graph takes the Triton route."""
@@ -628,7 +668,7 @@ def _compile_chunk(variants):
 
     from qkformer.triton_units import kernels
 
-    types = {"fp32": tl.float32, "fp64": tl.float64}
+    types = {"fp32": tl.float32, "fp64": tl.float64, "fp16": tl.float16, "bf16": tl.bfloat16}
     sizes = {}
     for name, sig, consts in variants:
         consts = {k: types.get(v, v) if isinstance(v, str) else v for k, v in consts}

@@ -41,7 +41,7 @@ __all__ = ["interpreting", "is_available", "unavailable_reason", "serves", "hand
            "bn_affine", "running_update", "colstats", "bn_lif_forward_bn", "qk_token_forward", "qk_token_backward",
            "ssa_blocks", "ssa_forward", "ssa_backward",
            "pack", "unpack", "add_counts", "packed", "Packed", "linear_stats",
-           "weight_grad_packed", "DTYPES"]
+           "weight_grad_packed", "gemms_enabled", "DTYPES"]
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _ENABLE_ENV = "QKFORMER_TRITON_UNITS"
@@ -738,6 +738,13 @@ def pack_flagged(x: Tensor, fmt: str) -> Tuple[Tensor, Tensor]:
 # --------------------------------------------------------------------------------------------
 # GEMMs that take part in the unit. Not on the default route: whether they beat cuBLAS with a
 # separate pass at the unit's shapes is measured by benchmarks/gpu_gemm_fusion.py on a GPU.
+def gemms_enabled() -> bool:
+    """``QKFORMER_TRITON_GEMMS=1``: the unit's 1x1 projections run as these GEMMs (off by
+    default until a GPU has shown that they pay)."""
+    return os.environ.get("QKFORMER_TRITON_GEMMS", "0").strip().lower() in ("1", "true", "yes",
+                                                                           "on")
+
+
 def _tl_storage(dtype: torch.dtype):
     import triton.language as tl
 
@@ -801,8 +808,11 @@ def weight_grad_packed(g2: Tensor, data: Tensor, fmt: str, K: int) -> Tensor:
         raise ValueError(f"weight_grad_packed: g2 needs contiguous rows and the {fmt} of M K "
                          f"values")
     splits = max(1, _programs(g2.device) // (math.ceil(N / 128) * math.ceil(K / 128)))
-    gw, _ = _gemm(g2, (1, g2.stride(0)), 0, data, (K, 1), 1 if fmt == "bits" else 2, N, K, M,
-                  g2.dtype, splits=splits)
+    packed = 1 if fmt == "bits" else 2
+    if g2.dtype == torch.float64:  # Triton has no float64 MMA for an operand made in registers
+        data, packed = unpack(data, fmt, M * K, torch.float64), 0
+    gw, _ = _gemm(g2, (1, g2.stride(0)), 0, data, (K, 1), packed, N, K, M, g2.dtype,
+                  splits=splits)
     return gw
 
 
