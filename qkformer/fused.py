@@ -1495,4 +1495,25 @@ def _triton_self_check(device: torch.device, dtype: torch.dtype) -> Optional[str
         kept = unpack(stored, how) if how is None else _unpack_now(stored, how)
     if how is not None or not torch.equal(kept, bad):
         return "a value that does not fit was not kept exactly"
+    if triton_units.gemms_enabled():
+        return _gemm_self_check(grid, rtol, dtype)
+    return None
+
+
+def _gemm_self_check(grid, rtol: float, dtype: torch.dtype) -> Optional[str]:
+    """The GEMMs that take part in the unit (``QKFORMER_TRITON_GEMMS=1``) against torch's."""
+    x, w, b = grid(40, 24, lo=0, hi=2) * 8, grid(16, 24), grid(16)  # x: spikes
+    with forced_route("triton"):
+        y, part = triton_units.linear_stats(x, w, b, torch.zeros_like(b))
+        for fmt, data in (("bits", x), ("u8", x + x)):
+            gw = triton_units.weight_grad_packed(y, triton_units.pack(data, fmt).data, fmt, 24)
+            if not torch.allclose(gw.to(torch.float64), y.double().t() @ data.double(),
+                                  rtol=rtol, atol=rtol):
+                return f"the weight gradient from {fmt} differs from torch's product"
+    exact = torch.addmm(b.double(), x.double(), w.double().t())
+    if not torch.allclose(y.double(), exact, rtol=rtol, atol=rtol):
+        return "the GEMM with statistics differs from torch's product"
+    if not torch.allclose(part.sum(0), torch.stack([y.double().sum(0), y.double().square().sum(0)]),
+                          rtol=rtol, atol=rtol):
+        return "the statistics from the GEMM's epilogue differ from the sums of its output"
     return None

@@ -525,6 +525,18 @@ def test_a_weight_gradient_reads_the_input_as_stored(dtype, M, fmt):
 
 
 @on_route
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_the_self_check_covers_the_fused_gemms_when_they_are_on(dtype, monkeypatch):
+    monkeypatch.setenv("QKFORMER_TRITON_GEMMS", "1")
+    device = torch.device(DEVICE)
+    assert fused._triton_self_check(device, dtype) is None
+    linear_stats = triton_units.linear_stats
+    monkeypatch.setattr(triton_units, "linear_stats",
+                        lambda *a: (lambda y, p: (y, p * 1.5))(*linear_stats(*a)))
+    assert "statistics from the GEMM's epilogue" in fused._triton_self_check(device, dtype)
+
+
+@on_route
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
 def test_the_units_on_the_fused_gemms_train_as_on_cublas(dtype, monkeypatch):
     """QKFORMER_TRITON_GEMMS=1: the 1x1 projections with BatchNorm take their statistics from
