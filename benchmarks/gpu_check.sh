@@ -201,13 +201,15 @@ part "${GPU_PARTS[0]}" 70 "$PY" benchmarks/gpu_selfcheck.py
 
 # 2. The Triton units natively, and the fast path against the reference path with the kernels
 # running (QKFORMER_CUDA_FAST_PATH=1: the fast path even where the default would not take it).
-# The compile test of the LIF kernel is left to full test runs: part 6 compiles the fast path.
+# The compile tests are left to full test runs (part 6 compiles the fast path), and so are the
+# tests of the opt-in GEMMs (benchmarks/gpu_gemm_fusion.py checks them against cuBLAS).
 FAST_TESTS=()
 for f in tests/test_triton_units.py tests/test_fast_path.py tests/test_cuda_kernel.py; do
     [ -f "$f" ] && FAST_TESTS+=("$f")
 done
 part "${GPU_PARTS[1]}" 115 env QKFORMER_CUDA_FAST_PATH=1 bash -c 'pytest_part "$@"' pytest_part \
-    -x "${FAST_TESTS[@]}" -k "(gpu_ or test_triton_units) and not torch_compile_fullgraph"
+    -x "${FAST_TESTS[@]}" -k "(gpu_ or test_triton_units) and not torch_compile_fullgraph \
+    and not (compiled or traced or gemm or weight_gradient)"
 
 # 3, 4. The question the GPU path has to answer: faster and smaller than the original's computation?
 part "${GPU_PARTS[2]}" 75 "$PY" benchmarks/gpu_step.py time --model hst384 --batch 32 \
