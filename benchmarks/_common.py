@@ -30,14 +30,15 @@ MODELS = {
 
 
 class SpikingjellyLIF(torch.nn.Module):
-    """spikingjelly's multistep LIF (torch backend), reset before each forward."""
+    """spikingjelly's multistep LIF (torch backend, or 'cupy' as the original trains on a GPU),
+    reset before each forward."""
 
-    def __init__(self, v_threshold: float):
+    def __init__(self, v_threshold: float, backend: str = "torch"):
         super().__init__()
         from spikingjelly.clock_driven.neuron import MultiStepLIFNode
 
         self.node = MultiStepLIFNode(tau=2.0, v_threshold=v_threshold, detach_reset=True,
-                                     backend="torch")
+                                     backend=backend)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         from spikingjelly.clock_driven import functional
@@ -46,7 +47,7 @@ class SpikingjellyLIF(torch.nn.Module):
         return self.node(x)
 
 
-def swap_in_spikingjelly(model: torch.nn.Module) -> int:
+def swap_in_spikingjelly(model: torch.nn.Module, backend: str = "torch") -> int:
     """Replace every MultiStepLIF by :class:`SpikingjellyLIF` in place; returns how many."""
     from qkformer.neuron import MultiStepLIF
 
@@ -55,7 +56,7 @@ def swap_in_spikingjelly(model: torch.nn.Module) -> int:
     for parent, name, lif in swaps:
         if (lif.tau, lif.alpha, lif.detach_reset) != (2.0, 4.0, True):
             raise ValueError(f"{name}: the baseline neuron only covers tau=2, alpha=4, detach_reset")
-        setattr(parent, name, SpikingjellyLIF(lif.v_threshold))
+        setattr(parent, name, SpikingjellyLIF(lif.v_threshold, backend))
     return len(swaps)
 
 

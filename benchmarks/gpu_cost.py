@@ -1,10 +1,23 @@
 """What one AMP training step would cost on a GPU, counted on the CPU (no GPU needed).
 
-For the original's computation (reference path: convolution, BatchNorm, and the LIF as the one
-fused CUDA kernel it launches) and for this package's fast path in the form it would take on
-CUDA (its fused units as torch ops, ``QKFORMER_CPU_KERNELS=0``, with the same LIF kernel), one
-training step (forward, backward, AdamW) runs under a dispatch-mode counter on the CPU in the
-16-bit AMP dtype, and the counter adds up (per image unless said):
+Three computations run one training step (forward, backward, AdamW) each under a dispatch-mode
+counter on the CPU, in the 16-bit AMP dtype:
+
+* **original**: what the authors' code runs on a GPU. The reference path (convolution,
+  BatchNorm, attention layer by layer, equal to the authors' modules by the golden tests) with
+  every neuron as spikingjelly 0.0.0.0.12's ``MultiStepLIFNode`` on its cupy backend: besides the
+  one kernel each way, its zero-filled V/H/S buffer, the concatenation behind the starting
+  potential, the zero gradient autograd hands the unused V output, the zero-filled gradient
+  buffer, and 16-bit H and S kept for the backward pass (:class:`_CupyNodeTraffic`);
+* **CUDA fallback**: the same reference path with this package's CUDA LIF (reads X, writes S
+  and H; reads the gradient and H, writes the input gradient), what CUDA runs where the Triton
+  units are missing or fail their self-check. Its ratio shows what the Triton route gains
+  beyond a lean neuron;
+* **fast, Triton**: the fast path's Triton route (the CUDA default), each Triton launch counted
+  without running it; ``--torch-ops`` adds the fast path as torch ops (the CPU's
+  ``QKFORMER_CPU_KERNELS=0`` form, never a CUDA route).
+
+The counter adds up (per image unless said):
 
 * kernel launches per step (they do not grow with the batch): every ATen op that is not a view
   or an empty allocation, a convolution's backward as one per gradient it returns (cuDNN's
@@ -24,14 +37,16 @@ per-step part shared by its images).
 
 The roofline model of the step time, clearly a model: GEMM FLOPs at a sustained fraction of the
 dense fp16 tensor-core peak, plus bytes at a fraction of HBM bandwidth, plus launches at a fixed
-cost each. It ranks the two computations; it does not replace a measurement
+cost each. It ranks the computations; it does not replace a measurement
 (``benchmarks/gpu_check.sh`` on a GPU).
 
-    python benchmarks/gpu_cost.py [--models cifar hst384] [--batch 32] [--quick]
+    python benchmarks/gpu_cost.py [--models cifar hst384] [--batch 32] [--quick] [--torch-ops]
+                                  [--fused-gemms]
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import sys
@@ -102,6 +117,7 @@ class StepCounter(TorchDispatchMode):
         self.peak = 0
         self._seen = set()
         self.quiet = 0  # > 0 inside the LIF, which is counted as its one kernel
+        self._hidden = 0  # > 0: the counter's own stand-ins for a kernel's registers
         self.gemm_flops = 0  # of Triton kernels (FlopCounterMode sees torch's GEMMs only)
 
     def _track(self, out):
@@ -125,6 +141,15 @@ class StepCounter(TorchDispatchMode):
                     c._seen.discard(key)
             weakref.finalize(s, freed)
 
+    @contextlib.contextmanager
+    def hidden(self):
+        """Ops that are neither counted nor tracked (values a kernel keeps in registers)."""
+        self._hidden += 1
+        try:
+            yield
+        finally:
+            self._hidden -= 1
+
     def kernel(self, name: str, nbytes: int) -> None:
         self.launches += 1
         self.launch_ops[name] += 1
@@ -133,6 +158,8 @@ class StepCounter(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if self._hidden:
+            return func(*args, **kwargs)
         opdef = _custom_op(func)
         if opdef is not None:  # this package's ops: count what they run, not the op itself
             with self:
@@ -189,6 +216,71 @@ def _count_lif_as_kernels(counter: StepCounter):
     return lambda: (setattr(neuron, "_forward", fwd), setattr(neuron, "_backward", bwd))
 
 
+class _CupyNodeTraffic(torch.autograd.Function):
+    """The tensors spikingjelly 0.0.0.0.12's ``MultiStepLIFNodePTT`` (the cupy backend the
+    original trains with; ``clock_driven/neuron_kernel.py``) allocates, launches on and keeps,
+    with the values from this package's torch loops (hidden from the counter: they stand for the
+    kernel's registers). Forward: one zero-filled buffer of 3T rows split into V, H and S; V
+    concatenated behind the previous potential (T + 1 rows); the kernel reads X and V and writes
+    V, H and S; H and S (16-bit) are saved. Backward: autograd hands the unused V output a
+    zero-filled gradient; a zero-filled buffer of T + 1 rows takes the input gradient and the
+    potential's; the kernel reads both gradients, H and S and writes that buffer."""
+
+    @staticmethod
+    def forward(ctx, x, v_last, counter, tau, v_threshold, alpha):
+        T = x.shape[0]
+        v_seq, h_seq, s_seq = torch.zeros((3 * T, *x.shape[1:]), dtype=x.dtype).split(T)
+        v_v_seq = torch.cat((v_last.unsqueeze(0), v_seq))
+        with counter.hidden():
+            from qkformer.lif_loops import lif_forward_torch
+            s, h = lif_forward_torch(x, tau, v_threshold, True)
+            s_seq.copy_(s)
+            h_seq.copy_(h)
+            v_v_seq[1:].copy_(h * (1 - s))
+        counter.kernel("lif_forward (kernel)", sum(map(_nbytes, (x, v_v_seq, h_seq, s_seq))))
+        ctx.save_for_backward(h_seq, s_seq)
+        ctx.counter, ctx.params = counter, (tau, v_threshold, alpha)
+        return s_seq, v_v_seq[1:]
+
+    @staticmethod
+    def backward(ctx, grad_s, grad_v):
+        h_seq, s_seq = ctx.saved_tensors
+        counter, (tau, v_threshold, alpha) = ctx.counter, ctx.params
+        grads = torch.zeros((grad_s.shape[0] + 1, *grad_s.shape[1:]), dtype=grad_s.dtype)
+        with counter.hidden():
+            from qkformer.lif_loops import lif_backward_torch
+            grads[:-1].copy_(lif_backward_torch(grad_s, h_seq, tau, v_threshold, alpha, True))
+        counter.kernel("lif_backward (kernel)",
+                       sum(map(_nbytes, (grad_s, grad_v, h_seq, s_seq, grads))))
+        return grads[:-1], grads[-1], None, None, None, None
+
+
+def _count_lif_as_cupy_node(counter: StepCounter):
+    """Every neuron as the original's ``MultiStepLIFNode`` with the cupy backend: its state
+    starts as zeros, the module keeps V for all steps and a copy of the last one until
+    ``reset_net`` after the optimizer step (``release()``)."""
+    from qkformer.neuron import MultiStepLIF
+
+    held = []
+    forward = MultiStepLIF.forward
+
+    def node_forward(self, x):
+        if (self.tau, self.alpha, self.detach_reset) != (2.0, 4.0, True):
+            raise ValueError("the original's neuron is tau=2, alpha=4, detach_reset")
+        flat = x.flatten(1)
+        v_last = torch.zeros(flat.shape[1:], dtype=flat.dtype)  # (a fill: nothing read)
+        spikes, v_seq = _CupyNodeTraffic.apply(flat, v_last, counter, self.tau,
+                                              self.v_threshold, self.alpha)
+        held.append((v_seq, v_seq[-1].clone()))
+        return spikes.reshape(x.shape)
+
+    MultiStepLIF.forward = node_forward
+
+    def restore():
+        MultiStepLIF.forward = forward
+    return restore, held.clear
+
+
 def _ssa_flops(name: str, grid: tuple, args: tuple, meta: dict) -> int:
     """The products the SSA kernels compute with ``tl.dot`` (including what they recompute:
     kᵀ v per block of tokens, the charges in the backward pass); 0 for other kernels."""
@@ -243,16 +335,18 @@ def _count_triton_launches(counter: StepCounter, checks_known: bool = True):
     return restore
 
 
-KINDS = {"reference": "original", "fast": "fast, torch ops", "triton": "fast, Triton"}
+KINDS = {"original": "original", "reference": "CUDA fallback", "triton": "fast, Triton"}
+TORCH_OPS = ("fast", "fast, torch ops")
 
 
 def count_step(model_key: str, kind: str, size: int, dtype: torch.dtype,
                checks_known: bool = True) -> dict:
-    """``kind``: 'reference' (the original's computation), 'fast' (the fast path as torch
-    ops) or 'triton' (the fast path's Triton route, the CUDA default)."""
+    """``kind``: 'original' (the reference path with the original's cupy neuron), 'reference'
+    (the reference path with this package's CUDA LIF: the CUDA fallback), 'fast' (the fast
+    path as torch ops) or 'triton' (the fast path's Triton route, the CUDA default)."""
     from qkformer import fused
 
-    model = build(model_key, "fast" if kind == "triton" else kind)
+    model = build(model_key, {"triton": "fast", "original": "reference"}.get(kind, kind))
     x, y = batch(model_key, model, size)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
     model.train()
@@ -276,7 +370,10 @@ def count_step(model_key: str, kind: str, size: int, dtype: torch.dtype,
         finally:
             if restore_triton:
                 restore_triton()
-        restore = _count_lif_as_kernels(counter)
+        if kind == "original":
+            restore, reset_net = _count_lif_as_cupy_node(counter)
+        else:
+            restore, reset_net = _count_lif_as_kernels(counter), lambda: None
         restore_triton = (_count_triton_launches(counter, checks_known) if kind == "triton"
                           else None)
         flops = FlopCounterMode(display=False)
@@ -285,6 +382,7 @@ def count_step(model_key: str, kind: str, size: int, dtype: torch.dtype,
                 forward_backward()
                 syncs, step_bytes, step_ops = counter.syncs, counter.bytes, Counter(counter.by_op)
                 update()  # AdamW's step counts are host scalars on a GPU too: no syncs counted
+                reset_net()
                 counter.syncs = syncs
         finally:
             restore()
@@ -332,6 +430,9 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", choices=["float16", "bfloat16"], default="bfloat16",
                    help="the AMP dtype on the CPU (same sizes as the GPU's fp16)")
     p.add_argument("--quick", action="store_true", help="tiny models (a smoke test)")
+    p.add_argument("--torch-ops", action="store_true",
+                   help="also count the fast path as torch ops (QKFORMER_CPU_KERNELS=0 on the "
+                        "CPU; never the CUDA route)")
     p.add_argument("--fused-gemms", action="store_true",
                    help="the Triton route with the projections as Triton GEMMs that take part "
                         "in the unit (QKFORMER_TRITON_GEMMS=1; not the default)")
@@ -339,12 +440,15 @@ def main(argv=None) -> int:
     if args.fused_gemms:
         os.environ["QKFORMER_TRITON_GEMMS"] = "1"
         KINDS["triton"] = "Triton+GEMMs"
+    if args.torch_ops:
+        KINDS[TORCH_OPS[0]] = TORCH_OPS[1]
     models = ["quick", "quick-dvs"] if args.quick else args.models
     dtype = getattr(torch, args.dtype)
     print(f"counted on the CPU ({args.dtype} autocast as the GPU's 16-bit AMP), per image of a "
           f"{args.batch}-image step (from steps of {args.count_batch} and "
-          f"{2 * args.count_batch} images); the fast path as torch ops "
-          f"(QKFORMER_CPU_KERNELS=0), the LIF as one kernel launch")
+          f"{2 * args.count_batch} images). original: the reference path with spikingjelly "
+          f"0.0.0.0.12's cupy neuron as the authors train; CUDA fallback: the reference path "
+          f"with this package's CUDA LIF (one launch each way)")
     met_all = True
     def counted(key, kind, **kw):
         return per_image(count_step(key, kind, args.count_batch, dtype, **kw),
@@ -352,7 +456,7 @@ def main(argv=None) -> int:
 
     for key in models:
         rows = {kind: counted(key, kind) for kind in KINDS}
-        o = rows["reference"]
+        o = rows["original"]
         print(f"\n{key}: {MODELS[key][0]}, {MODELS[key][2]} px")
         print(f"{'':34s}" + "".join(f" {v:>16s}" for v in KINDS.values())
               + "   ratios to the original")
@@ -361,7 +465,7 @@ def main(argv=None) -> int:
                                ("GEMM GFLOP / image", "flops", 1e9),
                                ("peak live memory / image (MB)", "peak", 1e6)):
             ratios = "  ".join(f"{rows[kd][k] / o[k]:.2f}x" if o[k] else "-" for kd in KINDS
-                               if kd != "reference")
+                               if kd != "original")
             print(f"{label:34s}" + "".join(f" {rows[kd][k] / unit:16.1f}" for kd in KINDS)
                   + f"   {ratios}")
         print(f"{'optimizer bytes / step (MB)':34s}"
@@ -372,7 +476,7 @@ def main(argv=None) -> int:
         for gpu, (peak, bw) in GPUS.items():
             times = {kd: model_time(r, peak, bw, args.batch) for kd, r in rows.items()}
             print(f"model, {gpu}, batch {args.batch}: " + ", ".join(
-                f"{KINDS[kd]} {t * 1e3:.0f} ms ({times['reference'] / t:.2f}x)"
+                f"{KINDS[kd]} {t * 1e3:.0f} ms ({times['original'] / t:.2f}x)"
                 for kd, t in times.items()))
         for kind, r in rows.items():
             print(f"most launched, {KINDS[kind]}: "
@@ -387,6 +491,10 @@ def main(argv=None) -> int:
         checks = (("non-GEMM bytes", t["bytes"] / o["bytes"], 0.5),
                   ("launches", t["launches"] / o["launches"], 0.75),
                   ("peak live memory", t["peak"] / o["peak"], 0.5))
+        f = rows["reference"]
+        print(f"the Triton route / the CUDA fallback (the original's arithmetic with a lean LIF): "
+              f"non-GEMM bytes {t['bytes'] / f['bytes']:.2f}x, launches "
+              f"{t['launches'] / f['launches']:.2f}x, peak {t['peak'] / f['peak']:.2f}x")
         met = [r <= limit for _, r, limit in checks] + [t["syncs"] == 0]
         met_all &= all(met)
         print("targets (Triton route / original): " + ", ".join(

@@ -1,11 +1,13 @@
-"""One fp16 AMP training step on CUDA: this package's default against the original's computation.
+"""One fp16 AMP training step on CUDA: this package's default against the original.
 
     default   the model as built by default (the fast path where the Triton units pass their
               self-check on this device, else the reference path; the line printed says which),
               as this package's entry points run it (cudnn.benchmark off)
     original  the reference path (the original's layer-by-layer computation, NCHW as the
-              original) with the CuPy LIF kernel in the AMP dtype and cudnn.benchmark on, as the
-              original's training script
+              original) with cudnn.benchmark on and, as the authors train, spikingjelly's
+              MultiStepLIFNode on its cupy backend in the AMP dtype, where spikingjelly loads
+              and its kernel gives the reference LIF's spikes here; else this package's CuPy
+              LIF (the same arithmetic with fewer buffers; the line printed says which and why)
 
 A step is forward under fp16 autocast, cross-entropy, backward through a GradScaler and an AdamW
 update. Both variants load the same weights, whose BatchNorm biases are first shifted so that
@@ -31,7 +33,7 @@ import warnings
 
 import torch
 
-from _common import MODELS, batch, build, calibrate_firing
+from _common import MODELS, SpikingjellyLIF, batch, build, calibrate_firing, swap_in_spikingjelly
 
 VARIANTS = ("default", "original")
 
@@ -46,8 +48,30 @@ def _lif_input_dtypes(model) -> tuple[dict, list]:
         name = str(args[0].dtype).replace("torch.", "")
         seen[name] = seen.get(name, 0) + 1
 
-    hooks = [m.register_forward_pre_hook(hook) for m in model.modules() if isinstance(m, MultiStepLIF)]
+    hooks = [m.register_forward_pre_hook(hook) for m in model.modules()
+             if isinstance(m, (MultiStepLIF, SpikingjellyLIF))]
     return seen, hooks
+
+
+def _original_neurons(model) -> str:
+    """Swap in spikingjelly's cupy neuron where it loads and agrees with the reference LIF on a
+    probe (forward spikes, fp16 under autocast); returns a line saying which neuron runs."""
+    from qkformer.neuron import lif_multistep
+
+    try:
+        import importlib.metadata
+        version = importlib.metadata.version("spikingjelly")
+        probe = SpikingjellyLIF(1.0, "cupy").cuda()
+        x = torch.linspace(-1, 3, 4 * 2 * 8, device="cuda").view(4, 2, 8)
+        with torch.autocast("cuda", dtype=torch.float16):
+            spikes = probe(x.half())
+        if not torch.equal(spikes.float(), lif_multistep(x.half(), backend="torch").float()):
+            raise ValueError("its spikes differ from the reference LIF's")
+    except Exception as e:  # any failure leaves this package's CuPy LIF in place
+        return (f"neurons: this package's CuPy LIF (spikingjelly's cupy backend unavailable: "
+                f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
+    n = swap_in_spikingjelly(model, "cupy")
+    return f"neurons: spikingjelly {version} MultiStepLIFNode, cupy backend, x{n} (the original's)"
 
 
 class Runner:
@@ -65,6 +89,8 @@ class Runner:
         self.scaler = torch.amp.GradScaler("cuda")
         self.benchmark = variant == "original"
         self.path = fused.describe(self.model, "cuda")
+        if variant == "original":
+            self.path += "; " + _original_neurons(self.model)
 
     def forward_backward(self):
         torch.backends.cudnn.benchmark = self.benchmark
@@ -182,7 +208,8 @@ def run_memory(args) -> int:
             per_image[variant, size] = (peak - base) / size
             print(f"{variant} batch {size}: peak allocated {peak / 1e9:.2f} GB, of which the step "
                   f"{(peak - base) / 1e9:.2f} GB = {per_image[variant, size] / 1e6:.0f} MB/image "
-                  f"(weights, gradients, optimizer state: {base / 1e9:.2f} GB)", flush=True)
+                  f"(weights, gradients, optimizer state: {base / 1e9:.2f} GB); {runner.path}",
+                  flush=True)
             runner.close()
     first = args.batches[0]
     ratio = per_image["default", first] / per_image["original", first]

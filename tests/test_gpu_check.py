@@ -97,3 +97,43 @@ def test_lif_latency_benchmark_runs():
     assert sum(" torch   eager " in r for r in rows) == 3, proc.stdout  # three sizes, both paths
     assert sum(" torch   custom op " in r for r in rows) == 3, proc.stdout
     assert all(float(r.split()[-1]) > 0 and float(r.split()[-2]) > 0 for r in rows)
+
+
+def _benchmark_module(name: str):
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        return __import__(name)
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="it would load the cupy neuron")
+def test_gpu_step_original_keeps_this_packages_lif_where_spikingjellys_cupy_cannot_run():
+    gpu_step, common = _benchmark_module("gpu_step"), _benchmark_module("_common")
+    model = common.build("quick", "reference")
+    line = gpu_step._original_neurons(model)
+    assert line.startswith("neurons: this package's CuPy LIF (spikingjelly's cupy backend "
+                           "unavailable: "), line
+    assert not any(isinstance(m, common.SpikingjellyLIF) for m in model.modules())
+
+
+def test_spikingjelly_neurons_swapped_in_give_the_reference_logits_and_gradients():
+    """The swap gpu_step makes for the original (there on the cupy backend; here its torch
+    backend, the same arithmetic): every neuron replaced, the same logits and gradients."""
+    pytest.importorskip("spikingjelly")
+    common = _benchmark_module("_common")
+    from qkformer.neuron import MultiStepLIF
+    model = common.build("quick", "reference")
+    x, _ = common.batch("quick", model, 2)
+    out = model(x)
+    out.square().sum().backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    n_lif = sum(isinstance(m, MultiStepLIF) for m in model.modules())
+    assert common.swap_in_spikingjelly(model, "torch") == n_lif > 0
+    assert not any(isinstance(m, MultiStepLIF) for m in model.modules())
+    out2 = model(x)
+    out2.square().sum().backward()
+    assert torch.equal(out2, out)
+    for g, p in zip(grads, model.parameters()):
+        torch.testing.assert_close(p.grad, g, rtol=1e-5, atol=1e-6)
