@@ -228,11 +228,12 @@ class _CupyNodeTraffic(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, v_last, counter, tau, v_threshold, alpha):
+        from qkformer.lif_loops import lif_forward_torch
+
         T = x.shape[0]
         v_seq, h_seq, s_seq = torch.zeros((3 * T, *x.shape[1:]), dtype=x.dtype).split(T)
         v_v_seq = torch.cat((v_last.unsqueeze(0), v_seq))
         with counter.hidden():
-            from qkformer.lif_loops import lif_forward_torch
             s, h = lif_forward_torch(x, tau, v_threshold, True)
             s_seq.copy_(s)
             h_seq.copy_(h)
@@ -244,11 +245,12 @@ class _CupyNodeTraffic(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_s, grad_v):
+        from qkformer.lif_loops import lif_backward_torch
+
         h_seq, s_seq = ctx.saved_tensors
         counter, (tau, v_threshold, alpha) = ctx.counter, ctx.params
         grads = torch.zeros((grad_s.shape[0] + 1, *grad_s.shape[1:]), dtype=grad_s.dtype)
         with counter.hidden():
-            from qkformer.lif_loops import lif_backward_torch
             grads[:-1].copy_(lif_backward_torch(grad_s, h_seq, tau, v_threshold, alpha, True))
         counter.kernel("lif_backward (kernel)",
                        sum(map(_nbytes, (grad_s, grad_v, h_seq, s_seq, grads))))
@@ -258,7 +260,7 @@ class _CupyNodeTraffic(torch.autograd.Function):
 def _count_lif_as_cupy_node(counter: StepCounter):
     """Every neuron as the original's ``MultiStepLIFNode`` with the cupy backend: its state
     starts as zeros, the module keeps V for all steps and a copy of the last one until
-    ``reset_net`` after the optimizer step (``release()``)."""
+    ``reset_net`` after the optimizer step. Returns (restore, reset_net)."""
     from qkformer.neuron import MultiStepLIF
 
     held = []
