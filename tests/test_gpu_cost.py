@@ -1,6 +1,7 @@
 """benchmarks/gpu_cost.py counts what a GPU step would run, on the CPU: the counts must be of
 the step (both paths do the same GEMM work; the LIF is one kernel per pass; the original's
 computation never waits on the device), not artefacts of the counter."""
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -66,11 +67,18 @@ def test_gpu_cost_counts_the_fused_gemms_as_gemms():
 
 
 def _gpu_cost():
+    # the script sets its counting environment on import: keep it out of the other tests
+    saved = {k: os.environ.get(k) for k in ("QKFORMER_CPU_KERNELS", "QKFORMER_CUDA_FAST_PATH")}
     sys.path.insert(0, str(REPO / "benchmarks"))
     try:
         import gpu_cost
     finally:
         sys.path.remove(str(REPO / "benchmarks"))
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
     return gpu_cost
 
 
