@@ -34,6 +34,23 @@ GOLDEN = {
 }
 
 
+def benchmark_module(name: str):
+    """A script of benchmarks/ imported as a module. Some set their environment on import
+    (gpu_cost turns the CPU kernels off to count the CUDA route): the process's environment
+    is put back as it was, so later tests do not inherit it."""
+    import importlib
+    import sys
+
+    saved = dict(os.environ)
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+        os.environ.clear()
+        os.environ.update(saved)
+
+
 def fire_bn(model: torch.nn.Module, seed: int = 1) -> None:
     """BN parameters and statistics far from the defaults, biased so that neurons fire (in train
     and eval mode): comparisons between silent networks would prove nothing."""

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import benchmark_module
 
 REPO = Path(__file__).resolve().parents[1]
 BENCH = REPO / "benchmarks"
@@ -75,12 +76,7 @@ def test_lif_gpu_benchmark_runs():
 def test_gemm_fusion_benchmark_finds_the_projections():
     """The projections it times are the model's own: those of a quick model's forward, with
     how each input is kept; without CUDA it says it skipped."""
-    sys.path.insert(0, str(BENCH))
-    try:
-        from gpu_gemm_fusion import projection_shapes
-    finally:
-        sys.path.remove(str(BENCH))
-    shapes = projection_shapes("quick", 4)
+    shapes = benchmark_module("gpu_gemm_fusion").projection_shapes("quick", 4)
     kinds = {fmt for (_, _, _, _, fmt) in shapes}
     assert shapes and kinds == {"bits", "u8"}, shapes
     assert all(rows % 4 == 0 and k > 0 and n > 0 for rows, k, n, _, _ in shapes)

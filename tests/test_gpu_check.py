@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import benchmark_module
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "gpu_check.sh"
@@ -99,17 +100,9 @@ def test_lif_latency_benchmark_runs():
     assert all(float(r.split()[-1]) > 0 and float(r.split()[-2]) > 0 for r in rows)
 
 
-def _benchmark_module(name: str):
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    try:
-        return __import__(name)
-    finally:
-        sys.path.remove(str(REPO / "benchmarks"))
-
-
 @pytest.mark.skipif(torch.cuda.is_available(), reason="it would load the cupy neuron")
 def test_gpu_step_original_keeps_this_packages_lif_where_spikingjellys_cupy_cannot_run():
-    gpu_step, common = _benchmark_module("gpu_step"), _benchmark_module("_common")
+    gpu_step, common = benchmark_module("gpu_step"), benchmark_module("_common")
     model = common.build("quick", "reference")
     line = gpu_step._original_neurons(model)
     assert line.startswith("neurons: this package's CuPy LIF (spikingjelly's cupy backend "
@@ -121,7 +114,7 @@ def test_spikingjelly_neurons_swapped_in_give_the_reference_logits_and_gradients
     """The swap gpu_step makes for the original (there on the cupy backend; here its torch
     backend, the same arithmetic): every neuron replaced, the same logits and gradients."""
     pytest.importorskip("spikingjelly")
-    common = _benchmark_module("_common")
+    common = benchmark_module("_common")
     from qkformer.neuron import MultiStepLIF
     model = common.build("quick", "reference")
     x, _ = common.batch("quick", model, 2)

@@ -1,13 +1,13 @@
 """benchmarks/gpu_cost.py counts what a GPU step would run, on the CPU: the counts must be of
 the step (both paths do the same GEMM work; the LIF is one kernel per pass; the original's
 computation never waits on the device), not artefacts of the counter."""
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import benchmark_module
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -66,28 +66,12 @@ def test_gpu_cost_counts_the_fused_gemms_as_gemms():
     assert fused["non-GEMM bytes / image (MB)"][:2] == plain["non-GEMM bytes / image (MB)"][:2]
 
 
-def _gpu_cost():
-    # the script sets its counting environment on import: keep it out of the other tests
-    saved = {k: os.environ.get(k) for k in ("QKFORMER_CPU_KERNELS", "QKFORMER_CUDA_FAST_PATH")}
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    try:
-        import gpu_cost
-    finally:
-        sys.path.remove(str(REPO / "benchmarks"))
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-    return gpu_cost
-
-
 @pytest.mark.parametrize("v_threshold", [1.0, 0.5])
 def test_original_neuron_model_computes_spikingjellys_values(v_threshold):
     """The stand-in for the original's cupy neuron returns spikingjelly's spikes and V, and its
     backward spikingjelly's input gradient (float64, torch backend as the oracle)."""
     sj = pytest.importorskip("spikingjelly.clock_driven.neuron")
-    gpu_cost = _gpu_cost()
+    gpu_cost = benchmark_module("gpu_cost")
     g = torch.Generator().manual_seed(0)
     x = (torch.rand(5, 3, 4, generator=g, dtype=torch.float64) * 2.5).requires_grad_()
     up = torch.randn(5, 3, 4, generator=g, dtype=torch.float64)
@@ -112,7 +96,7 @@ def test_original_neuron_model_moves_what_its_kernel_and_buffers_move():
     the starting zeros (1) and the module's copy of the last V (1 + 1); backward the
     materialised zero gradient of V (T), zeros(T + 1), the kernel (two gradients, H, S, the
     T + 1 rows written). Saved across the step: the 3T buffer and V's T + 1 rows."""
-    gpu_cost = _gpu_cost()
+    gpu_cost = benchmark_module("gpu_cost")
     T, N = 4, 6
     layer = torch.nn.Sequential(torch.nn.Identity())
     from qkformer.neuron import MultiStepLIF
