@@ -38,7 +38,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch._subclasses.fake_tensor import is_fake
 
-from . import cpu, sparse, triton_units
+from . import cpu, kernel_ops, sparse, triton_units
+from .kernel_ops import kernel_op
 from .neuron import lif_backward, lif_forward
 
 __all__ = ["ANALOG", "SPIKES", "COUNTS", "route", "forced_route", "fast_path_ready", "describe", "pack", "unpack", "compact_storage",
@@ -93,6 +94,8 @@ def forced_route(name: Optional[str]):
         raise ValueError(f"unknown route {name!r}; expected one of {ROUTES}")
     previous = getattr(_state, "route", None)
     _state.route = name
+    if name == "triton" and not triton_units.interpreting():
+        kernel_ops.prepare_traced()
     try:
         yield
     finally:
@@ -110,6 +113,13 @@ def _kernels(t: Tensor) -> bool:
 
 def _triton(t: Tensor) -> bool:
     return route(t) == "triton"
+
+
+def _traced_route(device: torch.device, dtype: torch.dtype) -> bool:
+    """The Triton route with JIT-compiled kernels serves ``dtype`` on ``device``: there
+    torch.compile traces through the ops (:mod:`qkformer.kernel_ops`); the interpreter's
+    kernels cannot be traced."""
+    return not triton_units.interpreting() and _triton_route_for(device, dtype)
 
 
 _AMP_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -134,8 +144,11 @@ def fast_path_ready(device) -> bool:
 def _triton_serves(device: torch.device, dtype: torch.dtype) -> bool:
     # a constant to torch.compile: a graph traced before any eager call runs the self-check
     # eagerly (it cannot be traced) and takes its verdict as a constant
-    return (triton_units.serves(device, dtype)
-            and triton_units.verdict(device, dtype, _triton_self_check))
+    ok = (triton_units.serves(device, dtype)
+          and triton_units.verdict(device, dtype, _triton_self_check))
+    if ok and not triton_units.interpreting():
+        kernel_ops.prepare_traced()  # registered here, eagerly: Dynamo cannot trace that
+    return ok
 
 
 def describe(model, device) -> str:
@@ -329,7 +342,8 @@ def _pack_now(x: Tensor, kind: int) -> Tuple[Tensor, Optional[tuple]]:
     return out, (fmt, x.shape, x.dtype)
 
 
-@torch.library.custom_op("qkformer::pack_exact", mutates_args=())
+@kernel_op("qkformer::pack_exact",
+           traceable=lambda x, kind: _traced_route(x.device, x.dtype))
 def _pack_exact(x: Tensor, kind: int) -> Tensor:
     # Inside a compiled graph only the packed copy is kept: the graph cannot choose between it
     # and the original by the check. A value that does not fit (a layer declared the wrong
@@ -356,7 +370,8 @@ def _(x, kind):
     return x.new_empty((n + 7) // 8 if kind == SPIKES else n, dtype=torch.uint8)
 
 
-@torch.library.custom_op("qkformer::unpack_exact", mutates_args=())
+@kernel_op("qkformer::unpack_exact",
+           traceable=lambda data, kind, shape, dtype: _traced_route(data.device, dtype))
 def _unpack_exact(data: Tensor, kind: int, shape: List[int], dtype: torch.dtype) -> Tensor:
     return _unpack_now(data, (_FORMATS[kind], torch.Size(shape), dtype))
 
@@ -797,7 +812,8 @@ def _unit_forward(x, weight, bias, bn_weight, bn_bias, running_mean, running_var
     return spikes, y, mean, var, invstd, w_cast, bits
 
 
-@torch.library.custom_op("qkformer::spiking_unit", mutates_args=())
+@kernel_op("qkformer::spiking_unit",
+           traceable=lambda x, *a: _traced_route(x.device, a[19] or x.dtype))  # a[19]: gemm_dtype
 def _spiking_unit(x: Tensor, weight: Tensor, bias: Optional[Tensor], bn_weight: Optional[Tensor],
                   bn_bias: Optional[Tensor], running_mean: Optional[Tensor],
                   running_var: Optional[Tensor], kernel_size: int, stride: int, pool: bool,
@@ -934,7 +950,8 @@ def _unit_input_grad_triton(grad, y, mean, invstd, bn_weight, bn_bias, steps, po
     return gy, g_gamma, g_beta
 
 
-@torch.library.custom_op("qkformer::spiking_unit_backward", mutates_args=())
+@kernel_op("qkformer::spiking_unit_backward",
+           traceable=lambda *a: _traced_route(a[10].device, a[10].dtype))  # a[10]: y
 def _spiking_unit_backward(grad: Tensor, stored: Tensor, x_format: int, x_shape: List[int],
                            x_dtype: torch.dtype, x_kind: int, weight: Tensor,
                            w_cast: Optional[Tensor], bn_weight: Optional[Tensor],
@@ -1037,8 +1054,8 @@ class _SpikingUnitFunction(torch.autograd.Function):
         return _unit_backward(ctx, *grads) + (None,)
 
 
-@torch.library.custom_op("qkformer::bn_running_update",
-                         mutates_args=("running_mean", "running_var", "count"))
+@kernel_op("qkformer::bn_running_update", mutates_args=("running_mean", "running_var", "count"),
+           traceable=lambda *a: not triton_units.interpreting())  # Triton route only
 def _running_update(running_mean: Tensor, running_var: Tensor, count: Tensor, mean: Tensor,
                     var: Tensor, momentum: float, n: int) -> None:
     # BatchNorm's buffers updated in one Triton launch. An op, so that a compiled graph calls it
@@ -1191,7 +1208,8 @@ def _mask(a: Tensor, k: Tensor, num_heads: int, channel: bool,
     return out
 
 
-@torch.library.custom_op("qkformer::qk_attention", mutates_args=())
+@kernel_op("qkformer::qk_attention",
+           traceable=lambda qk, *a: _traced_route(qk.device, qk.dtype))
 def _qk_attention(qk: Tensor, num_heads: int, channel: bool, tau: float, v_threshold: float,
                   alpha: float, detach_reset: bool) -> Tuple[Tensor, Tensor]:
     if not channel and _triton(qk) and qk.is_contiguous():
@@ -1220,7 +1238,8 @@ def _qk_setup(ctx, inputs, output):
     ctx.set_materialize_grads(False)  # (see _unit_setup)
 
 
-@torch.library.custom_op("qkformer::qk_attention_backward", mutates_args=())
+@kernel_op("qkformer::qk_attention_backward",
+           traceable=lambda g_out, k, *a: _traced_route(k.device, k.dtype))
 def _qk_attention_backward(g_out: Tensor, k: Tensor, qs: Tensor, num_heads: int, channel: bool,
                            tau: float, v_threshold: float, alpha: float,
                            detach_reset: bool) -> Tensor:
@@ -1330,7 +1349,8 @@ def _ssa_on_triton(qkv: Tensor, num_heads: int) -> bool:
     return _triton(qkv) and triton_units.ssa_blocks(N, C3 // 3 // num_heads) is not None
 
 
-@torch.library.custom_op("qkformer::ssa_attention", mutates_args=())
+@kernel_op("qkformer::ssa_attention",
+           traceable=lambda qkv, *a: _traced_route(qkv.device, qkv.dtype))
 def _ssa_attention(qkv: Tensor, num_heads: int, scale: float, tau: float, v_threshold: float,
                    alpha: float, detach_reset: bool) -> Tensor:
     T, B, N, C3 = qkv.shape
@@ -1355,7 +1375,8 @@ def _ssa_setup(ctx, inputs, output):
     ctx.cfg = (num_heads, scale, tau, v_threshold, alpha, detach_reset)
 
 
-@torch.library.custom_op("qkformer::ssa_attention_backward", mutates_args=())
+@kernel_op("qkformer::ssa_attention_backward",
+           traceable=lambda g_s, qkv, *a: _traced_route(qkv.device, qkv.dtype))
 def _ssa_attention_backward(g_s: Tensor, qkv: Tensor, num_heads: int, scale: float, tau: float,
                             v_threshold: float, alpha: float, detach_reset: bool) -> Tensor:
     T, B, N, C3 = qkv.shape

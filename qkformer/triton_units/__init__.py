@@ -195,8 +195,21 @@ def _launch(name: str, grid: tuple, *args, **meta) -> None:
     kernel = getattr(_kernels(), name)
     if os.environ.get("QKFORMER_TRITON_RECORD"):
         _record(kernel, name, args, meta)
-    kernel[grid](*args, **meta)
+    if _tracing():  # inside a triton_op being traced: the launch becomes a node of the graph
+        torch.library.wrap_triton(kernel)[grid](*args, **meta)
+    else:
+        kernel[grid](*args, **meta)
     _launches[name] = _launches.get(name, 0) + 1
+
+
+_MODES = torch._C._TorchDispatchModeKey
+
+
+def _tracing() -> bool:
+    """A graph is being traced (fake or functional tensors): launches go through
+    ``wrap_triton`` and nothing may be cached across calls. (A quarter of a microsecond.)"""
+    return (torch._C._get_dispatch_mode(_MODES.FAKE) is not None
+            or torch._C._get_dispatch_mode(_MODES.FUNCTIONAL) is not None)
 
 
 # --------------------------------------------------------------------------------------------
@@ -247,6 +260,8 @@ _constants: Dict[tuple, Tensor] = {}
 def _constant(value: float, device: torch.device) -> Tensor:
     """``value`` as a float64 scalar on ``device``, copied there once."""
     key = (device, float(value))
+    if _tracing():
+        return torch.tensor(float(value), dtype=torch.float64, device=device)
     if key not in _constants:
         _constants[key] = torch.tensor(float(value), dtype=torch.float64, device=device)
     return _constants[key]
@@ -257,6 +272,8 @@ def _or_unused(t: Optional[Tensor], like: Tensor) -> Tensor:
     ``like``'s dtype and device (so that nothing large is passed in its place)."""
     if t is not None:
         return t
+    if _tracing():
+        return like.new_zeros(1)
     key = (like.device, like.dtype)
     if key not in _unused:
         _unused[key] = torch.zeros(1, dtype=like.dtype, device=like.device)
@@ -704,7 +721,7 @@ def _flag(device: torch.device, n: int = 1) -> Tensor:
     """``n`` zeroed int32 flags or counters, from a block zeroed in one launch (each used
     once)."""
     ring = _flags.get(device)
-    if n > _FLAGS:
+    if n > _FLAGS or _tracing():
         return torch.zeros(n, dtype=torch.int32, device=device)
     if ring is None or ring[1] + n > _FLAGS:
         ring = _flags[device] = [torch.zeros(_FLAGS, dtype=torch.int32, device=device), 0]
