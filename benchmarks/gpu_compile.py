@@ -1,5 +1,6 @@
 """The fast path under torch.compile on CUDA: one forward + backward of a small model, compiled
-(fullgraph) against eager from the same weights; logits and gradients must agree.
+(fullgraph) against eager from the same weights; logits and gradients must agree. On the Triton
+route the graphs trace through the units to their kernels (`QKFORMER_TRITON_TRACE=0`: opaque ops).
 
     python benchmarks/gpu_compile.py [--batch 4]
 
@@ -57,6 +58,10 @@ def main(argv=None) -> int:
     compiled_model = copy.deepcopy(eager)
     x, y = batch("quick", eager, args.batch, "cuda")
     print(fused.describe(eager, "cuda"), flush=True)
+    from qkformer import kernel_ops
+    print("compiled units: " + ("traced through to their Triton kernels (triton_op twins)"
+                                if kernel_ops.tracing_enabled() else
+                                f"opaque ops ({kernel_ops.ENV}=0)"), flush=True)
 
     ref = _fwd_bwd(eager, x, y)
     compiled = torch.compile(compiled_model, fullgraph=True, dynamic=False)
