@@ -343,7 +343,7 @@ def _pack_now(x: Tensor, kind: int) -> Tuple[Tensor, Optional[tuple]]:
 
 
 @kernel_op("qkformer::pack_exact",
-           traceable=lambda x, kind: _traced_route(x.device, x.dtype))
+           traceable=lambda a: _traced_route(a["x"].device, a["x"].dtype))
 def _pack_exact(x: Tensor, kind: int) -> Tensor:
     # Inside a compiled graph only the packed copy is kept: the graph cannot choose between it
     # and the original by the check. A value that does not fit (a layer declared the wrong
@@ -371,7 +371,7 @@ def _(x, kind):
 
 
 @kernel_op("qkformer::unpack_exact",
-           traceable=lambda data, kind, shape, dtype: _traced_route(data.device, dtype))
+           traceable=lambda a: _traced_route(a["data"].device, a["dtype"]))
 def _unpack_exact(data: Tensor, kind: int, shape: List[int], dtype: torch.dtype) -> Tensor:
     return _unpack_now(data, (_FORMATS[kind], torch.Size(shape), dtype))
 
@@ -813,7 +813,7 @@ def _unit_forward(x, weight, bias, bn_weight, bn_bias, running_mean, running_var
 
 
 @kernel_op("qkformer::spiking_unit",
-           traceable=lambda x, *a: _traced_route(x.device, a[19] or x.dtype))  # a[19]: gemm_dtype
+           traceable=lambda a: _traced_route(a["x"].device, a["gemm_dtype"] or a["x"].dtype))
 def _spiking_unit(x: Tensor, weight: Tensor, bias: Optional[Tensor], bn_weight: Optional[Tensor],
                   bn_bias: Optional[Tensor], running_mean: Optional[Tensor],
                   running_var: Optional[Tensor], kernel_size: int, stride: int, pool: bool,
@@ -951,7 +951,7 @@ def _unit_input_grad_triton(grad, y, mean, invstd, bn_weight, bn_bias, steps, po
 
 
 @kernel_op("qkformer::spiking_unit_backward",
-           traceable=lambda *a: _traced_route(a[10].device, a[10].dtype))  # a[10]: y
+           traceable=lambda a: _traced_route(a["y"].device, a["y"].dtype))
 def _spiking_unit_backward(grad: Tensor, stored: Tensor, x_format: int, x_shape: List[int],
                            x_dtype: torch.dtype, x_kind: int, weight: Tensor,
                            w_cast: Optional[Tensor], bn_weight: Optional[Tensor],
@@ -1055,7 +1055,7 @@ class _SpikingUnitFunction(torch.autograd.Function):
 
 
 @kernel_op("qkformer::bn_running_update", mutates_args=("running_mean", "running_var", "count"),
-           traceable=lambda *a: not triton_units.interpreting())  # Triton route only
+           traceable=lambda a: not triton_units.interpreting())  # Triton route only
 def _running_update(running_mean: Tensor, running_var: Tensor, count: Tensor, mean: Tensor,
                     var: Tensor, momentum: float, n: int) -> None:
     # BatchNorm's buffers updated in one Triton launch. An op, so that a compiled graph calls it
@@ -1209,7 +1209,7 @@ def _mask(a: Tensor, k: Tensor, num_heads: int, channel: bool,
 
 
 @kernel_op("qkformer::qk_attention",
-           traceable=lambda qk, *a: _traced_route(qk.device, qk.dtype))
+           traceable=lambda a: _traced_route(a["qk"].device, a["qk"].dtype))
 def _qk_attention(qk: Tensor, num_heads: int, channel: bool, tau: float, v_threshold: float,
                   alpha: float, detach_reset: bool) -> Tuple[Tensor, Tensor]:
     if not channel and _triton(qk) and qk.is_contiguous():
@@ -1239,7 +1239,7 @@ def _qk_setup(ctx, inputs, output):
 
 
 @kernel_op("qkformer::qk_attention_backward",
-           traceable=lambda g_out, k, *a: _traced_route(k.device, k.dtype))
+           traceable=lambda a: _traced_route(a["k"].device, a["k"].dtype))
 def _qk_attention_backward(g_out: Tensor, k: Tensor, qs: Tensor, num_heads: int, channel: bool,
                            tau: float, v_threshold: float, alpha: float,
                            detach_reset: bool) -> Tensor:
@@ -1350,7 +1350,7 @@ def _ssa_on_triton(qkv: Tensor, num_heads: int) -> bool:
 
 
 @kernel_op("qkformer::ssa_attention",
-           traceable=lambda qkv, *a: _traced_route(qkv.device, qkv.dtype))
+           traceable=lambda a: _traced_route(a["qkv"].device, a["qkv"].dtype))
 def _ssa_attention(qkv: Tensor, num_heads: int, scale: float, tau: float, v_threshold: float,
                    alpha: float, detach_reset: bool) -> Tensor:
     T, B, N, C3 = qkv.shape
@@ -1376,7 +1376,7 @@ def _ssa_setup(ctx, inputs, output):
 
 
 @kernel_op("qkformer::ssa_attention_backward",
-           traceable=lambda g_s, qkv, *a: _traced_route(qkv.device, qkv.dtype))
+           traceable=lambda a: _traced_route(a["qkv"].device, a["qkv"].dtype))
 def _ssa_attention_backward(g_s: Tensor, qkv: Tensor, num_heads: int, scale: float, tau: float,
                             v_threshold: float, alpha: float, detach_reset: bool) -> Tensor:
     T, B, N, C3 = qkv.shape

@@ -10,6 +10,7 @@ Functions). ``QKFORMER_TRITON_TRACE=0`` keeps the opaque op everywhere.
 """
 from __future__ import annotations
 
+import inspect
 import os
 import threading
 from typing import Callable, Iterable, List, Optional
@@ -37,14 +38,18 @@ class KernelOp:
         name: ``"namespace::op"``.
         fn: the body, with type annotations (the schema is inferred from them).
         mutates_args: the arguments the body writes to.
-        traceable: given the op's arguments, whether they are on the route whose kernels the
-            body launches through ``wrap_triton`` (so that tracing sees every launch).
+        traceable: given the op's arguments by name (a dict), whether they are on the route
+            whose kernels the body launches through ``wrap_triton`` (so that tracing sees
+            every launch).
     """
 
     def __init__(self, name: str, fn: Callable, mutates_args: Iterable[str],
                  traceable: Callable[..., bool]):
         self.name, self._fn, self._mutates = name, fn, tuple(mutates_args)
         self._traceable = traceable
+        params = inspect.signature(fn).parameters.values()
+        self._names = tuple(p.name for p in params)
+        self._defaults = {p.name: p.default for p in params if p.default is not p.empty}
         self.opaque = torch.library.custom_op(name, fn, mutates_args=self._mutates)
         self._autograd: Optional[tuple] = None
         self._traced = None
@@ -76,7 +81,12 @@ class KernelOp:
         return self._traced
 
     def uses_traced(self, *args, **kwargs) -> bool:
-        return tracing_enabled() and bool(self._traceable(*args, **kwargs))
+        if not tracing_enabled():
+            return False
+        named = dict(self._defaults)
+        named.update(zip(self._names, args))
+        named.update(kwargs)
+        return bool(self._traceable(named))
 
     def __call__(self, *args, **kwargs):
         if self.uses_traced(*args, **kwargs):

@@ -17,7 +17,7 @@ REPO = Path(__file__).resolve().parents[1]
 _route = {"traced": False}
 
 
-@kernel_ops.kernel_op("qkformer_test::double", traceable=lambda x: _route["traced"])
+@kernel_ops.kernel_op("qkformer_test::double", traceable=lambda args: _route["traced"])
 def _double(x: torch.Tensor) -> torch.Tensor:
     return x * 2.0
 
@@ -32,7 +32,7 @@ def test_a_kernel_op_calls_its_twin_only_where_traceable(monkeypatch):
     assert not _double.uses_traced(x)
     _route["traced"] = True
     try:
-        assert _double.uses_traced(x)
+        assert _double.uses_traced(x) and _double.uses_traced(x=x)  # by position or name
         y = _double(x)  # the twin: a triton_op, with the same autograd formula
         y.sum().backward()
         assert torch.equal(y, 2 * x) and torch.equal(x.grad, torch.full((4,), 2.0))
