@@ -11,11 +11,12 @@ Functions). ``QKFORMER_TRITON_TRACE=0`` keeps the opaque op everywhere.
 from __future__ import annotations
 
 import inspect
-import os
 import threading
 from typing import Callable, Iterable, List, Optional
 
 import torch
+
+from .env import flag
 
 __all__ = ["KernelOp", "kernel_op", "tracing_enabled", "prepare_traced", "ENV"]
 
@@ -27,12 +28,12 @@ _lock = threading.Lock()
 
 def tracing_enabled() -> bool:
     """``torch.compile`` may trace through the ops on the Triton route (the default)."""
-    return os.environ.get(ENV, "1").strip().lower() not in ("0", "false", "no", "off")
+    return flag(ENV, True)
 
 
 class KernelOp:
     """An op ``name`` with body ``fn``: an opaque custom op, and a ``triton_op`` twin
-    (``name + "_traced"``) called instead where ``traceable(*args)`` holds.
+    (``name + "_traced"``) called instead where ``traceable`` holds for the arguments.
 
     Args:
         name: ``"namespace::op"``.

@@ -20,7 +20,6 @@ sits above it.
 """
 from __future__ import annotations
 
-import os
 import re
 import threading
 import warnings
@@ -31,6 +30,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+from ..env import flag as _flag
 from ..lif_loops import lif_backward_torch, lif_forward_torch
 
 __all__ = ["is_available", "unavailable_reason", "require_available", "kernel_source", "handles",
@@ -67,13 +67,6 @@ def _reset_cache() -> None:
     for cache in (_modules, _functions, _streams, _verified, _failures, _warned,
                   _launches):
         cache.clear()
-
-
-def _flag(name: str) -> Optional[bool]:
-    value = os.environ.get(name, "").strip().lower()
-    if not value:
-        return None
-    return value not in ("0", "false", "no", "off")
 
 
 def kernel_required() -> bool:

@@ -35,6 +35,8 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 from torch import Tensor
 
+from ..env import flag
+
 __all__ = ["interpreting", "is_available", "unavailable_reason", "serves", "handles", "verdict",
            "describe", "launch_counts", "colstats_coefficients", "bn_lif_forward",
            "bn_lif_backward", "pool_lif_backward",
@@ -59,7 +61,7 @@ def interpreting() -> bool:
 
 
 def _enabled() -> bool:
-    return os.environ.get(_ENABLE_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
+    return flag(_ENABLE_ENV, True)
 
 
 def _kernels():
@@ -758,8 +760,7 @@ def pack_flagged(x: Tensor, fmt: str) -> Tuple[Tensor, Tensor]:
 def gemms_enabled() -> bool:
     """``QKFORMER_TRITON_GEMMS=1``: the unit's 1x1 projections run as these GEMMs (off by
     default until a GPU has shown that they pay)."""
-    return os.environ.get("QKFORMER_TRITON_GEMMS", "0").strip().lower() in ("1", "true", "yes",
-                                                                           "on")
+    return flag("QKFORMER_TRITON_GEMMS", False)
 
 
 def _tl_storage(dtype: torch.dtype):
